@@ -1,0 +1,42 @@
+"""noisescale: the gradient noise scale and critical batch size of PyTorch training.
+
+References:
+    McCandlish, Kaplan, Amodei & OpenAI Dota Team (2018), An Empirical Model of
+    Large-Batch Training, arXiv:1812.06162.
+"""
+
+from noisescale.errors import (
+    DatasetNotFoundError,
+    NoiseScaleError,
+    NotResolvedError,
+    SingleMicrobatchError,
+    SweepDataError,
+    UnsupportedLayerError,
+)
+from noisescale.estimators import (
+    NoiseStats,
+    effective_batch_size,
+    microbatch_stats,
+    per_example_stats,
+    two_batch_stats,
+)
+from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
+
+__all__ = [
+    "DatasetNotFoundError",
+    "GradientNoiseScale",
+    "GroupEstimate",
+    "NoiseScaleError",
+    "NoiseScaleEstimate",
+    "NoiseStats",
+    "NotResolvedError",
+    "SingleMicrobatchError",
+    "SweepDataError",
+    "UnsupportedLayerError",
+    "effective_batch_size",
+    "microbatch_stats",
+    "per_example_stats",
+    "two_batch_stats",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The ``noisescale`` command line (typer)."""

@@ -1,0 +1,137 @@
+"""Squared gradient norms recorded during the user's own backward passes.
+
+One ``torch.autograd.graph.register_multi_grad_hook`` over all trainable
+parameters fires once per backward pass with that pass's gradients, BEFORE they
+are added into ``.grad``. It records, per parameter group, the squared norm of
+this micro-batch's contribution (one fused ``torch._foreach_norm``, no host
+synchronisation) and, when per-example kernels are attached, their ``[N, G]``
+per-example squared norms. The accumulated gradient (the big batch) is read from
+``.grad`` once per optimiser step by :meth:`GradientRecorder.accumulated_sq_norms`.
+
+AMP: with a ``torch.amp.GradScaler`` the recorded gradients are scaled by the
+scaler's current scale ``s``; squared norms are divided by ``s**2`` on the device,
+using the scale in force at that backward (GradScaler changes it only in
+``update()``, i.e. between optimiser steps). Overflowing steps produce non-finite
+norms, which the meter skips and counts.
+
+Shape letters: ``G`` parameter groups, ``N`` examples in a micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from noisescale.per_example import PerExampleNorms
+
+__all__ = ["GradientRecorder", "MicrobatchRecord"]
+
+
+@dataclass
+class MicrobatchRecord:
+    """What one backward pass contributed, already divided by the AMP scale squared."""
+
+    sq_norms: torch.Tensor  # [G] squared norm of this backward's gradient contribution
+    per_example: torch.Tensor | None  # [N, G] squared norms of each example's contribution
+
+
+def _amp_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """The scaler's current scale as a device tensor (no sync), or None when not scaling."""
+    if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+        return None
+    return scaler._scale
+
+
+def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
+    """True when the user already called ``scaler.unscale_(optimizer)`` this step."""
+    if scaler is None or not scaler.is_enabled():
+        return False
+    from torch.amp.grad_scaler import OptState
+
+    return any(s["stage"] is OptState.UNSCALED for s in scaler._per_optimizer_states.values())
+
+
+class GradientRecorder:
+    """Hooks that record per-group squared norms of every backward's gradients.
+
+    Args:
+        params: the ``P`` trainable parameters, in a fixed order.
+        group_index: ``[P]`` long tensor, the group column of each parameter.
+        n_groups: ``G``.
+        scaler: optional GradScaler whose scale divides the recorded norms.
+        per_example: optional per-example kernels, popped after each backward.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        group_index: torch.Tensor,
+        n_groups: int,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        per_example: PerExampleNorms | None = None,
+    ) -> None:
+        self.params = list(params)
+        self.group_index = group_index
+        self.n_groups = n_groups
+        self.scaler = scaler
+        self.per_example = per_example
+        self.records: list[MicrobatchRecord] = []
+        self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._on_backward)
+
+    def _group_sum(self, sq: list[torch.Tensor], present: list[int]) -> torch.Tensor:
+        """Sum per-parameter squared norms into ``[G]`` group totals (float64)."""
+        idx = self.group_index.to(sq[0].device)[present]
+        out = torch.zeros(self.n_groups, dtype=torch.float64, device=sq[0].device)
+        return out.index_add_(0, idx, torch.stack(sq).to(torch.float64))
+
+    def _squared_norms(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return None
+        norms = torch._foreach_norm([grads[i] for i in present])  # type: ignore[misc]
+        return self._group_sum([n.square() for n in norms], present)
+
+    def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
+        sq = self._squared_norms(grads)
+        per_example = self.per_example.pop() if self.per_example is not None else None
+        if sq is None:
+            return
+        scale = _amp_scale(self.scaler)
+        if scale is not None:
+            inv = scale.to(torch.float64).reciprocal().square()
+            sq = sq * inv
+            per_example = None if per_example is None else per_example.to(torch.float64) * inv
+        self.records.append(MicrobatchRecord(sq, per_example))
+
+    def accumulated_sq_norms(self) -> torch.Tensor:
+        """``[G]`` squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
+
+        Raises:
+            RuntimeError: if no parameter has a gradient.
+        """
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not present:
+            raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
+        norms = torch._foreach_norm([self.params[i].grad for i in present])  # type: ignore[misc]
+        sq = self._group_sum([n.square() for n in norms], present)
+        scale = _amp_scale(self.scaler)
+        if scale is not None and not _amp_unscaled(self.scaler):
+            sq = sq / scale.to(torch.float64).square()
+        return sq
+
+    def pop(self) -> list[MicrobatchRecord]:
+        """The records since the last pop, oldest first."""
+        out, self.records = self.records, []
+        return out
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        self._handle.remove()
+        if self.per_example is not None:
+            self.per_example.remove()

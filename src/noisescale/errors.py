@@ -1,0 +1,40 @@
+"""Exceptions raised by noisescale.
+
+Every error says what went wrong and what to do about it. A noisy estimate is
+never an error: it is reported as ``resolved=False`` (see :mod:`noisescale.meter`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DatasetNotFoundError",
+    "NoiseScaleError",
+    "NotResolvedError",
+    "SingleMicrobatchError",
+    "SweepDataError",
+    "UnsupportedLayerError",
+]
+
+
+class NoiseScaleError(Exception):
+    """Base class of every error raised by noisescale."""
+
+
+class SingleMicrobatchError(NoiseScaleError, ValueError):
+    """The two-batch estimator needs two different batch sizes (k >= 2 micro-batches)."""
+
+
+class UnsupportedLayerError(NoiseScaleError, TypeError):
+    """A trainable layer has no exact per-example norm kernel."""
+
+
+class NotResolvedError(NoiseScaleError, RuntimeError):
+    """The averaged |G|^2 is not yet positive, so B_simple is not defined yet."""
+
+
+class DatasetNotFoundError(NoiseScaleError, FileNotFoundError):
+    """A built-in dataset is not installed; the message says how to get it."""
+
+
+class SweepDataError(NoiseScaleError, ValueError):
+    """A sweep or log file cannot give a trustworthy fit (too few points, corrupt rows...)."""

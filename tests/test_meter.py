@@ -1,0 +1,247 @@
+"""GradientNoiseScale in real training loops: oracle, loss conventions, AMP, bad input, resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from noisescale import GradientNoiseScale, SingleMicrobatchError
+from tests import oracle
+
+
+def linreg_model() -> nn.Module:
+    model = nn.Linear(5, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(oracle.DELTA)  # w* = 0, so w - w* = delta: the SCIENCE.md test point
+    return model
+
+
+def run_steps(
+    meter: GradientNoiseScale,
+    model: nn.Module,
+    gen: torch.Generator,
+    *,
+    steps: int,
+    sizes: list[int],
+    reduction: str = "mean",
+    accumulation: str = "mean",
+    scaler: torch.amp.GradScaler | None = None,
+    scales: list[float] | None = None,
+    unscale_first: bool = False,
+) -> None:
+    """A gradient-accumulation loop at fixed parameters (lr = 0) on fresh oracle data."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    k = len(sizes)
+    for step in range(steps):
+        for n in sizes:
+            x, y = oracle.sample_xy((n,), gen)
+            per_example = 0.5 * (model(x).squeeze(-1) - y).square()
+            loss = per_example.mean() if reduction == "mean" else per_example.sum()
+            if accumulation == "mean":
+                loss = loss / k
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            if unscale_first:
+                scaler.unscale_(opt)
+            meter.update(sum(sizes), microbatch_sizes=sizes)
+            scaler.step(opt)
+            scaler.update(new_scale=scales[step % len(scales)] if scales else None)
+        else:
+            meter.update(sum(sizes), microbatch_sizes=sizes)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_microbatch_interval_contains_oracle_truth() -> None:
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=1.0)
+    run_steps(meter, model, torch.Generator().manual_seed(0), steps=200, sizes=[8] * 4)
+    est = meter.compute()
+    assert est.resolved
+    assert est.b_simple_ci[0] <= oracle.B_SIMPLE <= est.b_simple_ci[1]
+    assert est.steps == 200
+    assert est.examples == 6400
+    assert est.skipped_steps == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("accumulation", ["mean", "sum"])
+@pytest.mark.parametrize("sizes", [[8, 8, 8, 8], [4, 10, 18]], ids=["equal", "unequal"])
+def test_loss_conventions_give_the_same_estimates(
+    reduction: str, accumulation: str, sizes: list[int]
+) -> None:
+    """Sum/mean reduction and dividing by k or not change .grad, never the estimates.
+
+    With unequal micro-batches a sum-reduced loss weights them by size and a mean-reduced
+    one equally: two different (both unbiased) big batches, so compare like with like.
+    """
+    results = []
+    ref_reduction = reduction if len(set(sizes)) > 1 else "mean"
+    for red, acc in [(ref_reduction, "mean"), (reduction, accumulation)]:
+        model = linreg_model()
+        meter = GradientNoiseScale(model, method="microbatch", reduction=red, accumulation=acc, ema_decay=1.0)
+        run_steps(
+            meter,
+            model,
+            torch.Generator().manual_seed(1),
+            steps=50,
+            sizes=sizes,
+            reduction=red,
+            accumulation=acc,
+        )
+        results.append(meter.compute())
+    ref, got = results
+    # Same data, same maths up to float64 rounding of different scalings.
+    assert got.grad_norm_sq == pytest.approx(ref.grad_norm_sq, rel=1e-9)
+    assert got.trace_sigma == pytest.approx(ref.trace_sigma, rel=1e-9)
+
+
+def test_unbiased_parts_match_oracle() -> None:
+    """The averaged |G|^2 and tr(Sigma) hit the closed form within 4 delta-method SEs."""
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=1.0)
+    run_steps(meter, model, torch.Generator().manual_seed(2), steps=400, sizes=[16, 16])
+    est = meter.compute()
+    assert abs(est.b_simple - oracle.B_SIMPLE) < 4 * est.b_simple_se
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled-grads", "after-unscale"])
+def test_grad_scaler_with_changing_scale(unscale_first: bool) -> None:
+    """A GradScaler whose scale changes every step gives the numbers of the unscaled loop."""
+    ref_model = linreg_model()
+    ref = GradientNoiseScale(ref_model, method="microbatch", ema_decay=0.9)
+    run_steps(ref, ref_model, torch.Generator().manual_seed(3), steps=20, sizes=[8, 8, 8])
+    model = linreg_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=0.9, scaler=scaler)
+    run_steps(
+        meter,
+        model,
+        torch.Generator().manual_seed(3),
+        steps=20,
+        sizes=[8, 8, 8],
+        scaler=scaler,
+        scales=[2.0**3, 2.0**17, 1.0, 2.0**9],
+        unscale_first=unscale_first,
+    )
+    a, b = ref.compute(), meter.compute()
+    assert b.grad_norm_sq == pytest.approx(a.grad_norm_sq, rel=1e-9)
+    assert b.trace_sigma == pytest.approx(a.trace_sigma, rel=1e-9)
+    assert b.b_simple_ci == pytest.approx(a.b_simple_ci, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradients_are_skipped_and_counted(bad: float) -> None:
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch")
+    gen = torch.Generator().manual_seed(4)
+    run_steps(meter, model, gen, steps=10, sizes=[8, 8])
+    before = meter.compute()
+    x, y = oracle.sample_xy((8,), gen)
+    (0.5 * (model(x).squeeze(-1) - y).square().mean()).backward()
+    (bad * model(x).sum()).backward()
+    meter.update(16)
+    model.zero_grad()
+    after = meter.compute()
+    assert after.skipped_steps == 1
+    assert after.steps == 11
+    assert after.b_simple == before.b_simple
+    assert after.grad_norm_sq == before.grad_norm_sq
+
+
+def test_one_microbatch_raises_with_advice() -> None:
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch")
+    with pytest.raises(SingleMicrobatchError, match="per_example"):
+        run_steps(meter, model, torch.Generator().manual_seed(5), steps=1, sizes=[32])
+
+
+def test_zero_gradients_are_not_resolved() -> None:
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch")
+    for _ in range(5):
+        for _ in range(2):
+            (model(torch.zeros(4, 5, dtype=torch.float64)).sum() / 2).backward()
+        meter.update(8)
+        model.zero_grad()
+    est = meter.compute()
+    assert not est.resolved
+    assert est.b_simple is None
+    assert est.b_simple_ci is None
+    assert est.to_dict()["b_simple"] is None
+
+
+def test_update_without_backward_raises() -> None:
+    meter = GradientNoiseScale(linreg_model(), method="microbatch")
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        meter.update(8)
+
+
+def test_bad_arguments() -> None:
+    model = linreg_model()
+    with pytest.raises(ValueError, match="`method`"):
+        GradientNoiseScale(model, method="two_batch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`reduction`"):
+        GradientNoiseScale(model, method="microbatch", reduction="none")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exactly one"):
+        GradientNoiseScale(model, method="microbatch", ema_decay=0.9, ema_examples=100.0)
+    model.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        GradientNoiseScale(model, method="microbatch")
+
+
+def test_frozen_parameters_are_ignored() -> None:
+    """A frozen layer in front changes nothing: the estimate only sees trainable parameters."""
+    frozen = nn.Linear(5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        frozen.weight.copy_(torch.eye(5, dtype=torch.float64))
+        frozen.bias.zero_()
+    frozen.requires_grad_(False)
+    model = nn.Sequential(frozen, linreg_model())
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=1.0)
+    assert meter.group_names == ["1"]
+    ref_model = linreg_model()
+    ref = GradientNoiseScale(ref_model, method="microbatch", ema_decay=1.0)
+    run_steps(meter, model, torch.Generator().manual_seed(6), steps=10, sizes=[4, 4])
+    run_steps(ref, ref_model, torch.Generator().manual_seed(6), steps=10, sizes=[4, 4])
+    assert meter.compute().trace_sigma == pytest.approx(ref.compute().trace_sigma, rel=1e-12)
+
+
+def test_groups_combine_as_mediant() -> None:
+    model = nn.Sequential(
+        nn.Linear(5, 3, dtype=torch.float64), nn.Tanh(), nn.Linear(3, 1, dtype=torch.float64)
+    )
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=1.0)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(30):
+        for _ in range(4):
+            x, y = oracle.sample_xy((8,), gen)
+            (0.5 * (model(x).squeeze(-1) - y).square().mean() / 4).backward()
+        meter.update(32)
+        model.zero_grad()
+    est = meter.compute()
+    assert set(est.groups) == {"0", "2"}
+    g = sum(v.grad_norm_sq for v in est.groups.values())
+    s = sum(v.trace_sigma for v in est.groups.values())
+    assert est.grad_norm_sq == pytest.approx(g)
+    assert est.trace_sigma == pytest.approx(s)
+    assert est.b_simple == pytest.approx(s / g)
+
+
+def test_state_dict_round_trip_resumes_identically() -> None:
+    model = linreg_model()
+    full = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    gen = torch.Generator().manual_seed(8)
+    run_steps(full, model, gen, steps=10, sizes=[8, 8])
+    saved, gen_state = copy.deepcopy(full.state_dict()), gen.get_state()
+    run_steps(full, model, gen, steps=10, sizes=[8, 8])
+
+    full.remove()
+    resumed = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    resumed.load_state_dict(saved)
+    gen.set_state(gen_state)
+    run_steps(resumed, model, gen, steps=10, sizes=[8, 8])
+    assert resumed.compute() == full.compute()

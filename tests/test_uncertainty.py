@@ -1,0 +1,101 @@
+"""Averaging and the B_simple interval: bias correction, skipping, and tested coverage."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from noisescale.estimators import microbatch_stats, per_example_stats
+from noisescale.smoothing import decay_for_step, ema_init, ema_means, ema_update
+from noisescale.uncertainty import b_simple_interval
+from tests import oracle
+
+
+def test_bias_corrected_mean_is_exact_weighted_mean() -> None:
+    st = ema_init(1)
+    xs = [1.0, 2.0, 4.0]
+    for x in xs:
+        st, _ = ema_update(st, torch.tensor([x]), torch.tensor([2 * x]), 0.5)
+    w = [0.5 * 0.25, 0.5 * 0.5, 0.5]  # (1 - beta) beta^(t_last - t)
+    g, s = ema_means(st)
+    assert g.item() == pytest.approx(sum(wi * x for wi, x in zip(w, xs, strict=True)) / sum(w))
+    assert s.item() == pytest.approx(2 * g.item())
+
+
+def test_plain_mean_when_decay_is_one() -> None:
+    st = ema_init(1)
+    for x in [1.0, 2.0, 6.0]:
+        st, _ = ema_update(st, torch.tensor([x]), torch.tensor([x]), 1.0)
+    assert ema_means(st)[0].item() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_step_is_skipped_not_averaged(bad: float) -> None:
+    st = ema_init(2)
+    st, ok1 = ema_update(st, torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), 0.9)
+    ref = st
+    st, ok2 = ema_update(st, torch.tensor([bad, 2.0]), torch.tensor([3.0, 4.0]), 0.9)
+    assert bool(ok1)
+    assert not bool(ok2)
+    for a, b in zip(st, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_decay_in_examples() -> None:
+    assert decay_for_step(ema_decay=None, ema_examples=1000.0, examples=100) == pytest.approx(math.exp(-0.1))
+    with pytest.raises(ValueError, match="exactly one"):
+        decay_for_step(ema_decay=0.9, ema_examples=10.0, examples=1)
+    with pytest.raises(ValueError, match="ema_decay"):
+        decay_for_step(ema_decay=1.5, ema_examples=None, examples=1)
+
+
+def test_not_resolved_when_grad_norm_sq_not_positive() -> None:
+    st = ema_init(1)
+    for g in [-1.0, 0.5, -0.3]:
+        st, _ = ema_update(st, torch.tensor([g]), torch.tensor([10.0]), 1.0)
+    iv = b_simple_interval(st)
+    assert not bool(iv.resolved[0])
+    assert math.isnan(iv.b_simple[0])
+    assert math.isnan(iv.low[0])
+
+
+def _oracle_states(method: str, repeats: int, steps: int, beta: float, seed: int):
+    """Average `steps` per-step estimates for `repeats` independent runs at once (repeats = series)."""
+    gen = torch.Generator().manual_seed(seed)
+    st = ema_init(repeats)
+    for _ in range(steps):
+        if method == "per_example":
+            g = oracle.per_example_grads((repeats, 16), gen)  # [R, B, d]
+            stats = per_example_stats(g.square().sum(-1).mean(1), g.mean(1).square().sum(-1), 16)
+        else:
+            k = int(method[1:])
+            g = oracle.per_example_grads((repeats, k, 32 // k), gen).mean(2)  # [R, k, d]
+            stats = microbatch_stats(
+                g.square().sum(-1).T,
+                torch.full((k,), 32.0 / k),
+                g.mean(1).square().sum(-1),
+                torch.tensor(32.0),
+            )
+        st, _ = ema_update(st, stats.grad_norm_sq, stats.trace_sigma, beta)
+    return st
+
+
+@pytest.mark.parametrize(
+    ("method", "steps", "beta"),
+    [("k2", 300, 1.0), ("k4", 150, 1.0), ("k8", 300, 0.99), ("per_example", 100, 0.98)],
+    ids=["k2-mean", "k4-mean", "k8-ema", "per-example-ema"],
+)
+def test_interval_coverage_on_oracle(method: str, steps: int, beta: float) -> None:
+    """Over 1000 independent repeats the 95% interval holds the truth in 90-99% of them.
+
+    With 1000 repeats the observed coverage of a calibrated 95% interval has SD 0.7%, so
+    the band [90%, 99%] is > 5 SD wide on either side: a failure means miscalibration.
+    """
+    iv = b_simple_interval(_oracle_states(method, 1000, steps, beta, seed=3))
+    assert bool(iv.resolved.all())
+    covered = ((iv.low <= oracle.B_SIMPLE) & (iv.high >= oracle.B_SIMPLE)).double().mean().item()
+    assert 0.90 <= covered <= 0.99, covered
+    # The standard error agrees with the spread of the point estimates across repeats (within 20%).
+    assert iv.se.median().item() == pytest.approx(iv.b_simple.std().item(), rel=0.2)
