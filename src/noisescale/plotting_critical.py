@@ -1,0 +1,157 @@
+"""Plots of a batch-size sweep: the steps-examples Pareto front and B_crit per goal.
+
+Figures are built with :class:`matplotlib.figure.Figure` (no pyplot, no global state, no
+display needed) and written atomically to the given path.
+
+References:
+    McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
+    figures 1, 7 (Pareto fronts) and 4 (B_crit next to B_simple); Kaplan et al. (2020),
+    arXiv:2001.08361, figure 10 (B_crit against the loss target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from noisescale.critical import format_batch
+from noisescale.io import save_figure
+from noisescale.predict import BCritPowerLaw, b_crit_at_loss
+from noisescale.sweepdata import GoalFit
+
+__all__ = ["plot_b_crit_by_goal", "plot_pareto_front"]
+
+
+def _label(g: GoalFit) -> str:
+    name = "goal" if g.goal is None else f"goal {g.goal:g}"
+    if g.fit is None:
+        return f"{name}: no fit"
+    if g.fit.bracketed:
+        return f"{name}: B_crit = {format_batch(g.fit.b_crit_fit)}"
+    return f"{name}: {g.fit.bound or 'B_crit not constrained'}"
+
+
+def plot_pareto_front(goal_fits: Sequence[GoalFit], path: str | Path, *, unit: str = "examples") -> Path:
+    """Steps against examples on log-log axes, with the fitted hyperbola of every goal.
+
+    Runs that reached the goal are filled circles; censored runs are open triangles (their
+    true point lies further up and to the right). Each fitted curve
+    ``S = S_min (1 + B_crit/B)``, ``E = B S`` is drawn over the sweep's batch sizes (a factor
+    of 4 beyond), with a star at ``(2 E_min, 2 S_min)``, the point ``B = B_crit``, when the
+    sweep brackets it.
+
+    Args:
+        goal_fits: results of :func:`noisescale.sweepdata.fit_sweep`.
+        path: image file to write (format from the extension, e.g. ``.png``, ``.pdf``).
+        unit: batch-size unit for the axis label ("examples" or "tokens").
+
+    Returns:
+        The path written.
+    """
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.subplots()
+    colors = [f"C{i % 10}" for i in range(len(goal_fits))]
+    for g, color in zip(goal_fits, colors, strict=True):
+        pts = g.points
+        examples = pts["batch_size"] * pts["steps"]
+        hit = pts["reached"].to_numpy(bool)
+        ax.scatter(examples[hit], pts["steps"][hit], color=color, s=22, zorder=3)
+        ax.scatter(examples[~hit], pts["steps"][~hit], facecolors="none", edgecolors=color, marker="^", s=30)
+        if g.fit is None:
+            ax.plot([], [], color=color, label=_label(g))
+            continue
+        f = g.fit
+        b = np.geomspace(pts["batch_size"].min() / 4, pts["batch_size"].max() * 4, 200)
+        s = f.s_min * (1 + f.b_crit_fit / b)
+        ax.plot(b * s, s, color=color, label=_label(g))
+        if f.bracketed:
+            ax.scatter([2 * f.e_min], [2 * f.s_min], color=color, marker="*", s=110, zorder=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{unit} to reach the goal, E")
+    ax.set_ylabel("optimization steps to reach the goal, S")
+    ax.set_title("(S/S_min - 1)(E/E_min - 1) = 1;  ★ B = B_crit,  △ censored")
+    ax.legend(fontsize="small")
+    path = Path(path)
+    save_figure(fig, path, dpi=120)
+    return path
+
+
+def plot_b_crit_by_goal(
+    goal_fits: Sequence[GoalFit],
+    path: str | Path,
+    *,
+    b_simple: Mapping[float | None, tuple[float, float, float]] | None = None,
+    power_law: BCritPowerLaw | None = None,
+    unit: str = "examples",
+) -> Path:
+    """B_crit of every goal with its interval, next to the B_simple measured in the same runs.
+
+    A goal the sweep does not bracket is drawn as a triangle at its bound, pointing the way
+    the bound goes. B_simple is drawn as a square at the median over the runs, with a bar
+    from their smallest to their largest value. Numeric goals go on a log axis; a file with a
+    single unnamed goal gets one position.
+
+    Args:
+        goal_fits: results of :func:`noisescale.sweepdata.fit_sweep`.
+        path: image file to write.
+        b_simple: ``{goal: (median, low, high)}``, e.g. from
+            :func:`noisescale.sweepdata.b_simple_by_goal`.
+        power_law: ``B_crit(L)`` fit to draw across the goals (Kaplan et al. 2020, eq. 5.3).
+        unit: batch-size unit for the axis label.
+
+    Returns:
+        The path written.
+    """
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.subplots()
+    numeric = all(g.goal is not None and g.goal > 0 for g in goal_fits)
+    xs = [g.goal if numeric else float(i) for i, g in enumerate(goal_fits)]
+    drawn = {"B_crit (fit, CI)": False, "B_crit bound": False}
+    for x, g in zip(xs, goal_fits, strict=True):
+        f = g.fit
+        if f is None:
+            continue
+        if f.bracketed:
+            lo, hi = f.b_crit_ci
+            yerr = [[f.b_crit_fit - lo], [hi - f.b_crit_fit]]
+            label = None if drawn["B_crit (fit, CI)"] else "B_crit (fit, CI)"
+            ax.errorbar([x], [f.b_crit_fit], yerr=yerr, fmt="o", color="C0", capsize=4, label=label)
+            drawn["B_crit (fit, CI)"] = True
+        elif f.bound_value is not None:
+            marker = "^" if ">" in (f.bound or "") else "v"
+            label = None if drawn["B_crit bound"] else "B_crit bound (not bracketed)"
+            ax.scatter([x], [f.bound_value], marker=marker, color="C0", facecolors="none", s=60, label=label)
+            drawn["B_crit bound"] = True
+    first = True
+    for x, g in zip(xs, goal_fits, strict=True):
+        if b_simple and g.goal in b_simple:
+            med, lo, hi = b_simple[g.goal]
+            label = "B_simple (median, range of runs)" if first else None
+            ax.errorbar(
+                [x], [med], yerr=[[med - lo], [hi - med]], fmt="s", color="C1", capsize=3, label=label
+            )
+            first = False
+    if power_law is not None and numeric and len(xs) > 1:
+        loss = np.geomspace(min(xs), max(xs), 100)
+        law = f"B*/L^(1/α_B): B* = {power_law.b_star:.3g}, α_B = {power_law.alpha_b:.3g}"
+        ax.plot(loss, b_crit_at_loss(loss, *power_law), color="C0", ls="--", lw=1, label=law)
+    if numeric:
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("goal (loss target)")
+    else:
+        ax.set_xticks(xs, ["goal" if g.goal is None else f"{g.goal:g}" for g in goal_fits])
+    ax.set_yscale("log")
+    ax.set_ylabel(f"batch size ({unit})")
+    ax.set_title("critical batch size per goal")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    path = Path(path)
+    save_figure(fig, path, dpi=120)
+    return path

@@ -1,0 +1,209 @@
+"""End-to-end tests of ``noisescale fit`` and ``noisescale predict`` on users' sweep files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from noisescale.cli.fit import fit
+from noisescale.cli.predict import predict
+from noisescale.predict import fit_b_crit_power_law
+
+app = typer.Typer()
+app.command()(fit)
+app.command()(predict)
+runner = CliRunner()
+
+S_MIN, B_CRIT = 1000.0, 500.0
+BATCHES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def per_run_csv(path: Path, noise: float = 0.0, b_crit: float = B_CRIT) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["batch_size,steps"]
+    for b in BATCHES:
+        lines.append(f"{b},{S_MIN * (1 + b_crit / b) * np.exp(rng.normal(0, noise)):.6f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def steps_appendix_d(batch: float | np.ndarray, loss: float | np.ndarray) -> float | np.ndarray:
+    """Steps from loss 4 down to `loss` under dL/ds = -ΔL_max/(1 + B_noise/B) (eq. 2.7).
+
+    With ΔL_max = 1e-4 L^2 and B_noise = 1600/L^2 (rising 16x over the run) the integral is
+    S = S_min(L) + E_min(L)/B, S_min = 1e4 (1/L - 1/4), E_min = (1.6e7/3)(1/L^3 - 1/64)
+    (McCandlish et al. 2018, appendix D), so B_crit(L) = E_min/S_min grows as the loss falls.
+    """
+    return 1e4 * (1 / loss - 0.25) + (1.6e7 / batch) * (1 / (3 * loss**3) - 1 / 192)
+
+
+def b_crit_appendix_d(loss: float) -> float:
+    return (1600 / 3) * (loss**-3 - 1 / 64) / (1 / loss - 0.25)
+
+
+def curves_jsonl(path: Path) -> Path:
+    """Loss logged every 10 steps down to 1.15 at batch sizes 16..4096 (one run each)."""
+    grid = np.linspace(1.15, 4.0, 20001)
+    with path.open("w") as f:
+        for b in (16, 64, 256, 1024, 4096):
+            steps = np.arange(0, steps_appendix_d(b, 1.15) + 10, 10)
+            loss = np.interp(steps, steps_appendix_d(b, grid)[::-1], grid[::-1])
+            f.writelines(
+                json.dumps({"batch_size": b, "step": int(s), "loss": round(float(x), 7)}) + "\n"
+                for s, x in zip(steps, loss, strict=True)
+            )
+    return path
+
+
+def invoke(*args: str) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_fit_table_and_plots(tmp_path: Path) -> None:
+    path = per_run_csv(tmp_path / "sweep.csv", noise=0.05)
+    res = invoke("fit", path, "--bootstrap", "300")
+    assert res.exit_code == 0, res.output
+    assert "critical batch size" in res.output and "B_crit" in res.output
+    assert (tmp_path / "sweep.pareto.png").stat().st_size > 1000
+    assert (tmp_path / "sweep.b_crit.png").stat().st_size > 1000
+
+
+def test_fit_json_golden_noise_free(tmp_path: Path) -> None:
+    path = per_run_csv(tmp_path / "sweep.csv")
+    res = invoke("fit", path, "--json", "--no-plots", "--bootstrap", "200")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    for key in ("b_crit", "b_crit_ci", "s_min", "e_min", "n_points", "bracketed"):
+        assert key in out
+    # Steps written with 6 decimals (relative rounding <= 1e-9): the fit is exact to ~1e-7.
+    assert out["b_crit"] == pytest.approx(B_CRIT, rel=1e-6)
+    assert out["s_min"] == pytest.approx(S_MIN, rel=1e-6)
+    assert out["e_min"] == pytest.approx(S_MIN * B_CRIT, rel=1e-6)
+    assert out["n_points"] == 10 and out["bracketed"] is True and out["bound"] is None
+    assert out["unit"] == "examples" and out["plots"] == []
+
+
+def test_fit_unbracketed_json_has_bound_not_value(tmp_path: Path) -> None:
+    path = per_run_csv(tmp_path / "sweep.csv", noise=0.05, b_crit=1e6)
+    res = invoke("fit", path, "--json", "--no-plots", "--bootstrap", "300")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["b_crit"] is None and out["bracketed"] is False
+    assert out["bound"] == "B_crit > 8192"
+    assert out["b_crit_ci"] == [8192, None]
+    text = invoke("fit", path, "--no-plots", "--bootstrap", "300").output
+    assert "does not bracket B_crit: B_crit > 8192" in text and "add larger batch sizes" in text
+
+
+def test_fit_loss_curves_several_goals(tmp_path: Path) -> None:
+    path = curves_jsonl(tmp_path / "curves.jsonl")
+    goals = [3.0, 2.0, 1.5, 1.2]
+    args = [x for g in goals for x in ("--goal", str(g))]
+    res = invoke("fit", path, *args, "--json", "--out", tmp_path / "plots", "--bootstrap", "200")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [g["goal"] for g in out["goals"]] == goals
+    for g in out["goals"]:
+        # Logging every 10 steps rounds steps-to-goal up by < 10 (1.2% of the fewest, 861 steps),
+        # which moves B_crit by about 1%; 3% leaves room.
+        assert g["b_crit"] == pytest.approx(b_crit_appendix_d(g["goal"]), rel=0.03)
+        assert g["bracketed"] and g["n_censored"] == 0
+    # B_crit(L) from 137 (L = 3) to 515 (L = 1.2); the exact values give alpha_B = 0.694.
+    exact = fit_b_crit_power_law(goals, [b_crit_appendix_d(x) for x in goals])
+    assert out["power_law"]["alpha_b"] == pytest.approx(exact.alpha_b, rel=0.05)
+    assert sorted(Path(p).name for p in out["plots"]) == ["curves.b_crit.png", "curves.pareto.png"]
+    assert (tmp_path / "plots" / "curves.pareto.png").stat().st_size > 1000
+
+
+def test_fit_partial_goal_failure_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    rows = [f"2,{b},{S_MIN * (1 + B_CRIT / b)}" for b in BATCHES] + ["1,1024,9000", "1,4096,4000"]
+    path.write_text("goal,batch_size,steps\n" + "\n".join(rows) + "\n")
+    res = invoke("fit", path, "--no-plots", "--bootstrap", "200")
+    assert res.exit_code == 0, res.output
+    assert "goal 1: the goal was reached at 2 batch size(s) (1024, 4096)" in res.output
+    out = json.loads(invoke("fit", path, "--no-plots", "--bootstrap", "200", "--json").stdout)
+    assert out["goals"][0]["b_crit"] == pytest.approx(B_CRIT, rel=1e-6)
+    assert "at least 3" in out["goals"][1]["error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "match"),
+    [
+        pytest.param("batch_size,steps\n16,100\n32,abc\n", [], "line 3: column `steps`", id="corrupt"),
+        pytest.param("batch_size,steps\n16,100\n64,50\n", [], "at least 3", id="too_few"),
+        pytest.param("batch_size,step,loss\n16,1,3\n", [], "--goal", id="curves_without_goal"),
+        pytest.param("batch_size,steps\n16,100\n64,50\n64,40\n256,30\n", [], "appears on lines 3, 4",
+                     id="duplicate"),
+        pytest.param("batch_size,steps\n16,100\n64,50\n256,30\n", ["--bootstrap", "5"], "n_bootstrap",
+                     id="bad_option"),
+    ],
+)  # fmt: skip
+def test_fit_errors_are_one_line_exit_2(tmp_path: Path, text: str, args: list[str], match: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    res = invoke("fit", path, "--no-plots", *args)
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
+    assert "error:" in res.output and match in res.output
+
+
+def test_predict_sentence_and_table() -> None:
+    res = invoke(
+        "predict", "--b-crit", "835", "--s-min", "1200", "--batch-size", "512", "--batch-size", "1024"
+    )
+    assert res.exit_code == 0, res.output
+    assert "doubling the batch from 512 to 1024 cuts steps by 31% and costs 38% more examples" in res.output
+    assert "speed-up vs 512" in res.output and "1.45x" in res.output
+
+
+def test_predict_json_exchange_rate_and_tokens() -> None:
+    res = invoke("predict", "--b-crit", "1e6", "--exchange-rate", "4e6", "--unit", "tokens", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    pred = out["predictions"][0]
+    assert pred["optimum"]["batch_size"] == pytest.approx(2e6)  # sqrt(4e6 * 1e6)
+    assert pred["rows"][0]["steps"] is None  # no S_min: relative predictions only
+    assert any(s.endswith("more tokens") for s in pred["sentences"])
+
+
+def test_predict_from_fit_json_and_from_sweep(tmp_path: Path) -> None:
+    sweep = per_run_csv(tmp_path / "sweep.csv")
+    fit_json = tmp_path / "fit.json"
+    fit_json.write_text(invoke("fit", sweep, "--json", "--no-plots", "--bootstrap", "200").stdout)
+    a = json.loads(invoke("predict", "--from", fit_json, "--batch-size", "1000", "--json").stdout)
+    b = json.loads(invoke("predict", "--from", sweep, "--batch-size", "1000", "--json").stdout)
+    for out in (a, b):
+        row = out["predictions"][0]["rows"][0]
+        assert row["steps"] == pytest.approx(S_MIN * 1.5, rel=1e-6)  # S(1000) with B_crit 500
+        assert row["efficiency"] == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_predict_power_law_from_loss(tmp_path: Path) -> None:
+    res = invoke(
+        "predict", "--b-star", "2e8", "--alpha-b", "0.21", "--loss", "2.5", "--unit", "tokens", "--json"
+    )
+    out = json.loads(res.stdout)
+    assert out["b_crit_at_loss"][0]["b_crit"] == pytest.approx(2e8 / 2.5 ** (1 / 0.21))
+    text = invoke("predict", "--b-star", "2e8", "--alpha-b", "0.21").output
+    assert "B_crit doubles for every 14% drop" in text  # 1 - 2^-0.21 = 13.55%
+
+
+def test_predict_unbracketed_goal_and_errors(tmp_path: Path) -> None:
+    sweep = per_run_csv(tmp_path / "sweep.csv", noise=0.05, b_crit=1e6)
+    res = invoke("predict", "--from", sweep)
+    assert res.exit_code == 2 and "does not bracket B_crit (B_crit > 8192)" in res.output
+    for args, match in [
+        (["--from", sweep, "--b-crit", "5"], "not both"),
+        (["--s-min", "5"], "--s-min needs --b-crit"),
+        (["--b-crit", "500", "--loss", "2"], "--loss needs"),
+        (["--b-crit", "-1"], "must be positive"),
+        ([], "give --b-crit"),
+    ]:
+        res = invoke("predict", *args)
+        assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output

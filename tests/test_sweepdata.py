@@ -1,0 +1,210 @@
+"""Tests of reading sweep files and deriving steps-to-goal from loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from noisescale.errors import SweepDataError
+from noisescale.sweepdata import b_simple_by_goal, fit_sweep, load_sweep
+
+RUNS = [(16, 32000), (64, 9000), (256, 3000), (1024, 1500)]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    return write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def curve_records() -> list[dict]:
+    """Two learning rates per batch size, loss = 1 + 3 exp(-step / tau), tau on the hyperbola.
+
+    The lr=0.3 runs are 1.3x faster, so they must be the ones kept; runs log every 50 steps.
+    """
+    rows = []
+    for b in (16, 64, 256, 1024):
+        for lr, slow in ((0.1, 1.3), (0.3, 1.0)):
+            tau = 1000 * (1 + 500 / b) * slow
+            for step in range(0, 40001, 50):
+                loss = 1 + 3 * np.exp(-step / tau)
+                rows.append({"batch_size": b, "step": step, "loss": loss, "lr": lr, "run": f"b{b}-lr{lr}",
+                             "b_simple": 100 / loss})  # fmt: skip
+    return rows
+
+
+def test_per_run_csv_and_jsonl_read_the_same(tmp_path: Path) -> None:
+    csv = write(tmp_path / "runs.csv", "batch_size,steps\n" + "".join(f"{b},{s}\n" for b, s in RUNS))
+    jsonl = write_jsonl(tmp_path / "runs.txt", [{"batch_size": b, "steps": s} for b, s in RUNS])
+    a, b = load_sweep(csv), load_sweep(jsonl)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["batch_size"].tolist() == [16.0, 64.0, 256.0, 1024.0]
+    assert a["reached"].all() and a["goal"].isna().all()
+
+
+def test_json_array_and_blank_lines(tmp_path: Path) -> None:
+    arr = write(tmp_path / "runs.json", json.dumps([{"batch_size": b, "steps": s} for b, s in RUNS]))
+    assert len(load_sweep(arr)) == 4
+    csv = write(tmp_path / "gaps.csv", "batch_size,steps\n16,100\n\n64,abc\n")
+    with pytest.raises(SweepDataError, match="line 4: column `steps` \\('abc'\\) is not a number"):
+        load_sweep(csv)
+
+
+def test_goal_column_selection_and_order(tmp_path: Path) -> None:
+    text = "goal,batch_size,steps\n3.0,64,3500\n3.0,16,12000\n2.0,16,32000\n2.0,64,9000\n"
+    path = write(tmp_path / "runs.csv", text)
+    df = load_sweep(path)
+    assert df["goal"].tolist() == [3.0, 3.0, 2.0, 2.0]  # goals in file order, batch sizes sorted
+    assert df["batch_size"].tolist() == [16.0, 64.0, 16.0, 64.0]
+    assert load_sweep(path, [2.0])["goal"].unique().tolist() == [2.0]
+    with pytest.raises(SweepDataError, match=r"goal 1\.5 is not in the file \(goals there: 3, 2\)"):
+        load_sweep(path, [1.5])
+
+
+def test_reached_column_marks_censored_runs(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "runs.csv", "batch_size,steps,reached\n16,20000,false\n64,9000,TRUE\n256,3000,1\n"
+    )
+    assert load_sweep(path)["reached"].tolist() == [False, True, True]
+    bad = write(tmp_path / "bad.csv", "batch_size,steps,reached\n16,20000,maybe\n")
+    with pytest.raises(SweepDataError, match="line 2: column `reached` is 'maybe'"):
+        load_sweep(bad)
+
+
+def test_per_run_duplicates_name_the_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "dup.csv", "batch_size,steps\n16,100\n64,50\n16,90\n")
+    with pytest.raises(SweepDataError, match="batch size 16 appears on lines 2, 4"):
+        load_sweep(path)
+    # The same batch size under two goals is not a duplicate.
+    ok = write(tmp_path / "ok.csv", "goal,batch_size,steps\n2,16,100\n3,16,50\n")
+    assert len(load_sweep(ok)) == 2
+
+
+def test_goal_option_needs_goal_column_or_curves(tmp_path: Path) -> None:
+    path = write(tmp_path / "runs.csv", "batch_size,steps\n16,100\n")
+    with pytest.raises(SweepDataError, match="without a `goal` column"):
+        load_sweep(path, [2.0])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        pytest.param("a.csv", "batch_size,steps\n16,100\n32,\n", "line 3: column `steps` is empty",
+                     id="empty_cell"),
+        pytest.param("a.csv", "batch_size,steps\n16,100\n32,50,9\n", "line 3: 3 fields but the header has 2",
+                     id="ragged"),
+        pytest.param("a.csv", "batch_size,steps\n-16,100\n", "line 2: column `batch_size` must be positive",
+                     id="negative"),
+        pytest.param("a.csv", "batch_size,steps\n16,inf\n", "line 2: column `steps` .* is not finite",
+                     id="inf"),
+        pytest.param("a.csv", "bs,n\n16,100\n", "expected `batch_size, steps`", id="columns"),
+        pytest.param("a.csv", "", "empty", id="empty_file"),
+        pytest.param("a.jsonl", '{"batch_size": 16, "steps": 10}\n{"batch_size": 32, "steps": \n',
+                     "line 2: not valid JSON", id="corrupt_json"),
+        pytest.param("a.jsonl", '{"batch_size": 16, "steps": 10}\n[1, 2]\n', "line 2: expected a JSON object",
+                     id="not_object"),
+        pytest.param("a.jsonl", '{"batch_size": 16, "steps": 10}\n{"batch_size": 32}\n',
+                     "line 2: column `steps` is empty", id="missing_key"),
+        pytest.param("a.jsonl", '{"batch_size": true, "steps": 10}\n', "line 1: column `batch_size`",
+                     id="bool_value"),
+    ],
+)  # fmt: skip
+def test_corrupt_files_raise_with_line_numbers(tmp_path: Path, name: str, text: str, match: str) -> None:
+    with pytest.raises(SweepDataError, match=match):
+        load_sweep(write(tmp_path / name, text))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SweepDataError, match="no such file"):
+        load_sweep(tmp_path / "nope.csv")
+
+
+def test_curves_give_first_step_at_goal_and_fastest_run(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "curves.jsonl", curve_records())
+    df = load_sweep(path, [2.0])
+    assert df["run"].tolist() == ["b16-lr0.3", "b64-lr0.3", "b256-lr0.3", "b1024-lr0.3"]
+    # loss <= 2 when exp(-s/tau) <= 1/3: s >= tau ln 3, rounded up to the 50-step log grid.
+    tau = 1000 * (1 + 500 / np.array([16, 64, 256, 1024]))
+    np.testing.assert_array_equal(df["steps"], np.ceil(tau * np.log(3) / 50) * 50)
+    assert df["reached"].all()
+    assert (df["lr"] == 0.3).all()
+    np.testing.assert_allclose(df["b_simple"], 50.0, rtol=0.01)  # 100 / loss at loss ~2
+
+
+def test_curves_in_csv_match_jsonl(tmp_path: Path) -> None:
+    rows = curve_records()
+    pd.DataFrame(rows).to_csv(tmp_path / "curves.csv", index=False)
+    write_jsonl(tmp_path / "curves.jsonl", rows)
+    a, b = load_sweep(tmp_path / "curves.csv", [2.0, 1.5]), load_sweep(tmp_path / "curves.jsonl", [2.0, 1.5])
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_runs_that_never_reach_are_censored_at_their_last_step(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "curves.jsonl", curve_records())
+    # loss 1.01 needs tau ln 300 = 5.7 tau: batch 16 (tau 32250) never gets there in 40000 steps.
+    df = load_sweep(path, [1.01])
+    row = df[df["batch_size"] == 16].iloc[0]
+    assert not row["reached"] and row["steps"] == 40000
+    assert np.isnan(row["b_simple"])
+    assert df[df["batch_size"] >= 256]["reached"].all()
+
+
+def test_censored_batch_takes_fewest_steps_run(tmp_path: Path) -> None:
+    # Neither run at batch 16 reaches the goal; the best-tuned one would need more than the
+    # shorter of the two, so the batch size is censored there.
+    records = [{"batch_size": 16, "step": s, "loss": 3.0, "run": r} for r, n in (("a", 500), ("b", 800))
+               for s in range(0, n + 1, 100)]  # fmt: skip
+    df = load_sweep(write_jsonl(tmp_path / "c.jsonl", records), [1.0])
+    assert df["steps"].tolist() == [500.0] and not df["reached"].iloc[0]
+
+
+def test_curves_without_run_column_use_lr_or_need_run(tmp_path: Path) -> None:
+    records = [{k: v for k, v in r.items() if k != "run"} for r in curve_records()]
+    df = load_sweep(write_jsonl(tmp_path / "lr.jsonl", records), [2.0])
+    assert df["lr"].tolist() == [0.3] * 4  # runs told apart by learning rate
+    no_lr = [{k: v for k, v in r.items() if k not in ("run", "lr")} for r in curve_records()]
+    with pytest.raises(SweepDataError, match="add a `run` column"):
+        load_sweep(write_jsonl(tmp_path / "mixed.jsonl", no_lr), [2.0])
+
+
+def test_curve_errors(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "curves.jsonl", curve_records())
+    with pytest.raises(SweepDataError, match="need at least one goal"):
+        load_sweep(path)
+    with pytest.raises(SweepDataError, match="meets goal 5 at step 0"):
+        load_sweep(path, [5.0])
+    two = [{"batch_size": b, "step": s, "loss": 1.0, "run": "x"} for b, s in ((16, 1), (32, 2))]
+    with pytest.raises(SweepDataError, match="run 'x' has more than one batch size"):
+        load_sweep(write_jsonl(tmp_path / "two.jsonl", two), [2.0])
+    bad = write(tmp_path / "bad.csv", "batch_size,step,loss\n16,0,3\n16,10,oops\n")
+    with pytest.raises(SweepDataError, match="line 3: column `loss` \\('oops'\\) is not a number"):
+        load_sweep(bad, [2.0])
+
+
+def test_diverged_nan_loss_is_not_reaching(tmp_path: Path) -> None:
+    path = write(tmp_path / "nan.csv", "batch_size,step,loss\n16,0,3\n16,10,nan\n16,20,nan\n")
+    df = load_sweep(path, [2.0])
+    assert not df["reached"].iloc[0] and df["steps"].iloc[0] == 20
+
+
+def test_fit_sweep_per_goal_and_b_simple(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "curves.jsonl", curve_records())
+    table = load_sweep(path, [2.0, 1.001])
+    fits = fit_sweep(table, n_bootstrap=200)
+    assert [g.goal for g in fits] == [2.0, 1.001]
+    first, last = fits
+    # The curves put tau on the hyperbola with B_crit = 500; the 50-step logging grid adds
+    # up to +1.2% to the smallest step counts, i.e. a few percent on B_crit.
+    assert first.error is None and first.fit.b_crit == pytest.approx(500, rel=0.05)
+    # loss 1.001 needs 8 tau: only batch sizes 256 and 1024 reach it in 40000 steps.
+    assert last.fit is None and "reached at 2 batch size(s) (256, 1024)" in last.error
+    med, lo, hi = b_simple_by_goal(table)[2.0]
+    assert lo <= med <= hi and med == pytest.approx(50, rel=0.01)
+    assert b_simple_by_goal(table)[1.001][0] == pytest.approx(100 / 1.001, rel=1e-3)  # the 2 that reached
