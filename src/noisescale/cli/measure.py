@@ -1,0 +1,278 @@
+"""``noisescale measure``: train a built-in task while measuring its gradient noise scale.
+
+Usage::
+
+    noisescale measure                                   # MNIST, per-example norms, runs/mnist
+    noisescale measure --task linreg                     # the oracle: also prints the true value
+    noisescale measure --task digits --method microbatch --microbatches 4 --out runs/digits
+
+It shows a progress bar, then a table of B_simple with its interval, |G|^2, tr(Sigma),
+the loss, the learning rate and batch size (the temperature lr/B), and whether the
+noise scale is resolved. It writes into ``--out`` (default ``runs/<task>``), each file
+atomically:
+
+- ``metrics.jsonl``: one record per step: ``step``, ``examples``, ``loss`` (the step's batch),
+  ``lr``, ``batch_size``, ``grad_norm_sq``, ``trace_sigma``, ``b_simple``, ``b_simple_ci``,
+  ``b_simple_se``, ``resolved``, ``wall_time``.
+- ``summary.json``: the settings (``task``, ``unit``, ``method``, ``batch_size``, ``microbatches``,
+  ``lr``, ``temperature``, ``seed``, ``ema_decay``, ``ema_examples``, ``threads``...), the final
+  estimate (``b_simple``, ``b_simple_ci`` as ``[low, high]``, ``grad_norm_sq``, ``trace_sigma``,
+  ``resolved``, per-group values), ``loss`` (training loss on a fixed subset of at most 10,000
+  examples, at the end), ``test_loss``, ``test_error``, ``wall_time_s``; for ``linreg`` also
+  ``b_simple_true`` and ``b_noise_true``.
+- ``noise_scale.png``: B_simple with its band, and the loss, against examples seen.
+
+A B_simple that is not resolved prints as "not resolved" and is ``null`` in JSON. A missing
+dataset or a bad option prints one line saying what to do and exits with status 1 or 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import platform
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+import noisescale
+from noisescale.errors import NoiseScaleError
+from noisescale.io import write_json, write_jsonl
+from noisescale.plotting import plot_run
+from noisescale.tasks import TASK_NAMES, Task, get_task
+from noisescale.training import StepRecord, TrainConfig, TrainResult, evaluate, train, train_loss
+
+__all__ = ["measure"]
+
+TaskName = enum.Enum("TaskName", {name.replace("-", "_"): name for name in TASK_NAMES}, type=str)  # type: ignore[misc]
+_DEFAULT_TASK = TaskName("mnist")
+
+
+class MethodName(str, enum.Enum):
+    """Estimators selectable on the command line."""
+
+    per_example = "per-example"
+    microbatch = "microbatch"
+
+
+def _fmt(x: float | None, missing: str = "n/a") -> str:
+    """Four significant digits, or ``missing`` for None/NaN."""
+    if x is None or x != x:
+        return missing
+    return f"{x:.4g}"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print one error line on stderr and return the exit to raise (no traceback)."""
+    line = Text.assemble(("error: ", "bold red"), message)  # Text: brackets in `message` are not markup
+    Console(stderr=True, highlight=False).print(line, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _run_with_progress(task: Task, config: TrainConfig, console: Console, show: bool) -> TrainResult:
+    """Train with a rich progress bar showing the loss and the current B_simple."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  B_simple {task.fields[b_simple]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not show, transient=False) as progress:
+        bar = progress.add_task(f"{task.name}", total=config.steps, loss="-", b_simple="-")
+
+        def on_step(record: StepRecord) -> None:
+            est = record.estimate
+            b = "not resolved" if est is None or est.b_simple is None else _fmt(est.b_simple)
+            progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b)
+
+        return train(task, config, callback=on_step)
+
+
+def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: float) -> dict[str, Any]:
+    """The summary.json content: settings, final estimate, losses and (linreg) the truth."""
+    est = result.estimate
+    test_loss, test_error = evaluate(task, result.model)
+    # McCandlish et al. (2018), Table 1 reports B_simple averaged over the run: the mean of
+    # the resolved per-step (EMA) values here, a rough comparison, not an estimate of B_crit.
+    resolved = [r.estimate.b_simple for r in result.records if r.estimate is not None and r.estimate.resolved]
+    run_mean = sum(resolved) / len(resolved) if resolved else None
+    summary: dict[str, Any] = {
+        "task": task.name,
+        "unit": task.unit,
+        "method": config.method,
+        "batch_size": config.batch_size,
+        "microbatches": config.microbatches,
+        "lr": config.lr,
+        "temperature": config.lr / config.batch_size,
+        "momentum": config.momentum,
+        "steps": len(result.records),
+        "examples": result.records[-1].examples if result.records else 0,
+        "seed": config.seed,
+        "ema_decay": config.ema_decay,
+        "ema_examples": config.ema_examples,
+        "confidence": config.confidence,
+        "threads": torch.get_num_threads(),
+        # Not resolved: null, never a number (the parts |G|^2 and tr Sigma are still reported).
+        "b_simple": est.b_simple if est.resolved else None,
+        "b_simple_ci": list(est.b_simple_ci) if est.resolved and est.b_simple_ci is not None else None,
+        "b_simple_se": est.b_simple_se if est.resolved else None,
+        "grad_norm_sq": est.grad_norm_sq,
+        "trace_sigma": est.trace_sigma,
+        "resolved": est.resolved,
+        "n_eff": est.n_eff,
+        "b_simple_run_mean": run_mean,
+        "resolved_steps": len(resolved),
+        "loss": train_loss(task, result.model),
+        "test_loss": test_loss,
+        "test_error": test_error,
+        "wall_time_s": wall_time,
+        "train_time_s": result.wall_time,
+        "groups": {name: g.to_dict() for name, g in est.groups.items()},
+        "versions": {
+            "noisescale": noisescale.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if task.truth is not None:
+        truth = task.truth(result.model)
+        summary.update(
+            b_simple_true=truth["b_simple"],
+            b_noise_true=truth["b_noise"],
+            grad_norm_sq_true=truth["grad_norm_sq"],
+            trace_sigma_true=truth["trace_sigma"],
+            loss_true=truth["loss"],
+        )
+        ci = summary["b_simple_ci"]
+        summary["ci_contains_true"] = None if ci is None else bool(ci[0] <= truth["b_simple"] <= ci[1])
+    return summary
+
+
+def _write_outputs(
+    task: Task, config: TrainConfig, result: TrainResult, out_dir: Path, start: float
+) -> dict[str, Any]:
+    """Write metrics.jsonl, noise_scale.png and summary.json (each atomically); return the summary."""
+    summary = _summary(task, config, result, time.perf_counter() - start)
+    records = [r.to_dict() for r in result.records]
+    write_jsonl(out_dir / "metrics.jsonl", records)
+    title = f"{task.name}: {config.method}, B={config.batch_size} {task.unit}, lr={config.lr:g}"
+    plot_run(
+        records,
+        out_dir / "noise_scale.png",
+        title=f"{title}, seed {config.seed}",
+        unit=task.unit,
+        b_simple_true=summary.get("b_simple_true"),
+        confidence=config.confidence,
+    )
+    summary["wall_time_s"] = time.perf_counter() - start
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _table(summary: dict[str, Any]) -> Table:
+    """The final table; an unresolved B_simple reads "not resolved", never a number."""
+    unit = summary["unit"]
+    table = Table(title=f"noise scale: {summary['task']} ({summary['method']})", show_header=False)
+    table.add_column("quantity", style="bold")
+    table.add_column("value")
+    ci = summary["b_simple_ci"]
+    b = summary["b_simple"]
+    if summary["resolved"] and b is not None and ci is not None:
+        b_text = f"{_fmt(b)} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] ({summary['confidence']:.0%})"
+    else:
+        b_text = "not resolved"
+    mean = summary["b_simple_run_mean"]
+    run_mean = "not resolved" if mean is None else f"{_fmt(mean)} {unit} ({summary['resolved_steps']} steps)"
+    rows = [
+        ("B_simple", b_text),
+        ("B_simple, run mean", run_mean),
+        ("|G|^2", _fmt(summary["grad_norm_sq"])),
+        ("tr Sigma", _fmt(summary["trace_sigma"])),
+        ("loss (train)", _fmt(summary["loss"])),
+        ("loss (test)", _fmt(summary["test_loss"])),
+    ]
+    if summary["test_error"] is not None:
+        rows.append(("error (test)", f"{summary['test_error']:.2%}"))
+    rows += [
+        ("learning rate", _fmt(summary["lr"])),
+        ("batch size", f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"),
+        ("temperature lr/B", _fmt(summary["temperature"])),
+        ("resolved", "yes" if summary["resolved"] else "no"),
+        ("steps / examples", f"{summary['steps']} / {summary['examples']}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+    ]
+    if "b_simple_true" in summary:
+        rows += [
+            ("B_simple (true)", _fmt(summary["b_simple_true"])),
+            ("B_noise (true)", _fmt(summary["b_noise_true"])),
+            ("interval contains true", {True: "yes", False: "no", None: "n/a"}[summary["ci_contains_true"]]),
+        ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def measure(
+    task: Annotated[TaskName, typer.Option(help="Built-in task to train.")] = _DEFAULT_TASK,
+    method: Annotated[
+        MethodName, typer.Option(help="per-example: exact per-example norms; microbatch: k-way estimator.")
+    ] = MethodName.per_example,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step (default: the task's).")] = None,
+    microbatches: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per step (default 1 for per-example, the task's for microbatch)."),
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="SGD learning rate (default: the task's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the task's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data stream.")] = 0,
+    ema_decay: Annotated[
+        float | None, typer.Option(help="Per-step decay of the averages (1 = plain mean).")
+    ] = None,
+    ema_examples: Annotated[
+        float | None, typer.Option(help="Averaging time constant in examples (instead of --ema-decay).")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<task>).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a built-in task while measuring its gradient noise scale B_simple.
+
+    Example: noisescale measure --task linreg --steps 500 --out runs/linreg
+    """
+    start = time.perf_counter()
+    try:
+        torch.set_num_threads(threads)
+        the_task = get_task(task.value)
+        config = TrainConfig.for_task(
+            the_task,
+            method=method.value,
+            batch_size=batch_size,
+            microbatches=microbatches,
+            lr=lr,
+            steps=steps,
+            seed=seed,
+            ema_decay=ema_decay,
+            ema_examples=ema_examples,
+            threads=threads,
+        )
+        if config.steps < 1:
+            raise ValueError("--steps must be at least 1")
+    except NoiseScaleError as exc:  # a missing dataset
+        raise _fail(str(exc), 1) from None
+    except (ValueError, RuntimeError) as exc:  # a bad option
+        raise _fail(str(exc), 2) from None
+    try:
+        result = _run_with_progress(the_task, config, Console(stderr=True), progress)
+    except NoiseScaleError as exc:  # e.g. a layer without a per-example kernel
+        raise _fail(str(exc), 1) from None
+    out_dir = out if out is not None else Path("runs") / the_task.name
+    summary = _write_outputs(the_task, config, result, out_dir, start)
+    Console().print(_table(summary))
+    Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png")
