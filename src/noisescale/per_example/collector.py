@@ -1,0 +1,281 @@
+"""Exact per-example squared gradient norms, per parameter group, from hooks.
+
+A forward hook on every layer that owns trainable parameters of ``groups`` keeps
+that call's input in a closure attached, with ``output.register_hook``, to the
+call's output. When backward delivers the gradient with respect to that output,
+the layer's kernel turns ``(input, grad_output)`` into per-example squared norms of
+the weight and bias contributions (Goodfellow 2015), kept as ``[N]`` parts that
+:meth:`PerExampleNorms.pop` sums per group into the ``[N, G]`` result. Nothing of
+parameter size per example is formed on this path; the layer's backward is not
+replaced or repeated. Several forward calls before one backward each keep their
+own input; row ``n`` then sums what row ``n`` of every call contributed (example
+``n`` is the tuple of the calls' ``n``-th rows, e.g. a siamese pair).
+
+Shared parameters (tied weights, a layer called more than once per backward) take
+the materialising path: each use's ``[N, *P]`` contribution is summed, and the norm
+is taken in :meth:`PerExampleNorms.pop`. Layers without a kernel raise
+:class:`~noisescale.errors.UnsupportedLayerError`, or, with ``fallback=True``, use
+the exact recompute of :mod:`noisescale.per_example.fallback`.
+
+Scaling: the norms are those of the contributions backward actually computed.
+With a mean-reduced loss over ``N`` examples that is ``|g_n|^2 / N^2``; multiply
+by ``N^2`` for ``|g_n|^2`` (BackPACK's ``BatchL2Grad`` has the same convention).
+Under AMP, divide by the loss scale squared.
+
+Limitations: dim 0 of every hooked layer's input must index examples
+(``batch_first=True``); ``requires_grad`` is read at construction (build a new
+object after freezing or unfreezing); a forward with gradients enabled that is
+never backpropagated counts as a call until the next ``pop()`` (the next backward
+then materialises: exact, slower); with activation checkpointing the recomputed
+forward counts too (exact, materialising), and the hooked layers' inputs are kept
+alive until backward, which takes back the memory checkpointing would save.
+
+Shape letters: ``N`` examples, ``G`` parameter groups, ``P`` a parameter's shape.
+
+References:
+    Goodfellow (2015), Efficient Per-Example Gradient Computations, arXiv:1510.01799.
+    Li et al. (2022), Large Language Models Can Be Strong Differentially Private
+    Learners, arXiv:2110.05679 (ghost clipping).
+    Gray et al. (2023), Efficient and Approximate Per-Example Gradient Norms for
+    Gradient Noise Scale, WANT@NeurIPS.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils.hooks import RemovableHandle
+
+from noisescale.per_example import fallback as fb
+from noisescale.per_example.plan import Unit, build_units
+
+__all__ = ["PerExampleNorms"]
+
+
+class _Frame(NamedTuple):
+    """A fallback layer's forward call in progress."""
+
+    unit: Unit
+    rng: fb.RngState | None  # None when gradients are disabled (nothing to replay)
+    called: set[Unit]  # hooked layers that ran inside this call
+
+
+def _total(values: list[Tensor]) -> Tensor:
+    """Sum of ``[N]`` tensors in at most two operations."""
+    return values[0] if len(values) == 1 else torch.stack(values).sum(0)
+
+
+class PerExampleNorms:
+    """Per-example squared gradient norms, per parameter group, of each backward pass.
+
+    Args:
+        model: the network; its layers get forward hooks.
+        groups: G groups of ``model``'s parameters; parameters with
+            ``requires_grad=False`` are ignored.
+        fallback: compute layers without a kernel (BatchNorm, MultiheadAttention,
+            custom layers with their own parameters...) by the exact but slower
+            recompute of :mod:`noisescale.per_example.fallback`, instead of raising.
+
+    Raises:
+        UnsupportedLayerError: a layer owning trainable group parameters has no
+            kernel and ``fallback`` is False; the message names the layers and fixes.
+        ValueError: a trainable group parameter is not in ``model`` or is in two groups.
+        TypeError: ``model`` is not an ``nn.Module`` or a group holds a non-tensor.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> pe = PerExampleNorms(model, [list(model.parameters())])
+        >>> model(torch.randn(5, 3)).square().mean().backward()
+        >>> pe.pop().shape
+        torch.Size([5, 1])
+        >>> pe.pop() is None
+        True
+        >>> pe.remove()
+    """
+
+    def __init__(
+        self, model: nn.Module, groups: Sequence[Sequence[nn.Parameter]], *, fallback: bool = False
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be an nn.Module but got {type(model).__name__}.")
+        self._units, self._num_groups = build_units(model, [list(g) for g in groups], fallback=fallback)
+        self._parts: list[tuple[Unit, int, Tensor]] = []  # (layer, column, [N] squared norms), fast path
+        self._grads: dict[int, tuple[Unit, int, Tensor]] = {}  # id(param) -> (layer, column, [N, *P] sum)
+        self._frames: list[_Frame] = []  # fallback calls in progress, innermost last
+        self._suspended = 0  # > 0 while a fallback recomputes: hooks stay silent
+        self._lock = threading.Lock()  # backward may run hooks on several device threads
+        self._handles: list[RemovableHandle] = []
+        for unit in self._units:
+            self._hook(unit)
+
+    def pop(self) -> Tensor | None:
+        """The ``[N, G]`` squared norms of the backward pass(es) since the last call, then reset.
+
+        Call it once after each backward (e.g. from a
+        ``torch.autograd.graph.register_multi_grad_hook`` on the trainable
+        parameters). Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
+        contribution to the gradient this backward added to group ``j``
+        (``|g_n|^2 / N^2`` with a mean-reduced loss). Columns of groups that got
+        nothing are zero.
+
+        Returns:
+            ``[N, G]`` tensor (float32 at least, on the gradients' device), or None if
+            no hooked layer received a gradient.
+
+        Raises:
+            RuntimeError: if layers saw different numbers of examples in dim 0.
+        """
+        with self._lock:
+            parts, grads = self._parts, self._grads
+            self._parts, self._grads = [], {}
+            for unit in self._units:
+                unit.calls = 0
+        parts += [(unit, column, g.flatten(1).square().sum(1)) for unit, column, g in grads.values()]
+        return self._to_columns(parts) if parts else None
+
+    def remove(self) -> None:
+        """Remove all hooks and drop any pending norms."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._parts, self._grads = [], {}
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _hook(self, unit: Unit) -> None:
+        module = unit.module
+        if unit.kernel is not None:
+            self._handles.append(
+                module.register_forward_hook(partial(self._after_kernel_forward, unit), with_kwargs=True)
+            )
+            return
+        self._handles.append(
+            module.register_forward_pre_hook(partial(self._before_fallback_forward, unit), with_kwargs=True)
+        )
+        self._handles.append(
+            module.register_forward_hook(
+                partial(self._after_fallback_forward, unit), with_kwargs=True, always_call=True
+            )
+        )
+
+    def _after_kernel_forward(
+        self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if self._suspended or not torch.is_grad_enabled():
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.dim() < unit.min_dim:
+            raise ValueError(
+                f"'{unit.path}' ({type(module).__name__}) got an input of shape {list(x.shape)}: "
+                f"per-example norms need a batch dimension first (at least {unit.min_dim} dims)."
+            )
+        for frame in self._frames:
+            frame.called.add(unit)
+        unit.calls += 1
+        output.register_hook(partial(self._kernel_backward, unit, x))
+
+    def _kernel_backward(self, unit: Unit, x: Tensor, go: Tensor) -> None:
+        if torch.is_grad_enabled():  # backward(create_graph=True): the norms need no graph
+            with torch.no_grad():
+                return self._kernel_backward(unit, x, go)
+        kernel = unit.kernel
+        assert kernel is not None
+        if unit.calls > 1:  # called twice: its uses must be summed before the norm
+            norm_names, grad_names = (), unit.direct
+        else:
+            norm_names, grad_names = unit.norm_names, unit.shared_names
+        if norm_names:
+            self._add_norms(unit, kernel.norms(unit.module, x, go, norm_names))
+        if grad_names:
+            self._add_grads(unit, kernel.grads(unit.module, x, go, grad_names))
+
+    def _before_fallback_forward(
+        self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if self._suspended:
+            return
+        rng = fb.capture_rng(args, kwargs) if torch.is_grad_enabled() else None
+        self._frames.append(_Frame(unit, rng, set()))
+
+    def _after_fallback_forward(
+        self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if self._suspended:
+            return
+        frame = self._frames.pop()
+        outs = fb.output_tensors(output)
+        positions = tuple(i for i, o in enumerate(outs) if isinstance(o, Tensor) and o.requires_grad)
+        if frame.rng is None or not positions or not torch.is_grad_enabled():
+            return
+        for outer in self._frames:
+            outer.called.add(unit)
+        # Inner layers this call did not run (their parameters were used directly) are covered here.
+        names = unit.direct + tuple(
+            n for inner, inner_names in unit.inner.items() if inner not in frame.called for n in inner_names
+        )
+        args, kwargs = fb.detach_inputs(args, kwargs)
+        call = fb.SavedCall(args, kwargs, frame.rng, positions, names)
+        unit.calls += 1
+        register_multi_grad_hook([outs[i] for i in positions], partial(self._fallback_backward, unit, call))
+
+    def _fallback_backward(self, unit: Unit, call: fb.SavedCall, grads_out: Sequence[Tensor | None]) -> None:
+        if all(g is None for g in grads_out):
+            return
+        if unit.calls > 1:
+            norm_names, grad_names = (), call.names
+        else:
+            grad_names = tuple(n for n in call.names if n in unit.shared_names)
+            norm_names = tuple(n for n in call.names if n not in grad_names)
+        self._suspended += 1
+        try:
+            if norm_names:
+                self._add_norms(unit, fb.per_example_norms(unit.module, call, grads_out, norm_names))
+            if grad_names:
+                self._add_grads(unit, fb.per_example_grads(unit.module, call, grads_out, grad_names))
+        finally:
+            self._suspended -= 1
+
+    # -- accumulation ------------------------------------------------------------------------
+
+    def _to_columns(self, parts: list[tuple[Unit, int, Tensor]]) -> Tensor:
+        """Sum ``[N]`` parts per column into ``[N, G]`` (zero columns for groups that got none)."""
+        first, _, head = parts[0]
+        n = head.shape[0]
+        columns: list[list[Tensor]] = [[] for _ in range(self._num_groups)]
+        for unit, column, values in parts:
+            if values.shape[0] != n:
+                raise RuntimeError(
+                    f"'{unit.path}' ({type(unit.module).__name__}) saw {values.shape[0]} examples in dim 0 "
+                    f"but '{first.path}' ({type(first.module).__name__}) saw {n} in this backward: "
+                    "per-example norms need every hooked layer to see the whole batch in dim 0 "
+                    "(use batch_first=True layouts)."
+                )
+            columns[column].append(values)
+        zeros = head.new_zeros(n) if not all(columns) else None
+        return torch.stack([_total(c) if c else zeros for c in columns], 1)
+
+    def _add_norms(self, unit: Unit, norms: dict[str, Tensor]) -> None:
+        columns = unit.columns
+        with self._lock:
+            self._parts.extend((unit, columns[name], values) for name, values in norms.items())
+
+    def _add_grads(self, unit: Unit, grads: dict[str, Tensor]) -> None:
+        with self._lock:
+            for name, g in grads.items():
+                key = id(unit.params[name])
+                previous = self._grads.get(key)
+                if previous is not None and previous[2].shape != g.shape:
+                    raise RuntimeError(
+                        f"'{unit.path}' ({type(unit.module).__name__}) gave a per-example gradient of "
+                        f"shape {list(g.shape)} for '{name}' but another use gave {list(previous[2].shape)}: "
+                        "every use of a shared parameter must see the same batch in dim 0."
+                    )
+                self._grads[key] = (unit, unit.columns[name], g if previous is None else previous[2] + g)

@@ -1,0 +1,91 @@
+"""The contract every per-example kernel fulfils, and the dtype rule they share.
+
+A kernel turns what one forward call of a layer saw (its first input ``x``) and the
+gradient of the loss with respect to that call's output (``go``) into, for each
+example ``n`` of the batch, either
+
+* the squared L2 norm of example ``n``'s contribution to each parameter's gradient
+  (``norms``, the fast path: nothing of parameter size per example is formed), or
+* the contribution itself (``grads``, ``[N, *param.shape]``), needed when several
+  contributions to one parameter must be summed before the norm is taken
+  (tied weights, a layer called twice).
+
+"Contribution of example n" means the terms of the batch gradient whose batch index
+is ``n``: with a mean-reduced loss it is ``g_n / N``, exactly as backward computed it.
+
+Shape letters used by all kernels: ``N`` examples (dim 0), ``T`` positions per
+example (sequence positions or flattened spatial positions), ``F`` input features,
+``O`` output features, ``D`` embedding size, ``V`` vocabulary size, ``K`` normalized
+elements, ``C`` channels, ``G`` convolution groups.
+
+References:
+    Goodfellow (2015), Efficient Per-Example Gradient Computations, arXiv:1510.01799.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradFn", "Kernel", "NormFn", "accumulation_dtype", "upcast"]
+
+NormFn = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...]], dict[str, Tensor]]
+"""``(module, x, go, names) -> {name: [N] squared norms}`` for the parameter names asked."""
+
+GradFn = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...]], dict[str, Tensor]]
+"""``(module, x, go, names) -> {name: [N, *param.shape] contributions}``."""
+
+
+class Kernel(NamedTuple):
+    """Per-example gradient maths of one layer type.
+
+    Attributes:
+        norms: fast path, per-example squared norms ``[N]`` per parameter name.
+        grads: materialising path, per-example contributions ``[N, *param.shape]``.
+        params: names of the directly owned parameters the kernel handles; a layer
+            with any other trainable parameter is unsupported.
+        min_dim: dimensions the first input needs, batch dimension included, given
+            the layer (an unbatched input would make dim 0 something else than examples).
+    """
+
+    norms: NormFn
+    grads: GradFn
+    params: tuple[str, ...]
+    min_dim: Callable[[nn.Module], int]
+
+
+# Squares of fp16/bf16 gradients (times an AMP loss scale) overflow or lose all
+# precision: reductions run in float32 at least.
+_WIDER = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions run in: ``dtype`` itself, or float32 for float16/bfloat16.
+
+    Args:
+        dtype: dtype of a gradient or input.
+
+    Returns:
+        float32 for half types, else ``dtype``.
+    """
+    return _WIDER.get(dtype, dtype)
+
+
+def upcast(x: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
+    """Cast a layer input and its output gradient to one dtype of at least float32.
+
+    Args:
+        x: floating layer input, any shape.
+        go: gradient with respect to the layer output, any shape.
+
+    Returns:
+        ``(x, go)`` in ``promote(x, go)`` widened to float32 if it is a half type;
+        tensors already in that dtype are returned as they are (no copy).
+    """
+    if x.dtype is go.dtype and x.dtype not in _WIDER:  # the common case, without dispatching
+        return x, go
+    dtype = accumulation_dtype(torch.promote_types(x.dtype, go.dtype))
+    return x.to(dtype), go.to(dtype)

@@ -1,0 +1,154 @@
+"""Per-example gradient norms of ``nn.Linear`` (weight ``[O, F]``, bias ``[O]``).
+
+Example ``n``'s weight contribution is ``sum_t go_nt x_nt^T`` (an ``[O, F]`` matrix).
+For a ``[N, F]`` input (one position) its squared norm factorises,
+
+.. math::
+
+    |go_n x_n^T|_F^2 = |go_n|^2 |x_n|^2,
+
+two row-wise reductions and a product (Goodfellow 2015). For a ``[N, T, F]`` input
+(middle dims flattened to ``T``) either form the Gram matrices,
+
+.. math::
+
+    |\\sum_t go_t x_t^T|_F^2 = \\sum_{t,s} (go_t \\cdot go_s)(x_t \\cdot x_s),
+
+costing ``N T^2 (O + F)`` and ``N T^2`` memory, or materialise the ``[N, O, F]``
+contribution at ``N T O F`` cost; the Gram route wins when ``2 T^2 < O F``
+(Li et al. 2022, ghost clipping; used for the noise scale by Gray et al. 2023).
+The bias contribution is ``sum_t go_t``.
+
+Shape letters: ``N`` examples, ``T`` positions, ``F`` in-features, ``O`` out-features.
+
+References:
+    Goodfellow (2015), Efficient Per-Example Gradient Computations, arXiv:1510.01799.
+    Li, Tramèr, Liang, Hashimoto (2022), Large Language Models Can Be Strong
+    Differentially Private Learners, ICLR, arXiv:2110.05679, section 4 (ghost clipping).
+    Gray et al. (2023), Efficient and Approximate Per-Example Gradient Norms for
+    Gradient Noise Scale, WANT@NeurIPS.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.per_example.kernel import Kernel, upcast
+
+__all__ = [
+    "KERNEL",
+    "linear_grads",
+    "linear_norms",
+    "sequence_weight_grads",
+    "sequence_weight_norms",
+    "use_gram",
+]
+
+
+def use_gram(t: int, o: int, f: int) -> bool:
+    """Whether the Gram route is cheaper than materialising: ``2 T^2 < O F`` (Li et al. 2022).
+
+    Args:
+        t: positions per example.
+        o: output features.
+        f: input features.
+
+    Returns:
+        True to use Gram matrices, False to materialise ``[N, O, F]``.
+    """
+    return 2 * t * t < o * f
+
+
+def sequence_weight_norms(x: Tensor, go: Tensor) -> Tensor:
+    """Squared norms of ``sum_t go_nt x_nt^T``, by the cheaper exact route.
+
+    Args:
+        x: inputs ``[N, T, F]``.
+        go: output gradients ``[N, T, O]``.
+
+    Returns:
+        ``[N]`` squared Frobenius norms.
+    """
+    if use_gram(x.shape[1], go.shape[2], x.shape[2]):
+        return (torch.bmm(x, x.mT) * torch.bmm(go, go.mT)).sum((1, 2))  # [N, T, T] -> [N]
+    return sequence_weight_grads(x, go).square().sum((1, 2))
+
+
+def sequence_weight_grads(x: Tensor, go: Tensor) -> Tensor:
+    """Per-example weight contributions ``sum_t go_nt x_nt^T``.
+
+    Args:
+        x: inputs ``[N, T, F]``.
+        go: output gradients ``[N, T, O]``.
+
+    Returns:
+        ``[N, O, F]``.
+    """
+    return torch.bmm(go.mT, x)
+
+
+def _row_sq_norms(t: Tensor) -> Tensor:
+    """``[N, F]`` -> ``[N]`` squared row norms, in one reduction pass (no ``[N, F]`` temporary)."""
+    return torch.linalg.vector_norm(t, dim=1).square()
+
+
+def _as_sequence(x: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
+    """``[N, *, F]``, ``[N, *, O]`` -> ``[N, T, F]``, ``[N, T, O]``."""
+    n = x.shape[0]
+    return x.reshape(n, -1, x.shape[-1]), go.reshape(n, -1, go.shape[-1])
+
+
+def linear_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """Per-example squared gradient norms of a Linear layer.
+
+    Args:
+        module: the ``nn.Linear``.
+        x: its input ``[N, F]`` or ``[N, *, F]``.
+        go: gradient of the loss w.r.t. its output, ``[N, O]`` or ``[N, *, O]``.
+        names: subset of ``("weight", "bias")`` to compute.
+
+    Returns:
+        ``{name: [N]}``.
+    """
+    del module
+    x, go = upcast(x, go)
+    out = {}
+    if x.dim() == 2:
+        go_sq = _row_sq_norms(go)  # [N]
+        if "weight" in names:
+            out["weight"] = go_sq * _row_sq_norms(x)
+        if "bias" in names:
+            out["bias"] = go_sq
+        return out
+    x, go = _as_sequence(x, go)
+    if "weight" in names:
+        out["weight"] = sequence_weight_norms(x, go)
+    if "bias" in names:
+        out["bias"] = go.sum(1).square().sum(1)
+    return out
+
+
+def linear_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """Per-example gradient contributions of a Linear layer.
+
+    Args:
+        module: the ``nn.Linear``.
+        x: its input ``[N, F]`` or ``[N, *, F]``.
+        go: gradient w.r.t. its output, ``[N, O]`` or ``[N, *, O]``.
+        names: subset of ``("weight", "bias")``.
+
+    Returns:
+        ``{"weight": [N, O, F], "bias": [N, O]}`` restricted to ``names``.
+    """
+    del module
+    x, go = _as_sequence(*upcast(x, go))
+    out = {}
+    if "weight" in names:
+        out["weight"] = sequence_weight_grads(x, go)
+    if "bias" in names:
+        out["bias"] = go.sum(1)
+    return out
+
+
+KERNEL = Kernel(norms=linear_norms, grads=linear_grads, params=("weight", "bias"), min_dim=lambda m: 2)

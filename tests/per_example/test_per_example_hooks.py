@@ -1,0 +1,178 @@
+"""Construction errors, hook life cycle and dtype handling of PerExampleNorms."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from noisescale.errors import UnsupportedLayerError
+from noisescale.per_example import PerExampleNorms, find_kernel, register_kernel, registry
+from noisescale.per_example import linear as linear_kernel
+
+F64 = torch.float64
+N = 4
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+
+
+def all_params(model: nn.Module) -> list[list[nn.Parameter]]:
+    return [list(model.parameters())]
+
+
+class OwnParam(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
+def linear_with_extra() -> nn.Module:
+    lin = nn.Linear(3, 3)
+    lin.extra = nn.Parameter(torch.ones(3))
+    return lin
+
+
+@pytest.mark.parametrize(
+    ("layer", "named"),
+    [
+        (lambda: nn.BatchNorm1d(3), "'bad' (BatchNorm1d)"),
+        (OwnParam, "'bad' (OwnParam)"),
+        (lambda: nn.Conv3d(3, 3, 1), "'bad' (Conv3d)"),
+        (linear_with_extra, "'bad' (Linear with extra parameters ['extra'])"),
+    ],
+    ids=["batchnorm", "custom-own-parameter", "conv3d", "linear-extra-parameter"],
+)
+def test_unsupported_layers_are_named_with_the_fix(layer: Callable[[], nn.Module], named: str) -> None:
+    model = nn.Sequential(OrderedDict(ok=nn.Linear(3, 3), bad=layer()))
+    with pytest.raises(UnsupportedLayerError) as info:
+        PerExampleNorms(model, all_params(model))
+    message = str(info.value)
+    assert named in message
+    assert "'ok'" not in message
+    assert "fallback=True" in message
+    assert "GroupNorm" in message
+
+
+def test_unsupported_layers_outside_groups_or_frozen_are_fine() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model[3].requires_grad_(False)
+    PerExampleNorms(
+        model, [list(model[0].parameters()), list(model[2].parameters()), list(model[3].parameters())]
+    )
+
+
+def test_group_validation() -> None:
+    model, other = mlp(), nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not parameters of `model`"):
+        PerExampleNorms(model, [list(model.parameters()), [other.weight]])
+    with pytest.raises(ValueError, match="in groups 0 and 1"):
+        PerExampleNorms(model, [[model[0].weight], [model[0].weight]])
+    with pytest.raises(TypeError, match=r"`groups\[0\]`"):
+        PerExampleNorms(model, [["weight"]])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        PerExampleNorms(model.parameters(), [[]])  # type: ignore[arg-type]
+
+
+def test_pop_life_cycle() -> None:
+    model = mlp()
+    pe = PerExampleNorms(model, all_params(model))
+    assert pe.pop() is None
+    with torch.no_grad():
+        model(torch.randn(N, 5, dtype=F64))
+    assert pe.pop() is None  # no hook registered under no_grad
+    model(torch.randn(N, 5, dtype=F64)).sum().backward()
+    first = pe.pop()
+    assert first is not None
+    assert first.shape == (N, 1)
+    assert first.dtype == F64
+    assert pe.pop() is None  # reset
+    pe.remove()
+    model(torch.randn(N, 5, dtype=F64)).sum().backward()
+    assert pe.pop() is None  # hooks gone
+
+
+def test_unbatched_input_is_rejected() -> None:
+    conv = nn.Conv1d(2, 3, 2)
+    pe = PerExampleNorms(conv, all_params(conv))
+    with pytest.raises(ValueError, match="batch dimension"):
+        conv(torch.randn(2, 5))
+    pe.remove()
+
+
+class LearnedQuery(nn.Module):
+    """A layer applied to a [1, F] parameter-derived tensor: not decomposable per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 3))
+        self.proj = nn.Linear(3, 3)
+        self.body = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) * self.proj(self.query)
+
+
+def test_layers_disagreeing_on_the_batch_size_raise() -> None:
+    model = LearnedQuery()
+    pe = PerExampleNorms(model, [list(model.proj.parameters()), list(model.body.parameters())])
+    model(torch.randn(N, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'proj' \(Linear\) saw 1 examples|'proj' \(Linear\) saw 1 in"):
+        pe.pop()
+    pe.remove()
+
+
+def test_register_kernel_for_a_subclass(monkeypatch: pytest.MonkeyPatch) -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))  # undo the registration afterwards
+
+    model = nn.Sequential(MyLinear(3, 2))
+    with pytest.raises(UnsupportedLayerError, match="MyLinear"):
+        PerExampleNorms(model, all_params(model))
+    register_kernel(MyLinear, linear_kernel.KERNEL)
+    assert find_kernel(model[0]) is linear_kernel.KERNEL
+    pe = PerExampleNorms(model, all_params(model))
+    model(torch.randn(N, 3)).sum().backward()
+    assert pe.pop() is not None
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
+        register_kernel(int, linear_kernel.KERNEL)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Kernel"):
+        register_kernel(MyLinear, object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_reduces_in_float32(dtype: torch.dtype) -> None:
+    """Half gradients are squared in float32: no overflow (squares here reach ~1e9, far above
+    fp16's 65504), and the numbers match norms of the half model's own per-example gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3)).to(dtype)
+    params = list(model.parameters())
+    pe = PerExampleNorms(model, [[p] for p in params])
+    losses = 100.0 * model(torch.randint(0, 7, (N, 5))).float().square().sum((1, 2))  # as under loss scaling
+    losses.sum().backward(retain_graph=True)
+    got = pe.pop()
+    expected = torch.stack(
+        [
+            torch.stack(
+                [g.double().square().sum() for g in torch.autograd.grad(loss, params, retain_graph=True)]
+            )
+            for loss in losses
+        ]
+    )
+    assert got is not None
+    assert got.dtype == torch.float32
+    assert bool(torch.isfinite(got).all())
+    assert float(got.max()) > 65504
+    # The kernels see the same half gradients as backward but sum in float32 where backward sums
+    # in half precision: they agree to a few half-precision ulps (bf16: 2^-8 relative).
+    torch.testing.assert_close(got.double(), expected, rtol=0.05, atol=0.0)
