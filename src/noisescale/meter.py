@@ -19,6 +19,16 @@ Example:
     >>> meter.compute().steps
     3
 
+Data-parallel training (:mod:`noisescale.distributed`): wrap the model in
+DistributedDataParallel first and the meter measures over all replicas
+(``method="ddp"``, chosen for ``"microbatch"`` too), ``k = W x micro-batches``, with
+one small asynchronous collective per step; ``method="per_example"`` combines every
+rank's per-example norms the same way. Every rank ends with the same estimate.
+
+Per-layer values: the estimate has one entry per module (``groups``) and, given the
+optimizer, per optimizer parameter group (``param_groups``); both partitions are sums
+of cells (module x parameter group), and the total is the mediant of either.
+
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training,
     arXiv:1812.06162, eqs. (2.9), (A.1), (A.2).
@@ -27,13 +37,17 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from noisescale import distributed as nsdist
 from noisescale.collect import GradientRecorder, MicrobatchRecord
+from noisescale.errors import SingleMicrobatchError
 from noisescale.estimators import (
     NoiseStats,
     effective_batch_size,
@@ -45,8 +59,9 @@ from noisescale.uncertainty import b_simple_interval
 
 __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate"]
 
-Method = Literal["microbatch", "per_example"]
+Method = Literal["microbatch", "per_example", "ddp"]
 DEFAULT_EMA_DECAY = 0.99
+_MAX_PENDING = 32  # steps whose collective may be in flight before update() settles them
 
 
 def _opt(x: torch.Tensor) -> float | None:
@@ -90,7 +105,10 @@ class NoiseScaleEstimate(NamedTuple):
         examples: examples seen in those steps.
         skipped_steps: steps skipped for non-finite gradients (e.g. AMP overflow).
         n_eff: effective number of steps in the average, ``(sum w)^2 / sum w^2``.
-        groups: per parameter group estimates; the total is their mediant.
+        groups: per parameter group estimates (default: one per module); the total is
+            their mediant.
+        param_groups: per optimizer parameter group (empty unless the meter was given
+            the optimizer); the total is their mediant too.
     """
 
     b_simple: float | None
@@ -104,12 +122,14 @@ class NoiseScaleEstimate(NamedTuple):
     skipped_steps: int
     n_eff: float
     groups: dict[str, GroupEstimate]
+    param_groups: Mapping[str, GroupEstimate] = {}  # never mutated
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (None becomes null, groups nested)."""
         d = self._asdict()
         d["b_simple_ci"] = None if self.b_simple_ci is None else list(self.b_simple_ci)
         d["groups"] = {k: v.to_dict() for k, v in self.groups.items()}
+        d["param_groups"] = {k: v.to_dict() for k, v in self.param_groups.items()}
         return d
 
 
@@ -125,6 +145,56 @@ def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+class _Partition(NamedTuple):
+    """Cells (module group x optimizer parameter group) and how series sum them."""
+
+    cells: list[list[nn.Parameter]]  # the C cells, each a list of parameters
+    series: torch.Tensor  # [S, C] float64 0/1: rows = groups, then param groups, then the total
+    group_names: list[str]
+    param_group_names: list[str]
+
+
+def _partition(
+    named: Mapping[str, list[nn.Parameter]], optimizer: torch.optim.Optimizer | None
+) -> _Partition:
+    """Split the measured parameters into cells; per-step estimates are additive over them."""
+    owner: dict[int, int] = {}
+    pg_names: list[str] = []
+    if optimizer is not None:
+        for i, group in enumerate(optimizer.param_groups):
+            pg_names.append(str(group.get("name", f"param_group_{i}")))
+            for p in group["params"]:
+                owner.setdefault(id(p), i)
+    cells: dict[tuple[int, int], list[nn.Parameter]] = {}
+    for j, params in enumerate(named.values()):
+        for p in params:
+            cells.setdefault((j, owner.get(id(p), -1)), []).append(p)
+    keys = list(cells)
+    rows = [[float(key[0] == j) for key in keys] for j in range(len(named))]
+    rows += [[float(key[1] == i) for key in keys] for i in range(len(pg_names))]
+    rows.append([1.0] * len(keys))
+    series = torch.tensor(rows, dtype=torch.float64)
+    return _Partition([cells[k] for k in keys], series, list(named), pg_names)
+
+
+def _weighted_microbatch(
+    sq: torch.Tensor, sizes: torch.Tensor, factor: torch.Tensor, big_sq: torch.Tensor, weight: torch.Tensor
+) -> NoiseStats:
+    """k-way estimate when record i holds ``|factor_i g_i|^2`` and the big gradient is ``sum_i weight_i g_i``.
+
+    Args:
+        sq: ``[K, C]`` recorded squared norms.
+        sizes: ``[K]`` examples per micro-batch.
+        factor: ``[K]`` loss factor of each recorded gradient (reduction and accumulation).
+        big_sq: ``[C]`` squared norm of the big gradient.
+        weight: ``[K]`` coefficient of each mean-loss micro-batch gradient in the big one
+            (``factor`` in one process; ``factor / W`` after DDP's averaging).
+    """
+    small = sq / factor.square()[:, None]
+    b_big = effective_batch_size(weight, sizes)
+    return microbatch_stats(small, sizes, big_sq / weight.sum().square(), b_big)
+
+
 class GradientNoiseScale:
     """Online gradient noise scale B_simple = tr(Sigma)/|G|^2 of a training run.
 
@@ -138,17 +208,33 @@ class GradientNoiseScale:
     ``scaler.unscale_`` both work). It never synchronises with the device;
     :meth:`compute` does, once.
 
+    Under DDP (a model wrapped in DistributedDataParallel, process group initialised)
+    call :meth:`update` on every rank every step, with the same number of backward
+    passes on every rank (sizes may differ); the big gradient is read by a
+    communication hook right after the all-reduce, so clipping before :meth:`update`
+    does no harm there. :meth:`compute` needs no collective: rank 0 may call it alone.
+
     Args:
-        model: the module being trained. Only parameters with ``requires_grad`` count.
+        model: the module being trained, or its DistributedDataParallel wrapper. Only
+            parameters with ``requires_grad`` count.
         method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
             batch (the usual gradient-accumulation loop; no extra cost).
             ``"per_example"``: exact per-example squared norms from layer hooks
             (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``);
             lowest variance, works with one backward per step.
+            ``"ddp"``: the k-way estimator over ``W`` replicas x ``m`` micro-batches
+            (``m >= 1``); selected automatically when a DDP model is given with
+            ``"microbatch"``.
         reduction: how ONE micro-batch's loss is reduced over its examples:
             ``"mean"`` or ``"sum"``.
         accumulation: ``"mean"`` if each micro-batch loss is divided by k before
-            backward, ``"sum"`` if not.
+            backward, ``"sum"`` if not (under DDP: the k of this rank).
+            ``"example_mean"``: each micro-batch loss is the SUM of its per-example
+            losses divided by the number of examples in the whole step (under DDP:
+            of all ranks, times W to undo DDP's averaging), so the step's gradient is
+            the mean over all its examples whatever the micro-batch sizes (HF Trainer
+            with ``num_items_in_batch``, token-weighted language-model losses);
+            ``reduction`` is then not used.
         ema_decay: per-step decay of the averages (default 0.99; 1.0 = plain mean).
         ema_examples: instead of ``ema_decay``, a time constant in examples:
             decay ``exp(-B / ema_examples)`` per step of B examples.
@@ -158,10 +244,21 @@ class GradientNoiseScale:
             The total is their mediant ``sum trSigma_j / sum |G_j|^2``.
         fallback: per_example only: allow the slower exact fallback for layers
             without a kernel (e.g. BatchNorm) instead of raising.
+        optimizer: also report B_simple per optimizer parameter group (named by the
+            group's ``"name"`` key, else ``param_group_<i>``).
+        comm_hook: DDP only: ``(state, hook)`` of your own communication hook (e.g.
+            compression), which noisescale's hook wraps (DDP accepts a single hook).
+        read_grad: when the big batch is read in one process: ``"at_update"`` (the
+            accumulated ``.grad`` when :meth:`update` runs) or ``"after_backward"``
+            (snapshot at the end of every backward: right even if the gradients are
+            clipped before :meth:`update`; one more fused norm per backward).
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
-            or when the model has no trainable parameter.
+            when the model has no trainable parameter, or ``method="ddp"`` without a
+            DistributedDataParallel model.
+        noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model, or
+            when the DDP model already has a communication hook.
         noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
             layer that has no kernel (and ``fallback=False``); the message names it.
     """
@@ -172,18 +269,22 @@ class GradientNoiseScale:
         method: Method = "per_example",
         *,
         reduction: Literal["mean", "sum"] = "mean",
-        accumulation: Literal["mean", "sum"] = "mean",
+        accumulation: Literal["mean", "sum", "example_mean"] = "mean",
         ema_decay: float | None = None,
         ema_examples: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         confidence: float = 0.95,
         groups: Mapping[str, Iterable[nn.Parameter]] | None = None,
         fallback: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        comm_hook: tuple[Any, nsdist.CommHook] | None = None,
+        read_grad: Literal["at_update", "after_backward"] = "at_update",
     ) -> None:
         for arg, value, allowed in (
-            ("method", method, ("microbatch", "per_example")),
+            ("method", method, ("microbatch", "per_example", "ddp")),
             ("reduction", reduction, ("mean", "sum")),
-            ("accumulation", accumulation, ("mean", "sum")),
+            ("accumulation", accumulation, ("mean", "sum", "example_mean")),
+            ("read_grad", read_grad, ("at_update", "after_backward")),
         ):
             if value not in allowed:
                 raise ValueError(f"Expected `{arg}` to be one of {allowed} but got {value!r}")
@@ -192,7 +293,17 @@ class GradientNoiseScale:
         decay_for_step(ema_decay=ema_decay, ema_examples=ema_examples, examples=1.0)  # validates
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"Expected `confidence` in (0, 1) but got {confidence}")
-        named = {k: [p for p in v if p.requires_grad] for k, v in (groups or default_groups(model)).items()}
+        module = nsdist.unwrap_model(model)
+        nsdist.check_supported_parallelism(module)
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        if ddp is not None and method == "microbatch":
+            method = "ddp"
+        if method == "ddp" and ddp is None:
+            raise ValueError(
+                "method='ddp' measures a DistributedDataParallel model: wrap the model first "
+                "(noisescale.distributed.wrap_ddp), or use method='microbatch' in one process"
+            )
+        named = {k: [p for p in v if p.requires_grad] for k, v in (groups or default_groups(module)).items()}
         named = {k: v for k, v in named.items() if v}
         if not named:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to measure")
@@ -202,35 +313,60 @@ class GradientNoiseScale:
         self.ema_decay = ema_decay
         self.ema_examples = ema_examples
         self.confidence = confidence
-        self.group_names = list(named)
-        params = [p for ps in named.values() for p in ps]
-        index = torch.tensor([j for j, ps in enumerate(named.values()) for _ in ps], device=params[0].device)
+        part = _partition(named, optimizer)
+        self.group_names = part.group_names
+        self.param_group_names = part.param_group_names
+        params = [p for ps in part.cells for p in ps]
+        self._device = params[0].device
+        self._series = part.series.to(self._device)
+        index = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
         per_example = None
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
 
-            per_example = PerExampleNorms(model, list(named.values()), fallback=fallback)
-        self._recorder = GradientRecorder(params, index, len(named), scaler=scaler, per_example=per_example)
-        self._device = params[0].device
+            per_example = PerExampleNorms(module, part.cells, fallback=fallback)
+        n_cells = len(part.cells)
+        self._recorder = GradientRecorder(params, index, n_cells, scaler=scaler, per_example=per_example)
+        self._hook: nsdist.NoiseScaleCommHook | None = None
+        self._process_group = None
+        self.world_size = 1
+        if ddp is not None:
+            group_of = {id(p): j for j, ps in enumerate(part.cells) for p in ps}
+            self._hook = nsdist.NoiseScaleCommHook(ddp, group_of, n_cells, scaler=scaler, inner=comm_hook)
+            self._process_group = ddp.process_group
+            self.world_size = self._hook.world_size
+        self._snapshot: torch.Tensor | None = None
+        self._snapshot_handle = None
+        if read_grad == "after_backward" and ddp is None:
+            self._snapshot_handle = torch.autograd.graph.register_multi_grad_hook(
+                params, self._queue_snapshot
+            )
+        self._pending: list[tuple[str, Any, list[torch.Tensor], torch.Tensor]] = []
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every step so far (hooks stay attached)."""
-        self._state: EmaState = ema_init(len(self.group_names) + 1, self._device)
+        self._settle()
+        self._state: EmaState = ema_init(self._series.shape[0], self._device)
         self._steps = 0
         self._examples = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._recorder.pop()
+        if self._hook is not None:
+            self._hook.pop()
+        self._snapshot = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume with identical results."""
+        """Everything needed to resume with identical results (the same on every DDP rank)."""
+        self._settle()
         return {
             "ema": {k: v.clone() for k, v in self._state._asdict().items()},
             "steps": self._steps,
             "examples": self._examples,
             "skipped_steps": self._skipped.clone(),
             "group_names": list(self.group_names),
+            "param_group_names": list(self.param_group_names),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -239,35 +375,55 @@ class GradientNoiseScale:
         Raises:
             ValueError: if the parameter groups differ from this meter's.
         """
-        if list(state_dict["group_names"]) != self.group_names:
-            raise ValueError(
-                f"state_dict was saved for groups {state_dict['group_names']} but this meter has "
-                f"{self.group_names}"
-            )
+        for key, mine in (("group_names", self.group_names), ("param_group_names", self.param_group_names)):
+            theirs = list(state_dict.get(key, []))
+            if theirs != mine:
+                raise ValueError(f"state_dict was saved for {key} {theirs} but this meter has {mine}")
+        self._settle()
         self._state = EmaState(**{k: v.to(self._device) for k, v in state_dict["ema"].items()})
         self._steps = int(state_dict["steps"])
         self._examples = int(state_dict["examples"])
         self._skipped = torch.as_tensor(state_dict["skipped_steps"]).to(self._device)
 
+    def discard(self) -> None:
+        """Drop the backward passes since the last :meth:`update` without folding them in.
+
+        For a step whose loss conventions differ from the declared ones, e.g. the short
+        last accumulation window of an epoch that a framework still divides by the full
+        number of micro-batches. Under DDP call it on every rank.
+        """
+        self._recorder.pop()
+        if self._hook is not None:
+            self._hook.pop()
+        self._snapshot = None
+
     def remove(self) -> None:
-        """Detach every hook from the model."""
+        """Detach every hook from the model (a DDP hook keeps all-reducing, without recording)."""
+        self._settle()
         self._recorder.remove()
+        if self._snapshot_handle is not None:
+            self._snapshot_handle.remove()
+        if self._hook is not None:
+            self._hook.active = False
 
     # -- per step ------------------------------------------------------------------------------
     def update(self, batch_size: int | None = None, *, microbatch_sizes: Iterable[int] | None = None) -> None:
         """Fold in the optimiser step whose backward passes ran since the last call.
 
         Args:
-            batch_size: examples in the step (all micro-batches). Required for
-                ``microbatch`` unless ``microbatch_sizes`` is given (equal micro-batches
-                are assumed); optional for ``per_example`` (counted from the inputs).
-            microbatch_sizes: examples in each micro-batch, in backward order.
+            batch_size: examples in the step (all micro-batches; under DDP, those of this
+                rank). Required for ``microbatch``/``ddp`` unless ``microbatch_sizes`` is
+                given (equal micro-batches are assumed); optional for ``per_example``
+                (counted from the inputs).
+            microbatch_sizes: examples in each micro-batch, in backward order (this rank's).
 
         Raises:
             RuntimeError: if no backward pass ran since the last update.
             noisescale.errors.SingleMicrobatchError: ``microbatch`` with one backward
                 pass, or a step of one example.
             ValueError: if the sizes do not match the backward passes.
+            noisescale.distributed.DistributedSetupError: under DDP, if no all-reduce ran
+                this step (every micro-step was under ``no_sync``).
         """
         records = self._recorder.pop()
         if not records:
@@ -275,26 +431,49 @@ class GradientNoiseScale:
                 "meter.update() found no backward pass since the last update: call it once per "
                 "optimizer step, after loss.backward() and before optimizer.zero_grad()"
             )
-        big_sq = self._recorder.accumulated_sq_norms()
-        if self.method == "microbatch":
-            sizes = self._microbatch_sizes(len(records), batch_size, microbatch_sizes)
-            stats = self._microbatch(records, sizes, big_sq)
+        big_sq = self._big_sq(len(records))
+        if self.method == "per_example":
+            self._per_example(records, batch_size, big_sq)
         else:
-            sizes = [int(r.per_example.shape[0]) for r in records if r.per_example is not None]
-            if batch_size is not None and batch_size != sum(sizes):
-                raise ValueError(
-                    f"batch_size={batch_size} but the per-example hooks saw {sum(sizes)} examples "
-                    f"(dim 0 of the layer inputs) in {len(records)} backward pass(es)"
+            sizes = self._microbatch_sizes(len(records), batch_size, microbatch_sizes)
+            self._microbatch(records, sizes, big_sq)
+        if len(self._pending) >= _MAX_PENDING:
+            self._settle()
+
+    def _big_sq(self, backward_passes: int) -> torch.Tensor:
+        """``[C]`` squared norms of the step's big gradient (AMP scale removed)."""
+        if self._hook is not None:
+            sq, syncs = self._hook.pop()
+            if sq is None:
+                raise nsdist.DistributedSetupError(
+                    "no DDP gradient all-reduce ran since the last update(): every micro-step was "
+                    "inside model.no_sync(), so .grad holds this rank's gradient only. Run the last "
+                    "micro-step of each optimizer step outside no_sync()."
                 )
-            stats = self._per_example(records, sizes, big_sq)
-        examples = sum(sizes)
-        g = torch.cat([stats.grad_norm_sq, stats.grad_norm_sq.sum(0, keepdim=True)])
-        s = torch.cat([stats.trace_sigma, stats.trace_sigma.sum(0, keepdim=True)])
-        beta = decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=examples)
-        self._state, finite = ema_update(self._state, g, s, beta)
-        self._skipped += (~finite).to(torch.int64)
-        self._steps += 1
-        self._examples += examples
+            if syncs > 1:
+                warnings.warn(
+                    f"DDP all-reduced the gradients in {syncs} of the {backward_passes} backward passes of "
+                    "this step: the forward pass of a non-final micro-step ran outside model.no_sync() "
+                    "(DDP decides at forward time), so each micro-step paid a full all-reduce. The noise "
+                    "scale is still right (noisescale records each backward's own gradient), but put the "
+                    "forward AND the backward inside `with model.no_sync():`.",
+                    stacklevel=3,
+                )
+            return sq
+        if self._snapshot_handle is not None:
+            if self._snapshot is None:
+                raise RuntimeError("no gradient snapshot: the backward pass did not finish")
+            sq, self._snapshot = self._snapshot, None
+            return sq
+        return self._recorder.accumulated_sq_norms()
+
+    def _queue_snapshot(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Multi-grad hook: read the accumulated ``.grad`` once this backward has finished."""
+        del grads
+        torch.autograd.Variable._execution_engine.queue_callback(self._take_snapshot)  # type: ignore[attr-defined]
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = self._recorder.accumulated_sq_norms()
 
     def _microbatch_sizes(
         self, k: int, batch_size: int | None, microbatch_sizes: Iterable[int] | None
@@ -305,7 +484,7 @@ class GradientNoiseScale:
                 raise ValueError(f"got {len(sizes)} microbatch_sizes for {k} backward passes")
             return sizes
         if batch_size is None:
-            raise ValueError("method='microbatch' needs update(batch_size=...) or microbatch_sizes=...")
+            raise ValueError(f"method={self.method!r} needs update(batch_size=...) or microbatch_sizes=...")
         if batch_size % k:
             raise ValueError(
                 f"batch_size={batch_size} is not divisible by the {k} backward passes seen: pass "
@@ -313,43 +492,103 @@ class GradientNoiseScale:
             )
         return [batch_size // k] * k
 
-    def _microbatch(
-        self, records: list[MicrobatchRecord], sizes: list[int], big_sq: torch.Tensor
-    ) -> NoiseStats:
-        """Undo the loss conventions: record i holds |c_i g_i|^2, .grad holds sum_i c_i g_i."""
+    def _microbatch(self, records: list[MicrobatchRecord], sizes: list[int], big_sq: torch.Tensor) -> None:
+        """Undo the loss conventions: record i holds |c_i g_i|^2, .grad holds sum_i c_i g_i (/ W)."""
         k = len(records)
-        c = torch.tensor(
-            [
+        if self.accumulation == "example_mean":  # sum over the examples / all examples of the step
+            factors = [b / sum(sizes) for b in sizes]  # under DDP: fixed in _settle from every rank's sizes
+        else:
+            factors = [
                 (b if self.reduction == "sum" else 1.0) / (k if self.accumulation == "mean" else 1.0)
                 for b in sizes
-            ],
-            dtype=torch.float64,
-        )
-        b = torch.tensor(sizes, dtype=torch.float64)
-        b_big = effective_batch_size(c, b)
-        small = torch.stack([r.sq_norms for r in records]) / c.square().to(big_sq.device)[:, None]
-        return microbatch_stats(
-            small, b.to(big_sq.device), big_sq / float(c.sum()) ** 2, b_big.to(big_sq.device)
-        )
+            ]
+        c = torch.tensor(factors, dtype=torch.float64, device=self._device)
+        b = torch.tensor(sizes, dtype=torch.float64, device=self._device)
+        sq = torch.stack([r.sq_norms for r in records])
+        if self._hook is not None and k * self.world_size < 2:  # raise now, not when the step settles
+            raise SingleMicrobatchError(
+                "one process with one backward pass per step: the ddp method needs W x micro-batches "
+                ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
+            )
+        if self._hook is None:
+            self._fold(_weighted_microbatch(sq, b, c, big_sq, c), sum(sizes))
+            return
+        rows = torch.cat([sq, b[:, None], c[:, None]], dim=1)  # [m, C + 2]
+        work, outputs = nsdist.gather_rows(rows, self._process_group)
+        self._pending.append(("microbatch", work, outputs, big_sq))
 
     def _per_example(
-        self, records: list[MicrobatchRecord], sizes: list[int], big_sq: torch.Tensor
-    ) -> NoiseStats:
+        self, records: list[MicrobatchRecord], batch_size: int | None, big_sq: torch.Tensor
+    ) -> None:
         """Record i holds |a_i g_n|^2 per example, with a_i the loss factor of micro-batch i."""
+        sizes = [int(r.per_example.shape[0]) for r in records if r.per_example is not None]
+        if batch_size is not None and batch_size != sum(sizes):
+            raise ValueError(
+                f"batch_size={batch_size} but the per-example hooks saw {sum(sizes)} examples "
+                f"(dim 0 of the layer inputs) in {len(records)} backward pass(es)"
+            )
         k = len(records)
-        a = [
-            (1.0 / n if self.reduction == "mean" else 1.0) / (k if self.accumulation == "mean" else 1.0)
-            for n in sizes
-        ]
-        total = sum(sizes)
+        if self.accumulation == "example_mean":  # under DDP: rescaled in _settle by every rank's count
+            a = [1.0 / sum(sizes)] * k
+        else:
+            a = [
+                (1.0 / n if self.reduction == "mean" else 1.0) / (k if self.accumulation == "mean" else 1.0)
+                for n in sizes
+            ]
+        if self._hook is not None and self.accumulation == "example_mean":
+            a = [1.0] * k  # raw sums: the factor W / N_all is known once every rank's count is in
         sum_sq = sum(r.per_example.sum(0) / ai**2 for r, ai in zip(records, a, strict=True))  # type: ignore[union-attr]
         weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
-        b_big = weight**2 / sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
-        return per_example_stats(sum_sq / total, big_sq / weight**2, b_big)
+        weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
+        if self._hook is None:
+            total = sum(sizes)
+            self._fold(per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2), total)
+            return
+        tail = torch.tensor([sum(sizes), weight, weight2], dtype=torch.float64, device=self._device)
+        sums = torch.cat([sum_sq.to(torch.float64), tail])  # [C + 3], additive over ranks
+        work = nsdist.reduce_sums(sums, self._process_group)
+        self._pending.append(("per_example", work, [sums], big_sq))
+
+    def _settle(self) -> None:
+        """Wait for the steps' collectives (already started on every rank) and fold them in, in order."""
+        pending, self._pending = self._pending, []
+        n, w = self._series.shape[1], float(self.world_size)
+        for kind, work, outputs, big_sq in pending:
+            work.wait()
+            if kind == "microbatch":
+                rows = torch.cat(outputs)  # [W m, C + 2], rank-major
+                sizes = rows[:, n]
+                examples = sizes.sum()
+                c = rows[:, n + 1]
+                if self.accumulation == "example_mean":  # the loss was sum / N_all * W on each rank
+                    c = sizes * w / examples
+                stats = _weighted_microbatch(rows[:, :n], sizes, c, big_sq, c / w)
+            else:
+                sums = outputs[0]  # [C + 3]
+                examples, weight, weight2 = sums[n], sums[n + 1] / w, sums[n + 2] / w**2
+                sum_sq = sums[:n]
+                if self.accumulation == "example_mean":  # each example's factor was W / N_all
+                    sum_sq = sum_sq * (examples / w).square()
+                    weight, weight2 = torch.ones_like(examples), 1.0 / examples
+                stats = per_example_stats(
+                    sum_sq / examples, big_sq / weight.square(), weight.square() / weight2
+                )
+            self._fold(stats, round(float(examples)))
+
+    def _fold(self, stats: NoiseStats, examples: int) -> None:
+        """Sum the cells into series (groups, param groups, total) and average them."""
+        g = self._series @ stats.grad_norm_sq.to(torch.float64)
+        s = self._series @ stats.trace_sigma.to(torch.float64)
+        beta = decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=examples)
+        self._state, finite = ema_update(self._state, g, s, beta)
+        self._skipped += (~finite).to(torch.int64)
+        self._steps += 1
+        self._examples += examples
 
     # -- results -------------------------------------------------------------------------------
     def compute(self) -> NoiseScaleEstimate:
         """B_simple with its interval, total and per group (one host synchronisation)."""
+        self._settle()
         iv = b_simple_interval(self._state, self.confidence)
 
         def group(j: int) -> GroupEstimate:
@@ -363,7 +602,8 @@ class GradientNoiseScale:
                 resolved=resolved,
             )
 
-        total = group(len(self.group_names))
+        m = len(self.group_names)
+        total = group(self._series.shape[0] - 1)
         return NoiseScaleEstimate(
             *total,
             steps=self._steps,
@@ -371,4 +611,5 @@ class GradientNoiseScale:
             skipped_steps=int(self._skipped),
             n_eff=float(iv.n_eff[-1]) if self._steps else 0.0,
             groups={name: group(j) for j, name in enumerate(self.group_names)},
+            param_groups={name: group(m + i) for i, name in enumerate(self.param_group_names)},
         )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from noisescale import distributed as nsdist
 from noisescale.tasks import Task
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
     "train_loss",
 ]
 
-METHODS = ("per_example", "microbatch")
+METHODS = ("per_example", "microbatch", "ddp")
 _TRAIN_SUBSET_SEED = 0  # fixed subset on which train_loss() is computed
 _TRAIN_SUBSET_SIZE = 10_000
 
@@ -269,13 +270,21 @@ class Trainer:
         (1, 16)
     """
 
-    def __init__(self, task: Task, config: TrainConfig) -> None:
+    def __init__(self, task: Task, config: TrainConfig, *, dist: nsdist.DistInfo | None = None) -> None:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        if dist is not None and config.microbatches % dist.world_size:
+            raise ValueError(
+                f"{config.microbatches} micro-batches cannot be shared by {dist.world_size} processes: "
+                "use a multiple of the number of processes (--microbatches)"
+            )
         self.task = task
         self.config = config
-        self.model = task.make_model(config.seed).to(config.device)
+        self.dist = dist
+        self.model: nn.Module = task.make_model(config.seed).to(config.device)  # same weights on every rank
         self.model.train()
+        if dist is not None:
+            self.model = nsdist.wrap_ddp(self.model, dist)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum)
         self.meter = (
             None
@@ -302,13 +311,21 @@ class Trainer:
         cfg, k = self.config, self.config.microbatches
         x, y = self.task.sample_batch(cfg.batch_size, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+        if self.dist is not None:  # this rank's share: global micro-batches r m .. r m + m - 1
+            x, y = nsdist.shard_batch(x, y, rank=self.dist.rank, world_size=self.dist.world_size)
+            k //= self.dist.world_size
         loss_sum = torch.zeros((), device=cfg.device)
-        for xb, yb in zip(x.chunk(k), y.chunk(k), strict=True):  # k equal micro-batches
-            loss = self.task.loss_fn(self.model(xb), yb)  # mean over the micro-batch
-            (loss / k).backward()
+        micro = list(zip(x.tensor_split(k), y.tensor_split(k), strict=True))  # k equal micro-batches
+        for i, (xb, yb) in enumerate(micro):
+            with nsdist.grad_sync(self.model, last=i == k - 1):  # DDP: all-reduce on the last only
+                loss = self.task.loss_fn(self.model(xb), yb)  # mean over the micro-batch
+                (loss / k).backward()
             loss_sum += loss.detach()
-        if self.meter is not None:
-            self.meter.update(batch_size=cfg.batch_size)  # before the optimizer changes the gradients
+        if self.meter is not None:  # before the optimizer changes the gradients; this rank's sizes
+            self.meter.update(microbatch_sizes=[len(yb) for _, yb in micro])
+        if self.dist is not None:  # the mean loss of the global batch (equal shares)
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= self.dist.world_size
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -368,6 +385,7 @@ def train(
     *,
     callback: Callable[[StepRecord], None] | None = None,
     stop: Callable[[StepRecord, Trainer], bool] | None = None,
+    dist: nsdist.DistInfo | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``config.steps`` steps, or until ``stop`` returns True.
 
@@ -384,7 +402,7 @@ def train(
     records: list[StepRecord] = []
     stopped = False
     start = time.perf_counter()
-    with Trainer(task, config) as trainer:
+    with Trainer(task, config, dist=dist) as trainer:
         for _ in range(config.steps):
             record = trainer.step()
             records.append(record)
@@ -395,7 +413,7 @@ def train(
                 break
         last = records[-1].estimate if records else None
         estimate = last if last is not None else trainer.estimate()
-        model = trainer.model
+        model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
     return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped)
 
 

@@ -42,6 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 import noisescale
+from noisescale import distributed as nsdist
 from noisescale.errors import NoiseScaleError
 from noisescale.io import write_json, write_jsonl
 from noisescale.plotting import plot_run
@@ -59,6 +60,7 @@ class MethodName(str, enum.Enum):
 
     per_example = "per-example"
     microbatch = "microbatch"
+    ddp = "ddp"
 
 
 def _fmt(x: float | None, missing: str = "n/a") -> str:
@@ -75,7 +77,9 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _run_with_progress(task: Task, config: TrainConfig, console: Console, show: bool) -> TrainResult:
+def _run_with_progress(
+    task: Task, config: TrainConfig, console: Console, show: bool, dist: nsdist.DistInfo | None = None
+) -> TrainResult:
     """Train with a rich progress bar showing the loss and the current B_simple."""
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -92,7 +96,7 @@ def _run_with_progress(task: Task, config: TrainConfig, console: Console, show: 
             b = "not resolved" if est is None or est.b_simple is None else _fmt(est.b_simple)
             progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b)
 
-        return train(task, config, callback=on_step)
+        return train(task, config, callback=on_step, dist=dist)
 
 
 def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: float) -> dict[str, Any]:
@@ -107,6 +111,7 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "task": task.name,
         "unit": task.unit,
         "method": config.method,
+        "world_size": nsdist.world_size(),
         "batch_size": config.batch_size,
         "microbatches": config.microbatches,
         "lr": config.lr,
@@ -222,8 +227,12 @@ def _table(summary: dict[str, Any]) -> Table:
 def measure(
     task: Annotated[TaskName, typer.Option(help="Built-in task to train.")] = _DEFAULT_TASK,
     method: Annotated[
-        MethodName, typer.Option(help="per-example: exact per-example norms; microbatch: k-way estimator.")
-    ] = MethodName.per_example,
+        MethodName | None,
+        typer.Option(
+            help="per-example: exact per-example norms; microbatch: k-way estimator; ddp: k-way over "
+            "replicas x micro-batches (default under torchrun; else per-example)."
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step (default: the task's).")] = None,
     microbatches: Annotated[
         int | None,
@@ -247,12 +256,14 @@ def measure(
     Example: noisescale measure --task linreg --steps 500 --out runs/linreg
     """
     start = time.perf_counter()
+    info = nsdist.init_from_env()  # torchrun with >= 2 processes: DDP over gloo (CPU) or nccl
+    chosen = method.value if method is not None else ("ddp" if info is not None else "per-example")
     try:
         torch.set_num_threads(threads)
         the_task = get_task(task.value)
         config = TrainConfig.for_task(
             the_task,
-            method=method.value,
+            method=chosen,
             batch_size=batch_size,
             microbatches=microbatches,
             lr=lr,
@@ -269,10 +280,16 @@ def measure(
     except (ValueError, RuntimeError) as exc:  # a bad option
         raise _fail(str(exc), 2) from None
     try:
-        result = _run_with_progress(the_task, config, Console(stderr=True), progress)
+        result = _run_with_progress(
+            the_task, config, Console(stderr=True), progress and nsdist.is_rank_zero(), info
+        )
     except NoiseScaleError as exc:  # e.g. a layer without a per-example kernel
         raise _fail(str(exc), 1) from None
+    if not nsdist.is_rank_zero():  # rank 0 alone evaluates (the unwrapped model), writes and prints
+        nsdist.close()
+        return
     out_dir = out if out is not None else Path("runs") / the_task.name
     summary = _write_outputs(the_task, config, result, out_dir, start)
     Console().print(_table(summary))
     Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png")
+    nsdist.close()

@@ -1,0 +1,80 @@
+"""Drop-in integrations: Lightning, the Hugging Face Trainer and TensorBoard (optional extras).
+
+Each framework is imported only when its module is::
+
+    from noisescale.integrations.lightning import NoiseScaleCallback       # noisescale[lightning]
+    from noisescale.integrations.huggingface import NoiseScaleCallback     # noisescale[hf]
+    from noisescale.integrations.tensorboard import NoiseScaleWriter       # noisescale[tensorboard]
+
+Every integration logs the same scalars, named by :func:`estimate_scalars`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from noisescale.meter import GroupEstimate, NoiseScaleEstimate
+
+__all__ = ["estimate_scalars", "require"]
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import an optional framework, or fail with the install command.
+
+    Raises:
+        ImportError: naming ``pip install 'noisescale[<extra>]'``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"this noisescale integration needs {module!r}, which is not installed: "
+            f"pip install 'noisescale[{extra}]'"
+        ) from exc
+
+
+def _part(out: dict[str, float], key: str, est: GroupEstimate | NoiseScaleEstimate) -> None:
+    """B_simple only when resolved-enough to be a number; |G|^2 and tr(Sigma) always."""
+    if est.b_simple is not None:
+        out[f"{key}b_simple"] = est.b_simple
+    out[f"{key}grad_norm_sq"] = est.grad_norm_sq
+    out[f"{key}trace_sigma"] = est.trace_sigma
+
+
+def estimate_scalars(
+    estimate: NoiseScaleEstimate, prefix: str = "noise_scale", *, groups: bool = True
+) -> dict[str, float]:
+    """Flat ``{name: value}`` scalars of an estimate, for any logger.
+
+    ``<prefix>/b_simple`` (examples; absent while |G|^2 is not positive, never a huge
+    number), ``<prefix>/b_simple_low`` and ``_high`` (interval, only when resolved),
+    ``<prefix>/grad_norm_sq``, ``<prefix>/trace_sigma``, ``<prefix>/resolved`` (0 or 1),
+    and with ``groups`` the same three per module (``<prefix>/module/<name>/...``) and per
+    optimizer parameter group (``<prefix>/param_group/<name>/...``).
+
+    Example:
+        >>> import torch
+        >>> from noisescale import GradientNoiseScale
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1)
+        >>> meter = GradientNoiseScale(model, method="microbatch")
+        >>> for xb in torch.randn(2, 4, 3):
+        ...     (model(xb).square().mean() / 2).backward()
+        >>> meter.update(8)
+        >>> sorted(estimate_scalars(meter.compute()))[:3]
+        ['noise_scale/b_simple', 'noise_scale/grad_norm_sq', 'noise_scale/module/model/b_simple']
+    """
+    out: dict[str, float] = {}
+    _part(out, f"{prefix}/", estimate)
+    if estimate.b_simple_ci is not None:
+        out[f"{prefix}/b_simple_low"], out[f"{prefix}/b_simple_high"] = estimate.b_simple_ci
+    out[f"{prefix}/resolved"] = float(estimate.resolved)
+    if groups:
+        for name, est in estimate.groups.items():
+            _part(out, f"{prefix}/module/{name}/", est)
+        for name, est in estimate.param_groups.items():
+            _part(out, f"{prefix}/param_group/{name}/", est)
+    return out

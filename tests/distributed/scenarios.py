@@ -1,0 +1,195 @@
+"""Training loops run both under DDP (one process per replica) and in one process.
+
+Each scenario trains the same float64 MLP on the same oracle data, split the same way:
+the global batch of a step is cut into W contiguous rank shards, each into m
+micro-batches (:func:`noisescale.distributed.shard_batch`), so that the single process
+sees the same ``k = W m`` micro-batches in rank-major order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from noisescale import GradientNoiseScale
+from noisescale import distributed as nsdist
+from tests import oracle
+
+WORLD = 2
+STEPS = 10
+PER_EXAMPLE_AVAILABLE = importlib.util.find_spec("noisescale.per_example") is not None
+
+# name -> (global batch per step, micro-batches per rank, options)
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "one-microbatch": {"batch": 16, "m": 1},
+    "accumulation": {"batch": 24, "m": 3},
+    "grad-scaler": {"batch": 16, "m": 2, "scaler": True},
+    "uneven-final-batch": {"batch": 29, "m": 2, "sizes": [32, 32, 29]},
+    "sum-reduction": {"batch": 29, "m": 2, "reduction": "sum"},
+    # DDP divides by W, one process does not: with lr = 0 both measure at the same weights.
+    "sum-accumulation": {"batch": 29, "m": 2, "reduction": "sum", "accumulation": "sum", "lr": 0.0},
+    # Losses summed over examples / all examples of the step (x W under DDP): HF Trainer's tokens.
+    "example-mean": {"batch": 29, "m": 2, "accumulation": "example_mean", "sizes": [29, 31, 16]},
+    "param-groups": {"batch": 16, "m": 2, "optimizer_groups": True},
+    "clip-before-update": {"batch": 16, "m": 2, "clip": True},
+    "inner-hook": {"batch": 16, "m": 2, "inner_hook": True},
+    "forward-outside-no-sync": {"batch": 16, "m": 2, "mode": "forward_outside"},
+}
+if PER_EXAMPLE_AVAILABLE:
+    SCENARIOS["per-example"] = {"batch": 16, "m": 1, "method": "per_example"}
+    SCENARIOS["per-example-accumulation"] = {"batch": 18, "m": 2, "method": "per_example"}
+    SCENARIOS["per-example-example-mean"] = {
+        "batch": 29,
+        "m": 2,
+        "method": "per_example",
+        "accumulation": "example_mean",
+    }
+
+
+def make_model() -> nn.Module:
+    """Two layers computing the oracle's x.delta at the start, so |G|^2 is large and resolves quickly."""
+    model = nn.Sequential(nn.Linear(5, 5, dtype=torch.float64), nn.Linear(5, 1, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(5, dtype=torch.float64))
+        model[0].bias.zero_()
+        model[1].weight.copy_(oracle.DELTA)
+        model[1].bias.zero_()
+    return model
+
+
+def microbatches(step: int, batch: int, ranks: list[int], m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The micro-batches of ``ranks`` at ``step``, rank-major (all ranks: the single-process split)."""
+    x, y = oracle.sample_xy((batch,), torch.Generator().manual_seed(1000 + step))
+    out = []
+    for r in ranks:
+        xr, yr = nsdist.shard_batch(x, y, rank=r, world_size=WORLD)
+        out += list(zip(xr.tensor_split(m), yr.tensor_split(m), strict=True))
+    return out
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    per_example = 0.5 * (model(x).squeeze(-1) - y).square()
+    return per_example.mean() if reduction == "mean" else per_example.sum()
+
+
+def _optimizer(model: nn.Module, grouped: bool, lr: float) -> torch.optim.Optimizer:
+    params = list(nsdist.unwrap_model(model).parameters())
+    if not grouped:
+        return torch.optim.SGD(params, lr=lr)
+    weights = [p for p in params if p.dim() > 1]
+    biases = [p for p in params if p.dim() == 1]
+    return torch.optim.SGD(
+        [{"params": weights, "name": "weights"}, {"params": biases, "name": "biases", "lr": 0.02}], lr=0.05
+    )
+
+
+def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str, Any]:
+    """Train STEPS steps; ``ranks`` = [rank] under DDP, all ranks in one process."""
+    m_local = spec["m"]
+    k = m_local * len(ranks)  # backward passes per step in this process
+    reduction, accumulation = spec.get("reduction", "mean"), spec.get("accumulation", "mean")
+    opt = _optimizer(model, spec.get("optimizer_groups", False), spec.get("lr", 0.01))
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if spec.get("scaler") else None
+    inner = None
+    if spec.get("inner_hook") and ddp:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        inner = (None, default_hooks.allreduce_hook)
+    meter = GradientNoiseScale(
+        model,
+        method=spec.get("method", "microbatch"),
+        reduction=reduction,
+        accumulation=accumulation,
+        ema_decay=1.0,
+        scaler=scaler,
+        optimizer=opt if spec.get("optimizer_groups") else None,
+        comm_hook=inner,
+        # Clipping before update(): DDP reads the big batch in its comm hook; one process
+        # needs the end-of-backward snapshot.
+        read_grad="after_backward" if spec.get("clip") and not ddp else "at_update",
+    )
+    sizes_per_step = spec.get("sizes", [spec["batch"]] * STEPS)
+    caught: list[str] = []
+    for step in range(STEPS):
+        global_batch = sizes_per_step[step % len(sizes_per_step)]
+        mbs = microbatches(step, global_batch, ranks, m_local)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for i, (xb, yb) in enumerate(mbs):
+                last = i == len(mbs) - 1
+                if spec.get("mode") == "forward_outside":
+                    loss = _loss(model, xb, yb, reduction)  # DDP decides to sync here
+                    ctx = nsdist.grad_sync(model, last=last)
+                else:
+                    ctx = contextlib.nullcontext()
+                with nsdist.grad_sync(model, last=last), ctx:
+                    if spec.get("mode") != "forward_outside":
+                        loss = _loss(model, xb, yb, reduction)
+                    if accumulation == "mean":
+                        loss = loss / k
+                    elif accumulation == "example_mean":  # sum / all examples of the step, x W for DDP
+                        loss = _loss(model, xb, yb, "sum") * (WORLD if ddp else 1) / global_batch
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+            if spec.get("clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            sizes = [len(yb) for _, yb in mbs]
+            meter.update(microbatch_sizes=sizes if spec.get("method") != "per_example" else None)
+        caught += [str(x.message) for x in w]
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update(new_scale=[2.0**3, 2.0**17, 1.0][step % 3])
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"estimate": meter.compute().to_dict(), "method": meter.method, "warnings": caught}
+
+
+def run_single(name: str) -> dict[str, Any]:
+    """The reference: one process, all W m micro-batches."""
+    return train(SCENARIOS[name], make_model(), list(range(WORLD)))
+
+
+def _expect_error(fn: Any) -> str:
+    try:
+        fn()
+    except nsdist.DistributedSetupError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _all_no_sync(info: nsdist.DistInfo) -> str:
+    model = nsdist.wrap_ddp(make_model(), info)
+    meter = GradientNoiseScale(model, method="ddp")
+    for xb, yb in microbatches(0, 16, [info.rank], 2):
+        with model.no_sync():
+            _loss(model, xb, yb, "mean").backward()
+    return _expect_error(lambda: meter.update(16))
+
+
+def _fully_sharded() -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model)
+    return _expect_error(lambda: GradientNoiseScale(model, method="microbatch"))
+
+
+def worker() -> dict[str, Any]:
+    """Every scenario on this rank, under DDP; plus the misuse checks."""
+    info = nsdist.init_from_env()
+    assert info is not None and info.world_size == WORLD and info.backend == "gloo"
+    out: dict[str, Any] = {"rank": info.rank, "rank_zero": nsdist.is_rank_zero()}
+    for name, spec in SCENARIOS.items():
+        out[name] = train(spec, nsdist.wrap_ddp(make_model(), info), [info.rank])
+    out["all-no-sync"] = _all_no_sync(info)
+    out["fully-shard"] = _fully_sharded()
+    dist.barrier()
+    dist.destroy_process_group()
+    return out

@@ -1,0 +1,87 @@
+"""DDP on 2 gloo processes equals one process on the same micro-batches (float64).
+
+Tolerance: the DDP and single-process runs do the same float64 arithmetic in a
+different order (all-reduce sums, per-rank accumulation), so they agree to about
+1e-15 relative per step; over a few SGD steps 1e-10 is ample and still far below any
+statistical difference (a different split changes the estimate at the 1e-1 level).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.distributed import scenarios
+from tests.distributed.harness import run_spawned
+
+pytestmark = pytest.mark.distributed
+REL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One spawn of 2 processes runs every scenario (process start-up dominates the cost)."""
+    return run_spawned(scenarios.worker, scenarios.WORLD, Path(tmp_path_factory.mktemp("ddp")))
+
+
+def _same(got: Any, ref: Any) -> bool:
+    """Equal to REL, or both None (not resolved)."""
+    return got is None if ref is None else got == pytest.approx(ref, rel=REL)
+
+
+def _close(got: dict[str, Any], ref: dict[str, Any]) -> None:
+    for key in ("grad_norm_sq", "trace_sigma", "b_simple", "b_simple_se", "b_simple_ci"):
+        assert _same(got[key], ref[key]), (key, got[key], ref[key])
+    assert got["examples"] == ref["examples"]
+    assert got["steps"] == ref["steps"]
+    for part in ("groups", "param_groups"):
+        assert got[part].keys() == ref[part].keys()
+        for name in ref[part]:
+            assert got[part][name]["trace_sigma"] == pytest.approx(ref[part][name]["trace_sigma"], rel=REL)
+            assert got[part][name]["grad_norm_sq"] == pytest.approx(ref[part][name]["grad_norm_sq"], rel=REL)
+
+
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+def test_ddp_equals_single_process_microbatches(ranks: list[dict[str, Any]], name: str) -> None:
+    ref = scenarios.run_single(name)
+    got = ranks[0][name]
+    _close(got["estimate"], ref["estimate"])
+    assert ranks[1][name]["estimate"] == got["estimate"]  # every rank holds the same numbers
+    expected = "per_example" if name.startswith("per-example") else "ddp"
+    assert got["method"] == expected
+    if name != "forward-outside-no-sync":
+        assert got["warnings"] == []
+
+
+def test_forward_outside_no_sync_warns(ranks: list[dict[str, Any]]) -> None:
+    caught = ranks[0]["forward-outside-no-sync"]["warnings"]
+    assert len(caught) == scenarios.STEPS
+    assert "all-reduced the gradients in 2 of the 2 backward passes" in caught[0]
+    assert "no_sync" in caught[0]
+
+
+def test_every_microstep_under_no_sync_is_an_error(ranks: list[dict[str, Any]]) -> None:
+    assert "no DDP gradient all-reduce ran" in ranks[0]["all-no-sync"]
+    assert "outside no_sync()" in ranks[1]["all-no-sync"]
+
+
+def test_fully_shard_is_refused_clearly(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        assert "FSDP" in r["fully-shard"] and "DistributedDataParallel" in r["fully-shard"]
+
+
+def test_rank_zero_and_env(ranks: list[dict[str, Any]]) -> None:
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["rank_zero"] for r in ranks] == [True, False]
+
+
+def test_modules_and_param_groups_are_both_mediants(ranks: list[dict[str, Any]]) -> None:
+    est = ranks[0]["param-groups"]["estimate"]
+    assert set(est["param_groups"]) == {"weights", "biases"}
+    for part in ("groups", "param_groups"):
+        g = sum(v["grad_norm_sq"] for v in est[part].values())
+        s = sum(v["trace_sigma"] for v in est[part].values())
+        assert est["grad_norm_sq"] == pytest.approx(g, rel=1e-12)
+        assert est["trace_sigma"] == pytest.approx(s, rel=1e-12)

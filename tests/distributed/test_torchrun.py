@@ -1,0 +1,43 @@
+"""examples/torchrun_ddp.py under ``torchrun --standalone --nproc_per_node=2``: rank 0 alone reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_torchrun_example_uses_the_ddp_method() -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "examples" / "torchrun_ddp.py"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("method=")]
+    assert len(lines) == 1  # rank 0 only
+    assert lines[0].startswith("method=ddp world_size=2 B_simple=")
+
+
+def test_ddp_overhead_benchmark_runs(tmp_path: Path) -> None:
+    """The benchmark's smallest configuration runs and writes its JSON (no timing asserted)."""
+    out = tmp_path / "ddp_overhead.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ddp_overhead.py"), "--width", "32", "--batch", "8",
+           "--steps", "2", "--repeats", "2", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for clock in ("wall", "cpu"):
+        assert set(result[clock]["median_step_s"]) == {"plain", "noisescale"}
+        assert result[clock]["ratio_of_medians"] > 0
+    assert "ratio of medians" in done.stdout
