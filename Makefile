@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean fashion-mnist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: $(STAMP)
 	@# Idle OpenMP threads sleep instead of spinning: small models on a busy 2-core machine ran 5-10x slower.
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/noisescale measure --task mnist --out runs/mnist
 
-test: $(TEST_STAMP)
+# Fashion-MNIST is Debian's package (the loader tests read it); needs root or sudo once.
+fashion-mnist:
+	@[ -d /usr/share/datasets/fashion-mnist ] || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+
+test: $(TEST_STAMP) fashion-mnist
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
 lint: $(TEST_STAMP)
