@@ -29,7 +29,7 @@ from torch import nn
 if TYPE_CHECKING:
     from noisescale.per_example import PerExampleNorms
 
-__all__ = ["GradientRecorder", "MicrobatchRecord"]
+__all__ = ["GradientRecorder", "MicrobatchRecord", "squared_norms"]
 
 
 @dataclass
@@ -38,6 +38,17 @@ class MicrobatchRecord:
 
     sq_norms: torch.Tensor  # [G] squared norm of this backward's gradient contribution
     per_example: torch.Tensor | None  # [N, G] squared norms of each example's contribution
+
+
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[P]`` float64 squared L2 norms of ``P`` tensors: one fused kernel, no host sync.
+
+    The norms are taken in at least float32 and squared in float64, so float16
+    gradients with norms above 256 do not overflow.
+    """
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(list(tensors), dtype=dtype)  # type: ignore[misc]
+    return torch.stack(norms).to(torch.float64).square()
 
 
 def _amp_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
@@ -84,18 +95,16 @@ class GradientRecorder:
         self.records: list[MicrobatchRecord] = []
         self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._on_backward)
 
-    def _group_sum(self, sq: list[torch.Tensor], present: list[int]) -> torch.Tensor:
-        """Sum per-parameter squared norms into ``[G]`` group totals (float64)."""
-        idx = self.group_index.to(sq[0].device)[present]
-        out = torch.zeros(self.n_groups, dtype=torch.float64, device=sq[0].device)
-        return out.index_add_(0, idx, torch.stack(sq).to(torch.float64))
+    def _group_sum(self, sq: torch.Tensor, present: list[int]) -> torch.Tensor:
+        """Sum ``[P']`` per-parameter squared norms into ``[G]`` group totals (float64)."""
+        idx = self.group_index.to(sq.device)[present]
+        return torch.zeros(self.n_groups, dtype=torch.float64, device=sq.device).index_add_(0, idx, sq)
 
     def _squared_norms(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             return None
-        norms = torch._foreach_norm([grads[i] for i in present])  # type: ignore[misc]
-        return self._group_sum([n.square() for n in norms], present)
+        return self._group_sum(squared_norms([grads[i] for i in present]), present)
 
     def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
         sq = self._squared_norms(grads)
@@ -118,8 +127,7 @@ class GradientRecorder:
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not present:
             raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
-        norms = torch._foreach_norm([self.params[i].grad for i in present])  # type: ignore[misc]
-        sq = self._group_sum([n.square() for n in norms], present)
+        sq = self._group_sum(squared_norms([self.params[i].grad for i in present]), present)  # type: ignore[misc]
         scale = _amp_scale(self.scaler)
         if scale is not None and not _amp_unscaled(self.scaler):
             sq = sq / scale.to(torch.float64).square()

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisescale.collect import _amp_scale
+from noisescale.collect import _amp_scale, squared_norms
 from noisescale.errors import NoiseScaleError
 
 __all__ = [
@@ -374,8 +374,7 @@ class NoiseScaleCommHook:
             return None, syncs
         out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self._device)
         for index, numels, flat in parts:
-            norms = torch._foreach_norm(list(flat.split(numels)))  # type: ignore[misc]
-            out.index_add_(0, index, torch.stack(norms).to(torch.float64).square())
+            out.index_add_(0, index, squared_norms(flat.split(numels)))
         if self._scale is not None:
             out = out / self._scale.to(torch.float64).square()
         return out[: self.n_groups], syncs

@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -69,12 +70,18 @@ def _opt(x: torch.Tensor) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _check_count(name: str, value: object) -> None:
+    """Raise unless ``value`` is a positive integer (a number of examples)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer (examples) but got {value!r}")
+
+
 class GroupEstimate(NamedTuple):
     """B_simple of one parameter group (or of the whole model).
 
-    ``b_simple`` is in examples (the unit the loss is averaged over); None when the
-    averaged |G|^2 is not positive (not resolved). ``b_simple_ci`` is None while the
-    interval is unbounded.
+    ``b_simple`` is in examples (the unit the loss is averaged over). ``b_simple``,
+    ``b_simple_ci`` and ``b_simple_se`` are None while not resolved: the averaged |G|^2
+    is not significantly positive, so the interval is unbounded.
     """
 
     b_simple: float | None
@@ -478,11 +485,17 @@ class GradientNoiseScale:
     def _microbatch_sizes(
         self, k: int, batch_size: int | None, microbatch_sizes: Iterable[int] | None
     ) -> list[int]:
+        if batch_size is not None:
+            _check_count("batch_size", batch_size)
         if microbatch_sizes is not None:
-            sizes = [int(b) for b in microbatch_sizes]
+            sizes = list(microbatch_sizes)
+            for b in sizes:
+                _check_count("microbatch_sizes", b)
             if len(sizes) != k:
                 raise ValueError(f"got {len(sizes)} microbatch_sizes for {k} backward passes")
-            return sizes
+            if batch_size is not None and batch_size != sum(sizes):
+                raise ValueError(f"batch_size={batch_size} but microbatch_sizes sum to {sum(sizes)}")
+            return [int(b) for b in sizes]
         if batch_size is None:
             raise ValueError(f"method={self.method!r} needs update(batch_size=...) or microbatch_sizes=...")
         if batch_size % k:
@@ -521,7 +534,15 @@ class GradientNoiseScale:
         self, records: list[MicrobatchRecord], batch_size: int | None, big_sq: torch.Tensor
     ) -> None:
         """Record i holds |a_i g_n|^2 per example, with a_i the loss factor of micro-batch i."""
-        sizes = [int(r.per_example.shape[0]) for r in records if r.per_example is not None]
+        if any(r.per_example is None for r in records):
+            raise RuntimeError(
+                "a backward pass produced parameter gradients but no per-example norms: a parameter "
+                "was used outside the layer that owns it (e.g. `h @ emb.weight.T`). Tie weights through "
+                "a module (`head.weight = emb.weight`) or use method='microbatch'."
+            )
+        sizes = [int(r.per_example.shape[0]) for r in records]  # type: ignore[union-attr]
+        if batch_size is not None:
+            _check_count("batch_size", batch_size)
         if batch_size is not None and batch_size != sum(sizes):
             raise ValueError(
                 f"batch_size={batch_size} but the per-example hooks saw {sum(sizes)} examples "
@@ -594,7 +615,7 @@ class GradientNoiseScale:
         def group(j: int) -> GroupEstimate:
             resolved = bool(iv.resolved[j])
             return GroupEstimate(
-                b_simple=_opt(iv.b_simple[j]),
+                b_simple=_opt(iv.b_simple[j]) if resolved else None,
                 b_simple_ci=(float(iv.low[j]), float(iv.high[j])) if resolved else None,
                 b_simple_se=_opt(iv.se[j]),
                 grad_norm_sq=float(iv.grad_norm_sq[j]) if self._steps else float("nan"),
