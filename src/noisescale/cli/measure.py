@@ -29,6 +29,7 @@ dataset or a bad option prints one line saying what to do and exits with status 
 from __future__ import annotations
 
 import enum
+import os
 import platform
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ from noisescale import distributed as nsdist
 from noisescale.errors import NoiseScaleError
 from noisescale.io import write_json, write_jsonl
 from noisescale.plotting import plot_run
+from noisescale.smoothing import decay_for_step
 from noisescale.tasks import TASK_NAMES, Task, get_task
 from noisescale.training import StepRecord, TrainConfig, TrainResult, evaluate, train, train_loss
 
@@ -68,6 +70,16 @@ def _fmt(x: float | None, missing: str = "n/a") -> str:
     if x is None or x != x:
         return missing
     return f"{x:.4g}"
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` or raise ValueError saying why it cannot hold the results."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out {out_dir}: the folder is not writable")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -132,6 +144,7 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "trace_sigma": est.trace_sigma,
         "resolved": est.resolved,
         "n_eff": est.n_eff,
+        "skipped_steps": est.skipped_steps,  # non-finite gradients (e.g. divergence): never averaged in
         "b_simple_run_mean": run_mean,
         "resolved_steps": len(resolved),
         "loss": train_loss(task, result.model),
@@ -210,6 +223,7 @@ def _table(summary: dict[str, Any]) -> Table:
         ("batch size", f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"),
         ("temperature lr/B", _fmt(summary["temperature"])),
         ("resolved", "yes" if summary["resolved"] else "no"),
+        ("skipped steps (non-finite)", str(summary["skipped_steps"])),
         ("steps / examples", f"{summary['steps']} / {summary['examples']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
     ]
@@ -275,6 +289,14 @@ def measure(
         )
         if config.steps < 1:
             raise ValueError("--steps must be at least 1")
+        if chosen == "ddp" and info is None:
+            raise ValueError(
+                "--method ddp needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 ...)"
+            )
+        decay_for_step(ema_decay=config.ema_decay, ema_examples=config.ema_examples, examples=1.0)
+        out_dir = out if out is not None else Path("runs") / the_task.name
+        if nsdist.is_rank_zero():  # fail now, not after training
+            _check_writable(out_dir)
     except NoiseScaleError as exc:  # a missing dataset
         raise _fail(str(exc), 1) from None
     except (ValueError, RuntimeError) as exc:  # a bad option
@@ -288,7 +310,6 @@ def measure(
     if not nsdist.is_rank_zero():  # rank 0 alone evaluates (the unwrapped model), writes and prints
         nsdist.close()
         return
-    out_dir = out if out is not None else Path("runs") / the_task.name
     summary = _write_outputs(the_task, config, result, out_dir, start)
     Console().print(_table(summary))
     Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png")
