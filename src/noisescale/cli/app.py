@@ -7,6 +7,7 @@ import typer
 from noisescale.cli.fit import fit
 from noisescale.cli.measure import measure
 from noisescale.cli.predict import predict
+from noisescale.cli.sweep import sweep
 
 app = typer.Typer(
     help="Gradient noise scale and critical batch size for PyTorch training (McCandlish et al. 2018).",
@@ -17,6 +18,7 @@ app = typer.Typer(
 app.command()(measure)
 app.command()(fit)
 app.command()(predict)
+app.command()(sweep)
 
 
 def main() -> None:

@@ -1,0 +1,252 @@
+"""``noisescale sweep``: measure the critical batch size of a built-in task with a batch-size sweep.
+
+Usage::
+
+    noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2      # 5-10 min on 2 cores
+    noisescale sweep --task fashion-mnist --out runs/sweep-fashion-mnist --jobs 2   # about 9 min
+    noisescale sweep --task digits --batch-size 8 --batch-size 32 --batch-size 128 --loss-goal 0.3
+
+For a geometric grid of batch sizes it tunes the SGD learning rate per batch size (a grid
+centred on ``lr_max / (1 + lr_b_star/B)``, widened when the best value is on its edge), trains
+every run to the goals (training-loss levels and a test-error level), fits
+``S(B) = S_min (1 + B_crit/B)`` per goal (McCandlish et al. 2018, appendix A.2-A.3) and prints
+B_crit with its interval next to the run-averaged B_simple measured in the same runs.
+
+Runs go to ``--jobs`` processes; each finished run is saved at once in ``OUT/runs/`` and
+re-running the same command resumes (finished runs are kept, interrupted ones redone). ``OUT``
+also gets ``config.json``, ``results.csv`` (readable by ``noisescale fit``), ``fit.json``,
+``pareto.png`` and ``b_crit.png`` (training-loss goals) and ``pareto_test_error.png`` and
+``b_crit_test_error.png`` (test-error goals). Options left out take the task's defaults
+(``config.json`` of a sweep shows them all); a re-run with other settings into the same
+``OUT`` is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from noisescale.cli.fit import short_number
+from noisescale.critical import format_batch
+from noisescale.errors import DatasetNotFoundError, NoiseScaleError
+from noisescale.sweep import SWEEP_TASKS, RunSpec, SweepConfig, SweepResult, goal_ratio, run_sweep
+
+__all__ = ["sweep"]
+
+TaskName = enum.Enum("TaskName", {n.replace("-", "_"): n for n in SWEEP_TASKS}, type=str)  # type: ignore[misc]
+_DEFAULT_TASK = TaskName("mnist")
+
+
+class MethodName(str, enum.Enum):
+    """Estimators of the noise scale measured in the runs."""
+
+    per_example = "per-example"
+    microbatch = "microbatch"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print one error line on stderr and return the exit to raise (no traceback)."""
+    Console(stderr=True, highlight=False).print(
+        Text.assemble(("error: ", "bold red"), message), soft_wrap=True
+    )
+    return typer.Exit(code)
+
+
+def _default_jobs() -> int:
+    """Every core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _goal_name(metric: str, goal: float | None) -> str:
+    return f"test error {goal:.3g}" if metric == "test_error" else f"train loss {goal:g}"
+
+
+def _b_crit_text(fit: Any) -> str:
+    if fit is None:
+        return "no fit"
+    if fit.bracketed:
+        lo, hi = fit.b_crit_ci
+        return f"{format_batch(fit.b_crit)} [{format_batch(lo)}, {format_batch(hi)}]"
+    return f"{(fit.bound or 'unconstrained').replace('B_crit ', '')} (not bracketed)"
+
+
+def _summary_table(result: SweepResult) -> Table:
+    """The final table: goal, B_crit [CI] or bound, S_min, E_min, run-averaged B_simple, ratio."""
+    unit, conf = result.unit, result.config
+    level = next((g.fit.confidence for _, g in result.fits if g.fit is not None), 0.95)
+    table = Table(title=f"critical batch size: {conf.task} (batch sizes in {unit}, {level:.0%} intervals)")
+    b_simple_col = "B_simple, run average (median [range] over batch sizes)"
+    for col in ("goal", "B_crit", "S_min (steps)", f"E_min ({unit})", b_simple_col, "B_simple/B_crit"):
+        table.add_column(col, justify="right")
+    for metric, g in result.fits:
+        bs = result.b_simple.get(g.goal)
+        ratio = goal_ratio(g.fit, bs)
+        b_simple = (
+            "-" if bs is None else f"{short_number(bs[0])} [{short_number(bs[1])}, {short_number(bs[2])}]"
+        )
+        table.add_row(
+            _goal_name(metric, g.goal),
+            _b_crit_text(g.fit),
+            "" if g.fit is None else short_number(g.fit.s_min),
+            "" if g.fit is None else short_number(g.fit.e_min),
+            b_simple,
+            "-" if ratio is None else f"{ratio:.2g}",
+        )
+    return table
+
+
+def _notes(result: SweepResult) -> list[str]:
+    """Goals without a fit, and censored runs."""
+    lines = []
+    for metric, g in result.fits:
+        name = _goal_name(metric, g.goal)
+        if g.fit is None:
+            lines.append(f"{name}: {g.error}")
+        elif g.fit.n_censored:
+            lines.append(
+                f"{name}: {g.fit.n_censored} batch size(s) never reached it (censored, lower bounds)"
+            )
+    return lines
+
+
+def _microbatches(method: MethodName, given: int | None) -> int | None:
+    """Micro-batches per step: as given, else 2 for the microbatch method, else the default (1)."""
+    if given is not None:
+        return given
+    return 2 if method == MethodName.microbatch else None
+
+
+def _describe(spec: RunSpec, record: dict[str, Any]) -> str:
+    reached = sum(g["reached"] for g in record["goals"])
+    return (
+        f"B={spec.batch_size} lr={record['lr']:.4g}: {reached}/{len(record['goals'])} goals in "
+        f"{record['steps_run']} steps ({record['stopped']}), {record['wall_time_s']:.0f} s"
+    )
+
+
+def sweep(
+    task: Annotated[TaskName, typer.Option(help="Built-in task.")] = _DEFAULT_TASK,
+    out: Annotated[Path | None, typer.Option(help="Sweep directory (default runs/sweep-<task>).")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Parallel runs (default: every core).", min=1)] = None,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", help="Batch size of the grid, examples (repeat).")
+    ] = None,
+    loss_goal: Annotated[
+        list[float] | None, typer.Option("--loss-goal", help="Training-loss goal (repeat).")
+    ] = None,
+    error_goal: Annotated[
+        list[float] | None, typer.Option("--error-goal", help="Test-error goal, a fraction (repeat).")
+    ] = None,
+    no_error_goal: Annotated[
+        bool, typer.Option("--no-error-goal", help="Only training-loss goals (no test-error goal).")
+    ] = False,
+    lr_max: Annotated[
+        float | None, typer.Option(help="epsilon_max of the rule lr_max/(1 + lr_b_star/B).")
+    ] = None,
+    lr_b_star: Annotated[float | None, typer.Option(help="B_* of the learning-rate rule, examples.")] = None,
+    lr_points: Annotated[
+        int | None, typer.Option(help="Learning rates per batch size before widening.")
+    ] = None,
+    lr_step: Annotated[float | None, typer.Option(help="Ratio between neighbouring learning rates.")] = None,
+    max_widenings: Annotated[
+        int | None, typer.Option(help="Extra learning rates per batch size at most.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Step budget of a run.")] = None,
+    max_examples: Annotated[
+        int | None, typer.Option(help="Example budget of a run (steps: max_examples/B, clipped).")
+    ] = None,
+    min_steps: Annotated[int | None, typer.Option(help="Smallest step budget of a run.")] = None,
+    method: Annotated[MethodName, typer.Option(help="Noise-scale estimator.")] = MethodName.per_example,
+    microbatches: Annotated[
+        int | None, typer.Option(help="Micro-batches per step (microbatch method).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Initial weights and data stream of every run.")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the intervals.")] = 1000,
+    confidence: Annotated[float, typer.Option(help="Level of the intervals.")] = 0.95,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+) -> None:
+    """Measure B_crit of a built-in task with a batch-size sweep, next to its B_simple.
+
+    Example: noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2
+    """
+    start = time.perf_counter()
+    try:
+        config = SweepConfig.for_task(
+            task.value,
+            batch_sizes=batch_size or None,
+            loss_goals=loss_goal or None,
+            error_goals=[] if no_error_goal else error_goal or None,
+            lr_max=lr_max,
+            lr_b_star=lr_b_star,
+            lr_points=lr_points,
+            lr_step=lr_step,
+            max_widenings=max_widenings,
+            max_steps=max_steps,
+            max_examples=max_examples,
+            min_steps=min_steps,
+            method=method.value,
+            microbatches=_microbatches(method, microbatches),
+            seed=seed,
+        )
+    except (NoiseScaleError, ValueError) as exc:
+        raise _fail(str(exc), 2) from None
+    folder = out if out is not None else Path("runs") / f"sweep-{config.task}"
+    result = _run(config, folder, jobs or _default_jobs(), bootstrap, confidence, progress)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 140
+    console.print(_summary_table(result))
+    for line in _notes(result):
+        console.print(line)
+    err = Console(stderr=True, highlight=False)
+    err.print(
+        f"{len(result.records)} runs ({result.trained} trained now) in {time.perf_counter() - start:.0f} s; "
+        f"wrote {', '.join(p.name for p in result.files)} in {folder}"
+    )
+
+
+def _run(
+    config: SweepConfig, folder: Path, jobs: int, bootstrap: int, confidence: float, show: bool
+) -> SweepResult:
+    """Run the sweep with a progress bar over the runs; errors become one line and an exit code."""
+    err = Console(stderr=True, highlight=False)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, disable=not show, transient=True) as bar:
+        task_id = bar.add_task("runs", total=0)
+
+        def on_plan(specs: list[RunSpec]) -> None:
+            total = bar.tasks[0].total or 0
+            bar.update(task_id, total=total + len(specs), description=f"runs ({jobs} jobs)")
+
+        def on_record(spec: RunSpec, record: dict[str, Any]) -> None:
+            bar.advance(task_id)
+            if show:
+                bar.console.print(_describe(spec, record))
+
+        try:
+            return run_sweep(
+                config, folder, jobs=jobs, on_record=on_record, on_plan=on_plan,
+                n_bootstrap=bootstrap, confidence=confidence,
+            )  # fmt: skip
+        except BrokenProcessPool:
+            msg = f"a worker process died (out of memory?); finished runs are saved in {folder}/runs"
+            msg += ": re-run the same command to resume"
+            raise _fail(msg, 1) from None
+        except KeyboardInterrupt:
+            msg = f"interrupted: finished runs are saved in {folder}/runs; re-run the same command to resume"
+            raise _fail(msg, 130) from None
+        except NoiseScaleError as exc:
+            raise _fail(str(exc), 1 if isinstance(exc, DatasetNotFoundError) else 2) from None

@@ -1,0 +1,105 @@
+"""``noisescale sweep`` end to end on tiny sweeps, through the real command-line app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from noisescale.cli.app import app
+
+runner = CliRunner()
+
+# linreg: three batch sizes, two learning rates each, two loss goals above the floor 0.245.
+TINY = ["sweep", "--task", "linreg", "--batch-size", "2", "--batch-size", "8", "--batch-size", "32",
+        "--loss-goal", "0.6", "--loss-goal", "0.35", "--lr-points", "2", "--max-widenings", "1",
+        "--max-steps", "300", "--jobs", "1", "--bootstrap", "200", "--no-progress"]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    out = tmp_path_factory.mktemp("cli") / "sweep"
+    result = runner.invoke(app, [*TINY, "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out, result.stdout, result.stderr
+
+
+def test_sweep_writes_results_fit_and_plots(swept: tuple[Path, str, str]) -> None:
+    out, stdout, stderr = swept
+    for name in ("config.json", "results.csv", "fit.json"):
+        assert (out / name).stat().st_size > 0
+    for name in ("pareto.png", "b_crit.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert not (out / "pareto_test_error.png").exists()  # linreg has no test error
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["goal"]) == {0.6, 0.35} and set(table["batch_size"]) == {2, 8, 32}
+    fit = json.loads((out / "fit.json").read_text())
+    assert {g["goal"] for g in fit["goals"]} == {0.6, 0.35}
+    for g in fit["goals"]:
+        assert {"b_crit", "b_crit_ci", "bound", "s_min", "e_min", "b_simple", "b_simple_over_b_crit"} <= set(
+            g
+        )
+    assert json.loads((out / "config.json").read_text())["task"] == "linreg"
+    for column in ("goal", "B_crit", "S_min", "E_min", "B_simple", "B_simple/B_crit"):
+        assert column in stdout
+    assert "train loss 0.35" in stdout
+    assert "trained now" in stderr and "results.csv" in stderr
+
+
+def test_rerunning_the_command_resumes_without_training(swept: tuple[Path, str, str]) -> None:
+    out, _, _ = swept
+    before = (out / "results.csv").read_text()
+    runs = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    result = runner.invoke(app, [*TINY, "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert "(0 trained now)" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == runs
+    assert (out / "results.csv").read_text() == before
+
+
+def test_results_are_readable_by_noisescale_fit(swept: tuple[Path, str, str]) -> None:
+    out, _, _ = swept
+    result = runner.invoke(
+        app, ["fit", str(out / "results.csv"), "--json", "--no-plots", "--bootstrap", "200"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert [g["goal"] for g in json.loads(result.stdout)["goals"]] == [0.6, 0.35]
+
+
+def test_other_settings_in_the_same_directory_are_refused(swept: tuple[Path, str, str]) -> None:
+    out, _, _ = swept
+    result = runner.invoke(app, [*TINY, "--out", str(out), "--max-steps", "400"])
+    assert result.exit_code == 2
+    assert "holds another sweep" in result.stderr and "max_steps" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--batch-size", "8", "--batch-size", "16"], "at least 3 batch sizes", id="two_batches"),
+        pytest.param(["--error-goal", "2"], "fractions", id="error_goal"),
+    ],
+)
+def test_bad_options_exit_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["sweep", "--task", "linreg", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_classification_sweep_has_test_error_goal_plots(tmp_path: Path) -> None:
+    args = ["sweep", "--task", "digits", "--batch-size", "16", "--batch-size", "64", "--batch-size", "256",
+            "--loss-goal", "0.5", "--error-goal", "0.12", "--lr-points", "1", "--max-steps", "300",
+            "--jobs", "1", "--bootstrap", "200", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    for name in ("pareto.png", "b_crit.png", "pareto_test_error.png", "b_crit_test_error.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert set(table["metric"]) == {"train_loss", "test_error"}
+    assert "test error 0.12" in result.stdout
