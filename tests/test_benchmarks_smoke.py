@@ -1,0 +1,91 @@
+"""The benchmark scripts still run (smallest configurations, seconds), and their MNIST truth is exact.
+
+No timing is asserted: the numbers depend on the machine. BackPACK and Opacus are
+optional (the ``bench`` extra), so the smoke runs use only torch-based methods.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_overhead_smallest_run_writes_records(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    run_script(
+        "overhead.py",
+        "--models", "mlp", "transformer",
+        "--methods", "microbatch", "per_example", "naive",
+        "--naive-examples", "2", "--repeats", "1", "--block-s", "0.001", "--threads", "1",
+        "--json", str(out),
+    )  # fmt: skip
+    records = json.loads(out.read_text())["records"]
+    got = {(r["model"], r["method"]) for r in records}
+    assert ("mlp", "microbatch") in got and ("transformer", "per_example") in got
+    for r in records:
+        assert set(r) >= {"ratio_median", "ms_median", "peak_mb", "status"}
+        if r["status"] == "ok":
+            assert r["ms_median"] > 0 and r["ratio_median"] > 0
+
+
+@pytest.mark.slow
+def test_accuracy_smallest_run_writes_tables(tmp_path: Path) -> None:
+    out = tmp_path / "accuracy.json"
+    run_script(
+        "accuracy.py", "--problems", "oracle", "--repeats", "2", "--max-examples", "1024",
+        "--threads", "1", "--json", str(out),
+    )  # fmt: skip
+    problem = json.loads(out.read_text())["problems"][0]
+    assert problem["truth"]["b_simple"] == pytest.approx(7.408)
+    assert set(problem["methods"]) == {f"microbatch k={k}" for k in (2, 4, 8, 16)} | {"per_example"}
+
+
+def test_mnist_truth_matches_brute_force() -> None:
+    """The closed-form |G|^2 and tr(Sigma_N) of the accuracy benchmark, against an autograd loop."""
+    acc = load_benchmark("accuracy")
+    model = acc.mnist_mlp(seed=3)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 784, generator=gen), torch.randint(10, (40,), generator=gen)
+    truth = acc.exact_truth(model, x, y, chunk=16)
+    model64 = acc.mnist_mlp(seed=3).double()
+    params = list(model64.parameters())
+    rows = []
+    for xi, yi in zip(x.double(), y, strict=True):
+        grads = torch.autograd.grad(F.cross_entropy(model64(xi[None]), yi[None]), params)
+        rows.append(torch.cat([gr.flatten() for gr in grads]))
+    g = torch.stack(rows)  # [N, P] per-example gradients
+    mean = g.mean(0)
+    assert truth["grad_norm_sq"] == pytest.approx(mean.square().sum().item(), rel=1e-10)
+    # population covariance (1/N): batches are drawn with replacement
+    assert truth["trace_sigma"] == pytest.approx((g - mean).square().sum(1).mean().item(), rel=1e-10)
