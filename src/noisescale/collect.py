@@ -36,7 +36,7 @@ __all__ = ["GradientRecorder", "MicrobatchRecord", "squared_norms"]
 class MicrobatchRecord:
     """What one backward pass contributed, already divided by the AMP scale squared."""
 
-    sq_norms: torch.Tensor  # [G] squared norm of this backward's gradient contribution
+    sq_norms: torch.Tensor | None  # [G] squared norm of this backward's contribution (microbatch only)
     per_example: torch.Tensor | None  # [N, G] squared norms of each example's contribution
 
 
@@ -100,21 +100,21 @@ class GradientRecorder:
         idx = self.group_index.to(sq.device)[present]
         return torch.zeros(self.n_groups, dtype=torch.float64, device=sq.device).index_add_(0, idx, sq)
 
-    def _squared_norms(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
+        per_example = self.per_example.pop() if self.per_example is not None else None
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
-            return None
-        return self._group_sum(squared_norms([grads[i] for i in present]), present)
-
-    def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
-        sq = self._squared_norms(grads)
-        per_example = self.per_example.pop() if self.per_example is not None else None
-        if sq is None:
             return
+        # The per-example estimator needs only per-example norms and .grad: no micro-batch norm pass.
+        sq = (
+            None
+            if self.per_example is not None
+            else self._group_sum(squared_norms([grads[i] for i in present]), present)
+        )
         scale = _amp_scale(self.scaler)
         if scale is not None:
             inv = scale.to(torch.float64).reciprocal().square()
-            sq = sq * inv
+            sq = None if sq is None else sq * inv
             per_example = None if per_example is None else per_example.to(torch.float64) * inv
         self.records.append(MicrobatchRecord(sq, per_example))
 

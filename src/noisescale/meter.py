@@ -517,7 +517,7 @@ class GradientNoiseScale:
             ]
         c = torch.tensor(factors, dtype=torch.float64, device=self._device)
         b = torch.tensor(sizes, dtype=torch.float64, device=self._device)
-        sq = torch.stack([r.sq_norms for r in records])
+        sq = torch.stack([r.sq_norms for r in records])  # type: ignore[misc]  # set when no per-example hooks
         if self._hook is not None and k * self.world_size < 2:  # raise now, not when the step settles
             raise SingleMicrobatchError(
                 "one process with one backward pass per step: the ddp method needs W x micro-batches "
