@@ -2,11 +2,12 @@
 
 One ``torch.autograd.graph.register_multi_grad_hook`` over all trainable
 parameters fires once per backward pass with that pass's gradients, BEFORE they
-are added into ``.grad``. It records, per parameter group, the squared norm of
-this micro-batch's contribution (one fused ``torch._foreach_norm``, no host
-synchronisation) and, when per-example kernels are attached, their ``[N, G]``
-per-example squared norms. The accumulated gradient (the big batch) is read from
-``.grad`` once per optimiser step by :meth:`GradientRecorder.accumulated_sq_norms`.
+are added into ``.grad``. It records the squared norm of this micro-batch's
+contribution per parameter (one fused ``torch._foreach_norm``, no host
+synchronisation; the meter sums parameters into groups) and, when per-example
+kernels are attached, their ``[N, G]`` per-example squared norms per group. The
+accumulated gradient (the big batch) is read from ``.grad`` once per optimiser step
+by :meth:`GradientRecorder.accumulated_sq_norms`.
 
 AMP: with a ``torch.amp.GradScaler`` the recorded gradients are scaled by the
 scaler's current scale ``s``; squared norms are divided by ``s**2`` on the device,
@@ -14,7 +15,7 @@ using the scale in force at that backward (GradScaler changes it only in
 ``update()``, i.e. between optimiser steps). Overflowing steps produce non-finite
 norms, which the meter skips and counts.
 
-Shape letters: ``G`` parameter groups, ``N`` examples in a micro-batch.
+Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a micro-batch.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["GradientRecorder", "MicrobatchRecord", "squared_norms"]
 class MicrobatchRecord:
     """What one backward pass contributed, already divided by the AMP scale squared."""
 
-    sq_norms: torch.Tensor | None  # [G] squared norm of this backward's contribution (microbatch only)
+    sq_norms: torch.Tensor | None  # [P] float64 squared norms of this backward's contribution (microbatch)
     per_example: torch.Tensor | None  # [N, G] squared norms of each example's contribution
 
 
@@ -68,49 +69,43 @@ def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
 
 
 class GradientRecorder:
-    """Hooks that record per-group squared norms of every backward's gradients.
+    """Hooks that record the squared norms of every backward's gradients.
 
     Args:
         params: the ``P`` trainable parameters, in a fixed order.
-        group_index: ``[P]`` long tensor, the group column of each parameter.
-        n_groups: ``G``.
         scaler: optional GradScaler whose scale divides the recorded norms.
-        per_example: optional per-example kernels, popped after each backward.
+        per_example: optional per-example kernels, popped after each backward; when
+            given, the micro-batch norms are not taken (the per-example estimator
+            needs only the per-example norms and ``.grad``).
     """
 
     def __init__(
         self,
         params: Sequence[nn.Parameter],
-        group_index: torch.Tensor,
-        n_groups: int,
         *,
         scaler: torch.amp.GradScaler | None = None,
         per_example: PerExampleNorms | None = None,
     ) -> None:
         self.params = list(params)
-        self.group_index = group_index
-        self.n_groups = n_groups
         self.scaler = scaler
         self.per_example = per_example
         self.records: list[MicrobatchRecord] = []
         self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._on_backward)
 
-    def _group_sum(self, sq: torch.Tensor, present: list[int]) -> torch.Tensor:
-        """Sum ``[P']`` per-parameter squared norms into ``[G]`` group totals (float64)."""
-        idx = self.group_index.to(sq.device)[present]
-        return torch.zeros(self.n_groups, dtype=torch.float64, device=sq.device).index_add_(0, idx, sq)
+    def _sq_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``[P]`` float64 squared norms of one tensor per parameter; None counts as zero."""
+        present = [i for i, t in enumerate(tensors) if t is not None]
+        sq = squared_norms([tensors[i] for i in present])  # type: ignore[misc]
+        if len(present) == len(tensors):
+            return sq
+        index = torch.tensor(present, device=sq.device)
+        return torch.zeros(len(tensors), dtype=torch.float64, device=sq.device).index_copy_(0, index, sq)
 
     def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
         per_example = self.per_example.pop() if self.per_example is not None else None
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
+        if all(g is None for g in grads):
             return
-        # The per-example estimator needs only per-example norms and .grad: no micro-batch norm pass.
-        sq = (
-            None
-            if self.per_example is not None
-            else self._group_sum(squared_norms([grads[i] for i in present]), present)
-        )
+        sq = None if self.per_example is not None else self._sq_norms(grads)
         scale = _amp_scale(self.scaler)
         if scale is not None:
             inv = scale.to(torch.float64).reciprocal().square()
@@ -119,15 +114,15 @@ class GradientRecorder:
         self.records.append(MicrobatchRecord(sq, per_example))
 
     def accumulated_sq_norms(self) -> torch.Tensor:
-        """``[G]`` squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
+        """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
 
         Raises:
             RuntimeError: if no parameter has a gradient.
         """
-        present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not present:
+        grads = [p.grad for p in self.params]
+        if all(g is None for g in grads):
             raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
-        sq = self._group_sum(squared_norms([self.params[i].grad for i in present]), present)  # type: ignore[misc]
+        sq = self._sq_norms(grads)
         scale = _amp_scale(self.scaler)
         if scale is not None and not _amp_unscaled(self.scaler):
             sq = sq / scale.to(torch.float64).square()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -55,7 +55,7 @@ from noisescale.estimators import (
     microbatch_stats,
     per_example_stats,
 )
-from noisescale.smoothing import EmaState, decay_for_step, ema_init, ema_update
+from noisescale.smoothing import FIELDS, decay_for_step, ema_init, ema_update
 from noisescale.uncertainty import b_simple_interval
 
 __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate"]
@@ -63,6 +63,7 @@ __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate"]
 Method = Literal["microbatch", "per_example", "ddp"]
 DEFAULT_EMA_DECAY = 0.99
 _MAX_PENDING = 32  # steps whose collective may be in flight before update() settles them
+_MAX_CACHED = 64  # per-step constant tensors kept, keyed by the step's sizes and loss factors
 
 
 def _opt(x: torch.Tensor) -> float | None:
@@ -325,15 +326,17 @@ class GradientNoiseScale:
         self.param_group_names = part.param_group_names
         params = [p for ps in part.cells for p in ps]
         self._device = params[0].device
-        self._series = part.series.to(self._device)
-        index = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
+        self._series = part.series.to(self._device)  # [S, C]
+        cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
+        self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
+        self._constants: dict[tuple[Any, ...], torch.Tensor] = {}
         per_example = None
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
 
             per_example = PerExampleNorms(module, part.cells, fallback=fallback)
         n_cells = len(part.cells)
-        self._recorder = GradientRecorder(params, index, n_cells, scaler=scaler, per_example=per_example)
+        self._recorder = GradientRecorder(params, scaler=scaler, per_example=per_example)
         self._hook: nsdist.NoiseScaleCommHook | None = None
         self._process_group = None
         self.world_size = 1
@@ -355,7 +358,7 @@ class GradientNoiseScale:
     def reset(self) -> None:
         """Forget every step so far (hooks stay attached)."""
         self._settle()
-        self._state: EmaState = ema_init(self._series.shape[0], self._device)
+        self._state = ema_init(self._series.shape[0], self._device)  # [9, S]
         self._steps = 0
         self._examples = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
@@ -368,7 +371,7 @@ class GradientNoiseScale:
         """Everything needed to resume with identical results (the same on every DDP rank)."""
         self._settle()
         return {
-            "ema": {k: v.clone() for k, v in self._state._asdict().items()},
+            "ema": {k: v.clone() for k, v in zip(FIELDS, self._state, strict=True)},
             "steps": self._steps,
             "examples": self._examples,
             "skipped_steps": self._skipped.clone(),
@@ -387,7 +390,7 @@ class GradientNoiseScale:
             if theirs != mine:
                 raise ValueError(f"state_dict was saved for {key} {theirs} but this meter has {mine}")
         self._settle()
-        self._state = EmaState(**{k: v.to(self._device) for k, v in state_dict["ema"].items()})
+        self._state = torch.stack([torch.as_tensor(state_dict["ema"][k]) for k in FIELDS]).to(self._device)
         self._steps = int(state_dict["steps"])
         self._examples = int(state_dict["examples"])
         self._skipped = torch.as_tensor(state_dict["skipped_steps"]).to(self._device)
@@ -472,7 +475,7 @@ class GradientNoiseScale:
                 raise RuntimeError("no gradient snapshot: the backward pass did not finish")
             sq, self._snapshot = self._snapshot, None
             return sq
-        return self._recorder.accumulated_sq_norms()
+        return self._recorder.accumulated_sq_norms() @ self._param_cells
 
     def _queue_snapshot(self, grads: Sequence[torch.Tensor | None]) -> None:
         """Multi-grad hook: read the accumulated ``.grad`` once this backward has finished."""
@@ -480,7 +483,7 @@ class GradientNoiseScale:
         torch.autograd.Variable._execution_engine.queue_callback(self._take_snapshot)  # type: ignore[attr-defined]
 
     def _take_snapshot(self) -> None:
-        self._snapshot = self._recorder.accumulated_sq_norms()
+        self._snapshot = self._recorder.accumulated_sq_norms() @ self._param_cells
 
     def _microbatch_sizes(
         self, k: int, batch_size: int | None, microbatch_sizes: Iterable[int] | None
@@ -505,6 +508,15 @@ class GradientNoiseScale:
             )
         return [batch_size // k] * k
 
+    def _constant(self, key: tuple[Any, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A per-step constant tensor, made once per distinct ``key`` (sizes and loss factors)."""
+        value = self._constants.get(key)
+        if value is None:
+            if len(self._constants) >= _MAX_CACHED:
+                self._constants.clear()
+            value = self._constants[key] = make()
+        return value
+
     def _microbatch(self, records: list[MicrobatchRecord], sizes: list[int], big_sq: torch.Tensor) -> None:
         """Undo the loss conventions: record i holds |c_i g_i|^2, .grad holds sum_i c_i g_i (/ W)."""
         k = len(records)
@@ -515,20 +527,35 @@ class GradientNoiseScale:
                 (b if self.reduction == "sum" else 1.0) / (k if self.accumulation == "mean" else 1.0)
                 for b in sizes
             ]
-        c = torch.tensor(factors, dtype=torch.float64, device=self._device)
-        b = torch.tensor(sizes, dtype=torch.float64, device=self._device)
-        sq = torch.stack([r.sq_norms for r in records])  # type: ignore[misc]  # set when no per-example hooks
-        if self._hook is not None and k * self.world_size < 2:  # raise now, not when the step settles
+        key = (tuple(sizes), tuple(factors))
+        sq = torch.stack([r.sq_norms for r in records]) @ self._param_cells  # type: ignore[misc]  # [k, C]
+        if self._hook is None:
+            coefficients = self._constant(("coefficients", *key), lambda: self._coefficients(sizes, factors))
+            self._fold(coefficients @ torch.cat([sq, big_sq[None]]), sum(sizes))
+            return
+        if k * self.world_size < 2:  # raise now, not when the step settles
             raise SingleMicrobatchError(
                 "one process with one backward pass per step: the ddp method needs W x micro-batches "
                 ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
             )
-        if self._hook is None:
-            self._fold(_weighted_microbatch(sq, b, c, big_sq, c), sum(sizes))
-            return
-        rows = torch.cat([sq, b[:, None], c[:, None]], dim=1)  # [m, C + 2]
+        sizes_factors = self._constant(
+            ("rows", *key), lambda: torch.tensor([sizes, factors], dtype=torch.float64, device=self._device).T
+        )
+        rows = torch.cat([sq, sizes_factors], dim=1)  # [m, C + 2]
         work, outputs = nsdist.gather_rows(rows, self._process_group)
         self._pending.append(("microbatch", work, outputs, big_sq))
+
+    def _coefficients(self, sizes: list[int], factors: list[float]) -> torch.Tensor:
+        """``[2, k + 1]``: the step's (|G|^2, tr Sigma) estimates are this times its ``k + 1`` squared norms.
+
+        The k-way estimator is linear in the recorded squared norms (k micro-batches, then
+        the big batch), so its values on the unit vectors are its matrix.
+        """
+        k = len(sizes)
+        unit = torch.eye(k + 1, dtype=torch.float64, device=self._device)
+        c = torch.tensor(factors, dtype=torch.float64, device=self._device)
+        b = torch.tensor(sizes, dtype=torch.float64, device=self._device)
+        return torch.stack(_weighted_microbatch(unit[:k], b, c, unit[k], c))
 
     def _per_example(
         self, records: list[MicrobatchRecord], batch_size: int | None, big_sq: torch.Tensor
@@ -563,7 +590,8 @@ class GradientNoiseScale:
         weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
         if self._hook is None:
             total = sum(sizes)
-            self._fold(per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2), total)
+            stats = per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2)
+            self._fold(torch.stack(stats), total)
             return
         tail = torch.tensor([sum(sizes), weight, weight2], dtype=torch.float64, device=self._device)
         sums = torch.cat([sum_sq.to(torch.float64), tail])  # [C + 3], additive over ranks
@@ -594,15 +622,14 @@ class GradientNoiseScale:
                 stats = per_example_stats(
                     sum_sq / examples, big_sq / weight.square(), weight.square() / weight2
                 )
-            self._fold(stats, round(float(examples)))
+            self._fold(torch.stack(stats), round(float(examples)))
 
-    def _fold(self, stats: NoiseStats, examples: int) -> None:
-        """Sum the cells into series (groups, param groups, total) and average them."""
-        g = self._series @ stats.grad_norm_sq.to(torch.float64)
-        s = self._series @ stats.trace_sigma.to(torch.float64)
+    def _fold(self, stats: torch.Tensor, examples: int) -> None:
+        """Sum the cells' ``[2, C]`` (|G|^2, tr Sigma) into series (groups, param groups, total); average."""
+        g, s = stats.to(torch.float64) @ self._series.T
         beta = decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=examples)
         self._state, finite = ema_update(self._state, g, s, beta)
-        self._skipped += (~finite).to(torch.int64)
+        self._skipped += ~finite
         self._steps += 1
         self._examples += examples
 

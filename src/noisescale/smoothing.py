@@ -11,6 +11,10 @@ set per step or in examples (``beta_t = exp(-B_t / tau)``). Second-order sums
 (``sum w^2 x y``) feed the uncertainty (:mod:`noisescale.uncertainty`). ``beta = 1``
 gives the plain mean over all steps.
 
+The state is one ``[9, P]`` float64 tensor whose rows are the sums named in
+:data:`FIELDS`, so that one step updates it in a handful of fused tensor operations
+(the meter runs this every optimiser step).
+
 Shape letter: ``P`` series (parameter groups, plus the total).
 
 Non-finite steps are skipped on the device without a host synchronisation: their
@@ -19,31 +23,22 @@ weight is zero and the decay is not applied.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
 
 import torch
 
-__all__ = ["EmaState", "decay_for_step", "ema_init", "ema_means", "ema_update"]
+__all__ = ["FIELDS", "decay_for_step", "ema_init", "ema_means", "ema_update"]
+
+FIELDS = ("w", "g", "s", "w2", "w2g", "w2s", "w2gg", "w2ss", "w2gs")
+"""Rows of the state: with ``w_t`` the step weights and ``G_t``, ``S_t`` the step's |G|^2
+and tr(Sigma) estimates, ``sum w``, ``sum w G``, ``sum w S``, ``sum w^2``, ``sum w^2 G``,
+``sum w^2 S``, ``sum w^2 G^2``, ``sum w^2 S^2``, ``sum w^2 G S``."""
 
 
-class EmaState(NamedTuple):
-    """Sufficient statistics of the weighted average. Every field has shape ``[P]``, dtype float64."""
-
-    w: torch.Tensor  # sum_t w_t (bias-correction normaliser), dimensionless
-    g: torch.Tensor  # sum_t w_t G_t, G_t the step's |G|^2 estimate
-    s: torch.Tensor  # sum_t w_t S_t, S_t the step's tr(Sigma) estimate
-    w2: torch.Tensor  # sum_t w_t^2
-    w2g: torch.Tensor  # sum_t w_t^2 G_t
-    w2s: torch.Tensor  # sum_t w_t^2 S_t
-    w2gg: torch.Tensor  # sum_t w_t^2 G_t^2
-    w2ss: torch.Tensor  # sum_t w_t^2 S_t^2
-    w2gs: torch.Tensor  # sum_t w_t^2 G_t S_t
-
-
-def ema_init(n: int, device: torch.device | str | None = None) -> EmaState:
-    """An empty state for ``n`` series (float64 zeros on ``device``)."""
-    return EmaState(*(torch.zeros(n, dtype=torch.float64, device=device) for _ in EmaState._fields))
+def ema_init(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """An empty state for ``n`` series: ``[9, n]`` float64 zeros on ``device`` (rows: :data:`FIELDS`)."""
+    return torch.zeros(len(FIELDS), n, dtype=torch.float64, device=device)
 
 
 def decay_for_step(*, ema_decay: float | None, ema_examples: float | None, examples: float) -> float:
@@ -67,13 +62,27 @@ def decay_for_step(*, ema_decay: float | None, ema_examples: float | None, examp
     return ema_decay
 
 
+@functools.lru_cache(maxsize=64)
+def _coefficients(beta: float, device: torch.device) -> torch.Tensor:
+    """``[2, 2, 9, 1]``: (used step, skipped step) x (decay of the past, weight of the step) per row.
+
+    A used step has weight ``a = 1 - beta`` (1 when ``beta = 1``: the plain mean), the
+    first-order rows decay by ``beta`` and take ``a``, the second-order rows ``beta^2``
+    and ``a^2``. A skipped step decays nothing and adds nothing.
+    """
+    a = 1.0 if beta == 1.0 else 1.0 - beta
+    used = [[beta] * 3 + [beta * beta] * 6, [a] * 3 + [a * a] * 6]
+    skipped = [[1.0] * 9, [0.0] * 9]
+    return torch.tensor([used, skipped], dtype=torch.float64, device=device).unsqueeze(-1)
+
+
 def ema_update(
-    state: EmaState, grad_norm_sq: torch.Tensor, trace_sigma: torch.Tensor, beta: float
-) -> tuple[EmaState, torch.Tensor]:
+    state: torch.Tensor, grad_norm_sq: torch.Tensor, trace_sigma: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold one step's estimates into the averages; skip it if any value is not finite.
 
     Args:
-        state: current sums, fields ``[P]``.
+        state: current sums, ``[9, P]`` (rows: :data:`FIELDS`).
         grad_norm_sq: ``[P]`` this step's unbiased |G|^2 estimates.
         trace_sigma: ``[P]`` this step's unbiased tr(Sigma) estimates.
         beta: decay in [0, 1] applied to the past.
@@ -82,32 +91,15 @@ def ema_update(
         ``(new_state, finite)`` with ``finite`` a 0-d bool tensor (on the device, not
         synchronised) telling whether the step was used.
     """
-    g = grad_norm_sq.to(torch.float64)
-    s = trace_sigma.to(torch.float64)
-    finite = torch.isfinite(g).all() & torch.isfinite(s).all()
-    g = torch.where(finite, g, torch.zeros_like(g))
-    s = torch.where(finite, s, torch.zeros_like(s))
-    one = torch.ones((), dtype=torch.float64, device=g.device)
-    b = torch.where(finite, one * beta, one)  # skipped step: no decay
-    a = torch.where(finite, one * (1.0 - beta), one * 0.0)  # and no weight
-    if beta == 1.0:  # plain mean: every step has weight one
-        a = finite.to(torch.float64)
-    b2 = b * b
-    a2 = a * a
-    new = EmaState(
-        w=b * state.w + a,
-        g=b * state.g + a * g,
-        s=b * state.s + a * s,
-        w2=b2 * state.w2 + a2,
-        w2g=b2 * state.w2g + a2 * g,
-        w2s=b2 * state.w2s + a2 * s,
-        w2gg=b2 * state.w2gg + a2 * g * g,
-        w2ss=b2 * state.w2ss + a2 * s * s,
-        w2gs=b2 * state.w2gs + a2 * g * s,
-    )
-    return new, finite
+    x = torch.stack([grad_norm_sq, trace_sigma]).to(torch.float64)  # [2, P]
+    finite = torch.isfinite(x).all()
+    x = torch.where(finite, x, 0.0)  # a skipped step's NaN must not reach 0 * NaN
+    products = x[[0, 1, 0]] * x[[0, 1, 1]]  # G^2, S^2, G S
+    terms = torch.cat([torch.ones_like(x[:1]), x, torch.ones_like(x[:1]), x, products])  # [9, P]
+    decay, weight = torch.where(finite, *_coefficients(float(beta), state.device))
+    return torch.addcmul(state * decay, weight, terms), finite
 
 
-def ema_means(state: EmaState) -> tuple[torch.Tensor, torch.Tensor]:
+def ema_means(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bias-corrected averages ``(grad_norm_sq, trace_sigma)``, each ``[P]`` (NaN before any step)."""
-    return state.g / state.w, state.s / state.w
+    return state[1] / state[0], state[2] / state[0]

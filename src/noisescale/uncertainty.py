@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from scipy import stats
 
-from noisescale.smoothing import EmaState, ema_means
+from noisescale.smoothing import ema_means
 
 __all__ = ["BSimpleInterval", "b_simple_interval"]
 
@@ -54,11 +54,11 @@ class BSimpleInterval(NamedTuple):
     n_eff: torch.Tensor  # effective number of steps averaged
 
 
-def b_simple_interval(state: EmaState, confidence: float = 0.95) -> BSimpleInterval:
+def b_simple_interval(state: torch.Tensor, confidence: float = 0.95) -> BSimpleInterval:
     """Point estimate, standard error and Fieller interval of B_simple per series.
 
     Args:
-        state: averaging state (:class:`noisescale.smoothing.EmaState`), fields ``[P]``.
+        state: ``[9, P]`` averaging state (:func:`noisescale.smoothing.ema_update`).
         confidence: two-sided level of the interval, in (0, 1).
 
     Returns:
@@ -69,15 +69,16 @@ def b_simple_interval(state: EmaState, confidence: float = 0.95) -> BSimpleInter
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"expected `confidence` in (0, 1) but got {confidence}")
-    st = EmaState(*(f.detach().to("cpu", torch.float64) for f in state))
+    st = state.detach().to("cpu", torch.float64)
     g_bar, s_bar = ema_means(st)
-    n_eff = st.w.square() / st.w2
+    w, _, _, w2, w2g, w2s, w2gg, w2ss, w2gs = st  # rows: noisescale.smoothing.FIELDS
+    n_eff = w.square() / w2
     # Centred weighted second moments, then the variance of a weighted mean with
     # the n/(n-1) correction (equal weights: s^2 / n).
-    c_gg = st.w2gg - 2 * g_bar * st.w2g + g_bar.square() * st.w2
-    c_ss = st.w2ss - 2 * s_bar * st.w2s + s_bar.square() * st.w2
-    c_gs = st.w2gs - g_bar * st.w2s - s_bar * st.w2g + g_bar * s_bar * st.w2
-    scale = n_eff / (n_eff - 1) / st.w.square()
+    c_gg = w2gg - 2 * g_bar * w2g + g_bar.square() * w2
+    c_ss = w2ss - 2 * s_bar * w2s + s_bar.square() * w2
+    c_gs = w2gs - g_bar * w2s - s_bar * w2g + g_bar * s_bar * w2
+    scale = n_eff / (n_eff - 1) / w.square()
     v_gg, v_ss, v_gs = c_gg * scale, c_ss * scale, c_gs * scale
 
     df = (n_eff - 1).clamp(min=1e-12).numpy()
