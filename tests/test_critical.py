@@ -253,11 +253,28 @@ def test_scatter_within_tolerance_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "match"), [({"n_bootstrap": 10}, "n_bootstrap"), ({"confidence": 1.0}, "confidence")]
+    ("kw", "match"),
+    [
+        ({"n_bootstrap": 10}, "n_bootstrap"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"confidence": np.nan}, "confidence"),
+        ({"max_increase": -1.0}, "max_increase` >= 1"),  # was an IndexError
+        ({"max_increase": 0.5}, "max_increase` >= 1"),
+        ({"max_increase": np.nan}, "max_increase` >= 1"),
+    ],
 )
 def test_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fit_critical_batch(GRID, hyperbola(GRID), **kw)
+
+
+def test_infinite_max_increase_turns_the_monotonicity_check_off() -> None:
+    b = [16, 64, 256, 1024, 4096]
+    s = [1000 * (1 + 500 / x) for x in b]
+    s[-1] *= 3  # far beyond the default tolerance
+    with pytest.raises(SweepDataError, match="steps increase"):
+        fit_critical_batch(b, s, n_bootstrap=100)
+    assert fit_critical_batch(b, s, n_bootstrap=100, max_increase=np.inf).n_points == 5
 
 
 def test_format_batch_keeps_bounds_true() -> None:

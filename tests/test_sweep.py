@@ -19,16 +19,19 @@ import pandas as pd
 import pytest
 
 from noisescale import io as nsio
+from noisescale import plotting_critical, sweep
+from noisescale.errors import NoiseScaleError, SweepConfigError
 from noisescale.sweep import (
     RunSpec,
     SweepConfig,
-    SweepConfigError,
     best_lr_index,
     load_records,
     lr_rule,
     plan_widening,
+    prepare_sweep_dir,
     results_table,
     run_sweep,
+    write_results,
 )
 from noisescale.sweepdata import load_sweep
 
@@ -111,11 +114,53 @@ def test_config_round_trip_and_goals() -> None:
         pytest.param({"lr_step": 1.0}, "lr_step > 1", id="lr_step"),
         pytest.param({"min_steps": 2000}, "min_steps <= max_steps", id="min_steps"),
         pytest.param({"nonsense": 1}, "unknown sweep settings", id="unknown_key"),
+        pytest.param({"lr_max": float("nan")}, "finite lr_max > 0", id="lr_max_nan"),
+        pytest.param({"lr_step": float("inf")}, "lr_step > 1", id="lr_step_inf"),
+        pytest.param({"lr_b_star": -1.0}, "lr_b_star >= 0", id="lr_b_star_negative"),
+        pytest.param({"loss_goals": [float("nan")]}, "loss goals must be positive and finite", id="loss_nan"),
+        pytest.param({"loss_goals": [-0.5]}, "loss goals must be positive", id="loss_negative"),
+        pytest.param({"eval_growth": float("nan")}, "eval_growth > 1", id="eval_growth_nan"),
+        pytest.param({"batch_sizes": [2, 8, 10**9]}, "above the example budget", id="batch_over_budget"),
+        pytest.param({"method": "ddp"}, "one process", id="ddp"),
+        pytest.param({"method": "adam"}, "unknown method", id="unknown_method"),
+        pytest.param({"method": "microbatch", "microbatches": 1}, "at least 2 micro-batches", id="k1"),
+        pytest.param({"microbatches": 0}, "`microbatches` >= 1", id="k0"),
+        pytest.param({"momentum": -0.5}, "momentum >= 0", id="momentum"),
+        pytest.param({"seed": -1}, "0 <= seed", id="seed"),
     ],
 )
 def test_invalid_configs_say_what_to_change(overrides: dict, message: str) -> None:
     with pytest.raises(SweepConfigError, match=message):
         SweepConfig.for_task("linreg", **overrides)
+
+
+def test_sweep_config_error_is_a_project_error_exported_by_sweep() -> None:
+    assert sweep.SweepConfigError is SweepConfigError and "SweepConfigError" in sweep.__all__
+    assert issubclass(SweepConfigError, NoiseScaleError) and issubclass(SweepConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"n_bootstrap": 5}, "n_bootstrap` >= 100", id="bootstrap"),
+        pytest.param({"confidence": 2.0}, r"confidence` in \(0, 1\)", id="confidence"),
+        pytest.param({"confidence": float("nan")}, "confidence", id="confidence_nan"),
+    ],
+)
+def test_bad_fit_settings_are_refused_before_any_run(tmp_path: Path, kwargs: dict, message: str) -> None:
+    out = tmp_path / "sweep"
+    with pytest.raises(SweepConfigError, match=message):
+        run_sweep(tiny(), out, **kwargs)
+    assert not out.exists()
+
+
+def test_a_file_is_not_a_sweep_directory(tmp_path: Path) -> None:
+    path = tmp_path / "taken"
+    path.write_text("not a sweep")
+    with pytest.raises(SweepConfigError, match="is a file, not a directory"):
+        prepare_sweep_dir(path, tiny())
+    with pytest.raises(SweepConfigError, match=r"cannot hold the sweep \(Not a directory\)"):
+        prepare_sweep_dir(path / "inside", tiny())
 
 
 def test_unknown_task_is_refused() -> None:
@@ -179,6 +224,19 @@ def test_results_table_takes_the_fastest_run_and_censors_unreached_goals() -> No
     assert table.loc[(0.35, 8), "steps"] == 100 and not table.loc[(0.35, 8), "reached"]  # censored
     # Only the run that did not diverge says how long the best-tuned run needs at least.
     assert table.loc[(0.6, 128), "steps"] == 300 and not table.loc[(0.6, 128), "reached"]
+
+
+def test_b_crit_plots_label_the_goal_axis_by_metric(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(
+        plotting_critical, "save_figure", lambda fig, path, **_: figures.update({path.name: fig})
+    )
+    cfg = tiny(batch_sizes=[8, 32, 128], loss_goals=[0.6], error_goals=[0.2])
+    steps = {8: 500, 32: 200, 128: 125}  # S_min (1 + B_crit/B) with S_min = 100, B_crit = 32
+    records = {RunSpec(b, 0): fake_record(b, 0, [s, s]) for b, s in steps.items()}
+    write_results(cfg, tmp_path, records, n_bootstrap=100)
+    assert figures["b_crit.png"].axes[0].get_xlabel() == "goal (training loss)"
+    assert figures["b_crit_test_error.png"].axes[0].get_xlabel() == "goal (test error, fraction)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,36 @@ def test_corrupt_files_raise_with_line_numbers(tmp_path: Path, name: str, text: 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SweepDataError, match="no such file"):
         load_sweep(tmp_path / "nope.csv")
+
+
+def test_header_without_records(tmp_path: Path) -> None:
+    with pytest.raises(SweepDataError, match=r"a\.csv: no records below the header"):
+        load_sweep(write(tmp_path / "a.csv", "batch_size,steps\n"))
+
+
+def test_binary_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"batch_size,steps\n\xff\xfe\x00\n")
+    with pytest.raises(SweepDataError, match=r"a\.csv: not a UTF-8 text file \(byte 17\)"):
+        load_sweep(path)
+
+
+def test_directory_is_refused_with_a_hint(tmp_path: Path) -> None:
+    with pytest.raises(SweepDataError, match=r"is a directory: give a sweep file \(CSV or JSON Lines\)$"):
+        load_sweep(tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # a sweep that has not finished yet
+    with pytest.raises(SweepDataError, match=r"no results\.csv yet: re-run `noisescale sweep`"):
+        load_sweep(tmp_path)
+    write(tmp_path / "results.csv", "batch_size,steps\n16,100\n")
+    with pytest.raises(SweepDataError, match=re.escape(f"e.g. {tmp_path / 'results.csv'}")):
+        load_sweep(tmp_path)
+
+
+@pytest.mark.parametrize("goal", [np.nan, np.inf])
+def test_non_finite_goals_are_refused(tmp_path: Path, goal: float) -> None:
+    path = write(tmp_path / "a.csv", "goal,batch_size,steps\n2,16,100\n")
+    with pytest.raises(SweepDataError, match="goals must be finite numbers"):
+        load_sweep(path, [goal])
 
 
 def test_curves_give_first_step_at_goal_and_fastest_run(tmp_path: Path) -> None:

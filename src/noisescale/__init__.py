@@ -10,6 +10,7 @@ from noisescale.errors import (
     NoiseScaleError,
     NotResolvedError,
     SingleMicrobatchError,
+    SweepConfigError,
     SweepDataError,
     UnsupportedLayerError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "NoiseStats",
     "NotResolvedError",
     "SingleMicrobatchError",
+    "SweepConfigError",
     "SweepDataError",
     "UnsupportedLayerError",
     "effective_batch_size",

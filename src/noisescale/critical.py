@@ -57,7 +57,9 @@ from scipy import optimize, stats
 
 from noisescale.errors import SweepDataError
 
-__all__ = ["CriticalBatchFit", "fit_critical_batch", "format_batch"]
+__all__ = ["MIN_BOOTSTRAP", "CriticalBatchFit", "check_fit_settings", "fit_critical_batch", "format_batch"]
+
+MIN_BOOTSTRAP = 100  # fewest resamples for a percentile interval (2-3 beyond each 95% end)
 
 _SEARCH_FACTOR = 100.0  # B_crit is searched within [B_lo / 100, B_hi * 100]
 _BRACKET_SLACK = 2.0  # a bracketed interval may reach one doubling beyond the grid
@@ -166,12 +168,12 @@ def fit_critical_batch(
             it ran without reaching it.
         reached: ``[N]`` bool, False for a censored run (its steps-to-goal exceeds ``steps``).
             Default: every run reached the goal.
-        n_bootstrap: wild-bootstrap resamples for the intervals (at least 100).
+        n_bootstrap: wild-bootstrap resamples for the intervals (at least ``MIN_BOOTSTRAP``, 100).
         confidence: level of the two-sided intervals and of a one-sided bound, in (0, 1).
         max_increase: largest tolerated ratio between the steps of a run and the fewest steps
             any smaller batch size needed. The hyperbola cannot increase with B; the default
             1.5 is ~3 standard deviations of the log-ratio of two runs with 10% log-normal
-            scatter each (sd 0.14; log 1.5 = 0.41).
+            scatter each (sd 0.14; log 1.5 = 0.41). At least 1 (``inf``: no check).
         seed: seed of the bootstrap signs.
 
     Returns:
@@ -181,7 +183,7 @@ def fit_critical_batch(
         SweepDataError: on empty, non-finite or non-positive values, arrays of different
             lengths, a batch size given twice, fewer than 3 distinct batch sizes reaching the
             goal, or steps that increase with batch size by more than ``max_increase``.
-        ValueError: if ``n_bootstrap < 100`` or ``confidence`` is not in (0, 1).
+        ValueError: on a bad setting (see :func:`check_fit_settings`).
 
     Examples:
         >>> b = [16, 64, 256, 1024, 4096]
@@ -193,10 +195,7 @@ def fit_critical_batch(
     References:
         McCandlish et al. (2018), arXiv:1812.06162, eqs. (2.11)-(2.12), appendix A.3.
     """
-    if n_bootstrap < 100:
-        raise ValueError(f"expected `n_bootstrap` >= 100 for a percentile interval but got {n_bootstrap}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"expected `confidence` in (0, 1) but got {confidence}")
+    check_fit_settings(n_bootstrap=n_bootstrap, confidence=confidence, max_increase=max_increase)
     b, s, ok = _validate(batch_sizes, steps, reached, max_increase)
     logb, y = np.log(b), np.log(s)
     lo, hi = float(b[ok].min()), float(b[ok].max())
@@ -240,6 +239,25 @@ def fit_critical_batch(
         confidence=confidence,
         batch_range=(lo, hi),
     )
+
+
+def check_fit_settings(*, n_bootstrap: int, confidence: float, max_increase: float = 1.5) -> None:
+    """Check the settings of :func:`fit_critical_batch` before any work that needs them.
+
+    Raises:
+        ValueError: if ``n_bootstrap < MIN_BOOTSTRAP``, ``confidence`` is not in (0, 1) or
+            ``max_increase`` is below 1 (or NaN); the message names the setting.
+    """
+    if n_bootstrap < MIN_BOOTSTRAP:
+        raise ValueError(
+            f"expected `n_bootstrap` >= {MIN_BOOTSTRAP} for a percentile interval but got {n_bootstrap}"
+        )
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"expected `confidence` in (0, 1) but got {confidence}")
+    if not max_increase >= 1.0:
+        raise ValueError(
+            f"expected `max_increase` >= 1 (a ratio of steps; inf turns the check off) but got {max_increase}"
+        )
 
 
 def _validate(

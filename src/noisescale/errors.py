@@ -11,6 +11,7 @@ __all__ = [
     "NoiseScaleError",
     "NotResolvedError",
     "SingleMicrobatchError",
+    "SweepConfigError",
     "SweepDataError",
     "UnsupportedLayerError",
 ]
@@ -34,6 +35,10 @@ class NotResolvedError(NoiseScaleError, RuntimeError):
 
 class DatasetNotFoundError(NoiseScaleError, FileNotFoundError):
     """A built-in dataset is not installed; the message says how to get it."""
+
+
+class SweepConfigError(NoiseScaleError, ValueError):
+    """A sweep's settings are invalid, or its directory holds another sweep's configuration."""
 
 
 class SweepDataError(NoiseScaleError, ValueError):

@@ -88,6 +88,7 @@ def plot_b_crit_by_goal(
     b_simple: Mapping[float | None, tuple[float, float, float]] | None = None,
     power_law: BCritPowerLaw | None = None,
     unit: str = "examples",
+    goal_label: str = "loss target",
 ) -> Path:
     """B_crit of every goal with its interval, next to the B_simple measured in the same runs.
 
@@ -103,6 +104,8 @@ def plot_b_crit_by_goal(
             :func:`noisescale.sweepdata.b_simple_by_goal`.
         power_law: ``B_crit(L)`` fit to draw across the goals (Kaplan et al. 2020, eq. 5.3).
         unit: batch-size unit for the axis label.
+        goal_label: what the goals are, for the axis label ``goal (<goal_label>)``, e.g.
+            ``"test error, fraction"``.
 
     Returns:
         The path written.
@@ -144,7 +147,7 @@ def plot_b_crit_by_goal(
         ax.set_xscale("log")
         ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("goal (loss target)")
+        ax.set_xlabel(f"goal ({goal_label})")
     else:
         ax.set_xticks(xs, ["goal" if g.goal is None else f"{g.goal:g}" for g in goal_fits])
     ax.set_yscale("log")

@@ -64,8 +64,8 @@ import torch
 from torch import nn
 
 import noisescale
-from noisescale.critical import CriticalBatchFit
-from noisescale.errors import NoiseScaleError, SweepDataError
+from noisescale.critical import CriticalBatchFit, check_fit_settings
+from noisescale.errors import SweepConfigError, SweepDataError
 from noisescale.io import atomic_write_text, write_json
 from noisescale.predict import BCritPowerLaw, fit_b_crit_power_law
 from noisescale.sweepdata import GoalFit, b_simple_by_goal, fit_sweep
@@ -74,6 +74,7 @@ from noisescale.training import TrainConfig, Trainer, normalize_method
 
 __all__ = [
     "METRICS",
+    "SWEEP_METHODS",
     "SWEEP_TASKS",
     "Goal",
     "RunSpec",
@@ -92,6 +93,9 @@ __all__ = [
 
 SWEEP_FORMAT = 1  # version of config.json and of the run records
 METRICS = ("train_loss", "test_error")
+_GOAL_LABELS = {"train_loss": "training loss", "test_error": "test error, fraction"}  # plot axes
+SWEEP_METHODS = ("per_example", "microbatch")  # estimators of a run in one process (no ddp)
+_MAX_SEED = 2**63  # seeds are in [0, 2**63)
 _SUBSET_SEED = 0  # seed of the fixed evaluation subsets, the same for every run
 _DIVERGED = 3.0  # a training loss above this many times the initial one counts as diverged
 # A run is "stalled" when its loss is still above _STALL_LOSS times the initial one after
@@ -100,10 +104,6 @@ _DIVERGED = 3.0  # a training loss above this many times the initial one counts 
 _STALL_LOSS = 0.9
 _STALL_FRACTION = 0.05
 _STALL_MIN_STEPS = 100
-
-
-class SweepConfigError(NoiseScaleError, ValueError):
-    """A sweep directory holds another sweep's configuration, or the configuration is invalid."""
 
 
 def lr_rule(batch_size: float, lr_max: float, b_star: float, alpha: float = 1.0) -> float:
@@ -202,27 +202,62 @@ class SweepConfig:
         object.__setattr__(
             self, "error_goals", tuple(sorted({float(g) for g in self.error_goals}, reverse=True))
         )
-        object.__setattr__(self, "method", normalize_method(self.method))
+        try:
+            object.__setattr__(self, "method", normalize_method(self.method))
+        except ValueError as exc:
+            raise SweepConfigError(str(exc)) from None
+        # Comparisons are written so that NaN fails them.
         if len(sizes) < 3 or sizes[0] < 2:
             raise SweepConfigError(f"expected at least 3 batch sizes >= 2 but got {list(sizes)}")
         if not self.loss_goals and not self.error_goals:
             raise SweepConfigError("a sweep needs at least one goal: give a loss goal or an error goal")
+        if not all(0 < g < math.inf for g in self.loss_goals):
+            raise SweepConfigError(f"loss goals must be positive and finite, got {list(self.loss_goals)}")
         if set(self.loss_goals) & set(self.error_goals):
             raise SweepConfigError("a loss goal and an error goal have the same value: make them differ")
-        if any(not 0 < g < 1 for g in self.error_goals):
+        if not all(0 < g < 1 for g in self.error_goals):
             raise SweepConfigError(f"error goals are fractions in (0, 1), got {list(self.error_goals)}")
-        if self.lr_max <= 0 or self.lr_b_star < 0 or self.lr_step <= 1 or self.lr_points < 1:
-            raise SweepConfigError("expected lr_max > 0, lr_b_star >= 0, lr_step > 1 and lr_points >= 1")
+        if not (
+            0 < self.lr_max < math.inf
+            and 0 <= self.lr_b_star < math.inf
+            and 0 <= self.lr_alpha < math.inf
+            and 1 < self.lr_step < math.inf
+            and self.lr_points >= 1
+        ):
+            raise SweepConfigError(
+                "expected finite lr_max > 0, lr_b_star >= 0, lr_alpha >= 0, lr_step > 1 and lr_points >= 1"
+            )
         if min(self.min_steps, self.max_examples, self.eval_examples, self.eval_test_examples) < 1:
             raise SweepConfigError("budgets and evaluation subsets must be at least 1")
         if self.min_steps > self.max_steps:
             raise SweepConfigError(
                 f"expected min_steps <= max_steps but got {self.min_steps} > {self.max_steps}"
             )
-        if self.eval_growth <= 1 or self.max_widenings < 0 or self.ema_examples <= 0:
-            raise SweepConfigError("expected eval_growth > 1, max_widenings >= 0 and ema_examples > 0")
-        if any(b % self.microbatches for b in sizes):
+        if sizes[-1] > self.max_examples:
+            raise SweepConfigError(
+                f"batch size {sizes[-1]} is above the example budget of a run, max_examples="
+                f"{self.max_examples}: drop it or raise max_examples"
+            )
+        if not (
+            1 < self.eval_growth < math.inf and 0 < self.ema_examples < math.inf and self.max_widenings >= 0
+        ):
+            raise SweepConfigError(
+                "expected finite eval_growth > 1, max_widenings >= 0 and finite ema_examples > 0"
+            )
+        if self.method not in SWEEP_METHODS:
+            raise SweepConfigError(
+                f"a sweep trains each run in one process: expected method 'per-example' or 'microbatch' "
+                f"but got {self.method!r}"
+            )
+        if not 0 <= self.seed < _MAX_SEED:
+            raise SweepConfigError(f"expected 0 <= seed < 2**63 but got {self.seed}")
+        if self.microbatches >= 1 and any(b % self.microbatches for b in sizes):
             raise SweepConfigError(f"every batch size must be a multiple of microbatches={self.microbatches}")
+        for b in sizes:  # the checks of a single run (micro-batches, momentum...), before any training
+            try:
+                self.train_config(b, self.learning_rate(b, 0))
+            except ValueError as exc:
+                raise SweepConfigError(str(exc)) from None
 
     @property
     def goals(self) -> list[Goal]:
@@ -243,6 +278,26 @@ class SweepConfig:
         """Learning rate ``epsilon(B) * lr_step**index`` (see :func:`lr_rule`)."""
         center = lr_rule(batch_size, self.lr_max, self.lr_b_star, self.lr_alpha)
         return float(f"{center * self.lr_step**index:.6g}")  # 6 digits: stable file names and JSON
+
+    def train_config(self, batch_size: int, lr: float) -> TrainConfig:
+        """The settings of the run at ``batch_size`` and ``lr``, with its step budget.
+
+        Raises:
+            ValueError: if they make no valid run (e.g. the microbatch method with one micro-batch).
+        """
+        budget = self.budget(batch_size)
+        return TrainConfig(
+            batch_size=batch_size,
+            microbatches=self.microbatches,
+            lr=lr,
+            steps=budget,
+            method=self.method,
+            seed=self.seed,
+            momentum=self.momentum,
+            ema_decay=None,
+            ema_examples=self.ema_examples,
+            measure_every=budget + 1,  # estimates are read at the checks only (one host sync each)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sequences as lists)."""
@@ -270,9 +325,9 @@ class SweepConfig:
         Raises:
             SweepConfigError: for a task without sweep defaults, an unknown setting or an invalid value.
         """
-        if task not in _DEFAULTS:
+        if task not in SWEEP_TASKS:
             raise SweepConfigError(
-                f"no sweep defaults for task {task!r}: expected one of {', '.join(_DEFAULTS)}"
+                f"no sweep defaults for task {task!r}: expected one of {', '.join(SWEEP_TASKS)}"
             )
         values = {**_DEFAULTS[task], **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict({"task": task, **values})
@@ -454,19 +509,8 @@ def train_run(task: Task, config: SweepConfig, spec: RunSpec) -> dict[str, Any]:
         and ``wall_time_s``.
     """
     start = time.perf_counter()
-    budget = config.budget(spec.batch_size)
-    train_config = TrainConfig(
-        batch_size=spec.batch_size,
-        microbatches=config.microbatches,
-        lr=spec.lr(config),
-        steps=budget,
-        method=config.method,
-        seed=config.seed,
-        momentum=config.momentum,
-        ema_decay=None,
-        ema_examples=config.ema_examples,
-        measure_every=budget + 1,  # estimates are read at the checks only (one host sync each)
-    )
+    train_config = config.train_config(spec.batch_size, spec.lr(config))
+    budget = train_config.steps
     probe = _Probe(task, config)
     goals = config.goals
     done = [False] * len(goals)
@@ -631,17 +675,22 @@ def prepare_sweep_dir(out: str | Path, config: SweepConfig) -> bool:
         True when resuming a sweep (``config.json`` was already there).
 
     Raises:
-        SweepConfigError: if ``config.json`` describes another sweep (the message lists the
-            settings that differ) or cannot be read.
+        SweepConfigError: if ``out`` cannot be a directory (e.g. it is a file) or is not
+            writable, or ``config.json`` describes another sweep (the message lists the settings
+            that differ) or cannot be read.
     """
     out = Path(out)
     path = out / "config.json"
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "runs").glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    if not path.exists():
-        write_json(path, {**config.to_dict(), "noisescale_version": noisescale.__version__})
-        return False
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        for stale in (out / "runs").glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if not path.exists():
+            write_json(path, {**config.to_dict(), "noisescale_version": noisescale.__version__})
+            return False
+    except OSError as exc:
+        what = "is a file, not a directory" if out.is_file() else f"cannot hold the sweep ({exc.strerror})"
+        raise SweepConfigError(f"{out} {what}: choose another --out directory") from None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -875,8 +924,13 @@ def run_sweep(
         The records, the table, the fit per goal and the files written.
 
     Raises:
-        SweepConfigError: if ``out`` holds another sweep.
+        SweepConfigError: before any training, if ``n_bootstrap`` or ``confidence`` is invalid
+            (see :func:`noisescale.critical.check_fit_settings`) or ``out`` cannot hold this sweep.
     """
+    try:
+        check_fit_settings(n_bootstrap=n_bootstrap, confidence=confidence)
+    except ValueError as exc:
+        raise SweepConfigError(str(exc)) from None
     prepare_sweep_dir(out, config)
     records = load_records(out, config)
     trained = 0
@@ -928,7 +982,12 @@ def write_results(
         law = _power_law(goal_fits) if metric == "train_loss" else None
         files.append(
             plot_b_crit_by_goal(
-                goal_fits, out / f"b_crit{suffix}.png", b_simple=b_simple, power_law=law, unit=unit
+                goal_fits,
+                out / f"b_crit{suffix}.png",
+                b_simple=b_simple,
+                power_law=law,
+                unit=unit,
+                goal_label=_GOAL_LABELS[metric],
             )
         )
     result = SweepResult(config, records, table, fits, b_simple, unit, files, 0)

@@ -67,18 +67,39 @@ def read_table(path: str | Path) -> pd.DataFrame:
         DataFrame of object columns plus ``_line`` (int, 1-based line of the file).
 
     Raises:
-        SweepDataError: if the file is missing, empty or not parseable.
+        SweepDataError: if the file is missing, a directory, unreadable, not UTF-8 text, empty
+            (or a CSV header alone) or not parseable.
     """
     path = Path(path)
+    if path.is_dir():
+        raise SweepDataError(
+            f"{path} is a directory: give a sweep file (CSV or JSON Lines){_in_folder(path)}"
+        )
     if not path.is_file():
         raise SweepDataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SweepDataError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}); give a CSV or JSON Lines file"
+        ) from None
+    except OSError as exc:
+        raise SweepDataError(f"{path}: cannot read the file ({exc.strerror})") from None
     head = text.lstrip()[:1]
     if not head:
         raise SweepDataError(f"{path}: the file is empty")
     records = _read_json(text, path) if head in "{[" else _read_csv(path)
     records.columns = [_norm(c) for c in records.columns]
     return records
+
+
+def _in_folder(folder: Path) -> str:
+    """Where a sweep directory keeps its results, or why it has none, as the end of a message."""
+    if (folder / "results.csv").is_file():
+        return f", e.g. {folder / 'results.csv'}"
+    if (folder / "config.json").is_file():
+        return "; this sweep has no results.csv yet: re-run `noisescale sweep` with its settings to finish it"
+    return ""
 
 
 def _norm(name: object) -> str:
@@ -103,6 +124,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
                 lines.append(reader.line_num)
     except (csv.Error, UnicodeDecodeError) as exc:
         raise SweepDataError(f"{path}: not a readable CSV file ({exc})") from exc
+    if not rows:
+        raise SweepDataError(f"{path}: no records below the header")
     df = pd.DataFrame(rows, columns=header, dtype=object)
     df["_line"] = lines
     return df
@@ -206,8 +229,10 @@ def load_sweep(path: str | Path, goals: Sequence[float] | None = None) -> pd.Dat
         SweepDataError: on a missing or unreadable file, missing columns, empty or
             non-numeric cells (with the line), non-positive batch sizes or steps, a batch size
             listed twice for a goal in a per-run file, no goal for loss curves, a goal not in
-            the file, or a run that meets a goal at its first logged step 0.
+            the file or not finite, or a run that meets a goal at its first logged step 0.
     """
+    if goals is not None and not np.all(np.isfinite(np.asarray(goals, dtype=float))):
+        raise SweepDataError(f"goals must be finite numbers, got {list(goals)}")
     table = read_table(path)
     cols = set(table.columns)
     try:

@@ -140,8 +140,16 @@ def test_fit_partial_goal_failure_is_reported(tmp_path: Path) -> None:
         pytest.param("batch_size,step,loss\n16,1,3\n", [], "--goal", id="curves_without_goal"),
         pytest.param("batch_size,steps\n16,100\n64,50\n64,40\n256,30\n", [], "appears on lines 3, 4",
                      id="duplicate"),
-        pytest.param("batch_size,steps\n16,100\n64,50\n256,30\n", ["--bootstrap", "5"], "n_bootstrap",
-                     id="bad_option"),
+        pytest.param("", [], "bad.csv: the file is empty", id="empty"),
+        pytest.param("batch_size,steps\n", [], "bad.csv: no records below the header", id="header_only"),
+        pytest.param("bs,n\n16,100\n", [], "bad.csv: columns bs, n; expected `batch_size, steps`",
+                     id="missing_columns"),
+        pytest.param("batch_size,steps\n16,100\n32,nan\n64,40\n", [],
+                     "line 3: column `steps` ('nan') is not finite", id="nan"),
+        pytest.param("batch_size,steps\n16,100\n[x],50\n", [], "column `batch_size` ('[x]') is not a number",
+                     id="brackets_are_not_markup"),
+        pytest.param("goal,batch_size,steps\n2,16,100\n", ["--goal", "nan"], "goals must be finite",
+                     id="goal_nan"),
     ],
 )  # fmt: skip
 def test_fit_errors_are_one_line_exit_2(tmp_path: Path, text: str, args: list[str], match: str) -> None:
@@ -150,7 +158,51 @@ def test_fit_errors_are_one_line_exit_2(tmp_path: Path, text: str, args: list[st
     res = invoke("fit", path, "--no-plots", *args)
     assert res.exit_code == 2
     assert "Traceback" not in res.output
-    assert "error:" in res.output and match in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        pytest.param(
+            ["--max-increase", "-1"], "--max-increase", id="max_increase_negative"
+        ),  # was IndexError
+        pytest.param(["--max-increase", "0.5"], "--max-increase", id="max_increase_below_1"),
+        pytest.param(["--max-increase", "nan"], "--max-increase", id="max_increase_nan"),
+        pytest.param(["--bootstrap", "5"], "--bootstrap", id="bootstrap"),
+        pytest.param(["--confidence", "1"], "--confidence", id="confidence"),
+        pytest.param(["--seed", "-1"], "--seed", id="seed"),
+    ],
+)
+def test_fit_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], option: str) -> None:
+    res = invoke("fit", per_run_csv(tmp_path / "sweep.csv"), "--no-plots", *args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"Invalid value for '{option}'" in res.stderr
+
+
+def test_fit_binary_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    res = invoke("fit", path, "--no-plots")
+    assert res.exit_code == 2 and f"error: {path}: not a UTF-8 text file" in res.stderr
+
+
+def test_fit_directory_with_no_results(tmp_path: Path) -> None:
+    res = invoke("fit", tmp_path, "--no-plots")
+    assert res.exit_code == 2
+    assert f"error: {tmp_path} is a directory: give a sweep file (CSV or JSON Lines)" in res.stderr
+    (tmp_path / "config.json").write_text("{}")  # a sweep directory before its first results
+    res = invoke("fit", tmp_path, "--no-plots")
+    assert res.exit_code == 2 and "no results.csv yet" in res.stderr and "Traceback" not in res.output
+
+
+def test_fit_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    res = invoke("fit", per_run_csv(tmp_path / "sweep.csv"), "--out", taken, "--bootstrap", "100")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.strip() == f"error: --out {taken} is a file, not a folder: choose another --out"
 
 
 def test_predict_sentence_and_table() -> None:
@@ -207,3 +259,64 @@ def test_predict_unbracketed_goal_and_errors(tmp_path: Path) -> None:
     ]:
         res = invoke("predict", *args)
         assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        pytest.param("fit.json", "{\n", "line 1: not valid JSON", id="truncated_json"),
+        pytest.param("fit.json", '{"goals": []}', "`goals` is []; expected a non-empty list", id="no_goals"),
+        pytest.param("fit.json", '{"goals": 5}', "`goals` is 5; expected a non-empty list",
+                     id="goals_not_list"),
+        pytest.param("fit.json", '{"b_crit": "abc"}', "`b_crit` is 'abc'; expected a positive number",
+                     id="b_crit_text"),
+        pytest.param("fit.json", '{"b_crit": -5}', "`b_crit` is -5; expected a positive number",
+                     id="b_crit_negative"),
+        pytest.param("fit.json", '{"b_crit": 500, "s_min": true}', "`s_min` is True", id="s_min_bool"),
+        pytest.param("fit.json", '{"goals": [{"goal": "a", "b_crit": 5}]}', "`goal` is 'a'", id="goal_text"),
+        pytest.param("fit.json", '{"b_crit": 500, "power_law": {"x": 1}}', "`power_law` is {'x': 1}",
+                     id="power_law_keys"),
+        pytest.param("fit.json", '{"b_crit": 500, "power_law": {"b_star": -1, "alpha_b": 0.2}}',
+                     "`power_law`", id="power_law_negative"),
+        pytest.param("fit.json", '{"goals": [{"goal": 2.0, "b_crit": null, "bound": "B_crit > 8192"}]}',
+                     "goal 2: the sweep does not bracket B_crit (B_crit > 8192)", id="unbracketed"),
+        pytest.param("runs.csv", "batch_size,steps\n16,100\n64,50\n", "goal: the goal was reached at 2",
+                     id="sweep_too_few"),
+        pytest.param("runs.csv", "batch_size,steps\n", "no records below the header", id="sweep_header_only"),
+    ],
+)  # fmt: skip
+def test_predict_from_bad_file_names_it(tmp_path: Path, name: str, text: str, match: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    res = invoke("predict", "--from", path)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}") and match in lines[0], res.stderr
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param("missing.json", id="missing"), pytest.param(".", id="directory")]
+)
+def test_predict_from_missing_file_or_directory(tmp_path: Path, path: str) -> None:
+    res = invoke("predict", "--from", tmp_path / path)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.startswith(f"error: {tmp_path / path}")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--b-crit", "500", "--batch-size", "-3"], "batch_sizes` to be positive and finite but got [-3.0]"),
+        (["--b-crit", "500", "--batch-size", "0"], "got [0.0]"),
+        (["--b-crit", "500", "--batch-size", "nan"], "got [nan]"),  # brackets printed, not eaten as markup
+        (["--b-star", "-5", "--alpha-b", "0.2"], "--b-star must be positive"),  # no law of a negative B*
+        (["--b-star", "2e8", "--alpha-b", "0"], "--alpha-b must be positive"),
+        (["--b-crit", "500", "--goal", "2"], "--goal selects goals of a file"),
+        (["--b-star", "2e8", "--alpha-b", "0.2", "--loss", "2", "--batch-size", "64"], "need B_crit"),
+    ],
+)
+def test_predict_bad_values_are_one_line(args: list[str], match: str) -> None:
+    res = invoke("predict", *args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], res.stderr

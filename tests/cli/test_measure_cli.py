@@ -155,3 +155,12 @@ def test_bad_batch_split_is_a_usage_error(tmp_path: Path) -> None:
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
     assert "not divisible by 4 micro-batches" in stderr
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("something else")
+    code, _, stderr = _run("--task", "linreg", "--no-progress", "--out", str(taken))
+    assert code == 2
+    assert stderr.strip() == f"error: --out {taken} is a file, not a folder: choose another --out"
+    assert taken.read_text() == "something else"

@@ -9,6 +9,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from noisescale.cli import common
+from noisescale.cli import measure as measure_cli
+from noisescale.cli import sweep as sweep_cli
 from noisescale.cli.app import app
 
 runner = CliRunner()
@@ -83,12 +86,73 @@ def test_other_settings_in_the_same_directory_are_refused(swept: tuple[Path, str
     [
         pytest.param(["--batch-size", "8", "--batch-size", "16"], "at least 3 batch sizes", id="two_batches"),
         pytest.param(["--error-goal", "2"], "fractions", id="error_goal"),
+        pytest.param(["--method", "microbatch", "--microbatches", "1"], "at least 2 micro-batches", id="k1"),
+        pytest.param(["--microbatches", "0"], "`microbatches` >= 1", id="k0"),
+        pytest.param(["--batch-size", "0", "--batch-size", "8", "--batch-size", "32"], "batch sizes >= 2",
+                     id="zero_batch"),
+        pytest.param(["--batch-size", "-8", "--batch-size", "8", "--batch-size", "32"], "batch sizes >= 2",
+                     id="negative_batch"),
+        pytest.param(["--batch-size", "8", "--batch-size", "32", "--batch-size", "1000000000"],
+                     "above the example budget", id="huge_batch"),
+        pytest.param(["--lr-max", "nan"], "finite lr_max > 0", id="lr_max_nan"),
+        pytest.param(["--lr-max", "0"], "finite lr_max > 0", id="lr_max_zero"),
+        pytest.param(["--lr-step", "inf"], "lr_step > 1", id="lr_step_inf"),
+        pytest.param(["--lr-points", "0"], "lr_points >= 1", id="empty_lr_grid"),
+        pytest.param(["--max-widenings", "-1"], "max_widenings >= 0", id="widenings"),
+        pytest.param(["--loss-goal", "-1"], "loss goals must be positive", id="loss_goal"),
+        pytest.param(["--max-steps", "0", "--min-steps", "0"], "at least 1", id="no_steps"),
+        pytest.param(["--seed", "-1"], "0 <= seed", id="seed"),
+        pytest.param(["--error-goal", "0.1", "--no-error-goal"], "not both", id="error_goal_twice"),
+    ],
+)  # fmt: skip
+def test_bad_options_exit_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--task", "linreg", "--no-progress", "--out", str(out), *args])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists()  # refused before the sweep directory, let alone a run
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        pytest.param(["--confidence", "2"], "--confidence", id="confidence"),
+        pytest.param(["--confidence", "nan"], "--confidence", id="confidence_nan"),
+        pytest.param(["--bootstrap", "5"], "--bootstrap", id="bootstrap"),  # fewer than 100 resamples
+        pytest.param(["--jobs", "0"], "--jobs", id="jobs"),
+        pytest.param(["--task", "imagenet"], "--task", id="task"),
+        pytest.param(["--method", "ddp"], "--method", id="ddp"),
     ],
 )
-def test_bad_options_exit_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    result = runner.invoke(app, ["sweep", "--task", "linreg", "--out", str(tmp_path), *args])
+def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], option: str) -> None:
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "--task", "linreg", "--no-progress", "--out", str(out), *args])
     assert result.exit_code == 2
-    assert message in result.stderr and "Traceback" not in result.output
+    assert f"Invalid value for '{option}'" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_bootstrap_minimum_is_in_the_help() -> None:
+    assert ">= 100" in runner.invoke(app, ["sweep", "--help"]).stdout
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("something else")
+    result = runner.invoke(app, [*TINY, "--out", str(taken)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (
+        result.stderr.strip() == f"error: {taken} is a file, not a directory: choose another --out directory"
+    )
+    assert taken.read_text() == "something else"
+
+
+def test_subcommands_share_the_option_choices() -> None:
+    assert sweep_cli.TaskName is measure_cli.TaskName is common.TaskName
+    assert [m.value for m in common.MethodName] == ["per-example", "microbatch", "ddp"]  # measure
+    assert [m.value for m in common.SweepMethodName] == ["per-example", "microbatch"]  # one process per run
 
 
 @pytest.mark.slow

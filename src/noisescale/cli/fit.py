@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noisescale.cli.common import BootstrapOption, ConfidenceOption, check_writable, fail
 from noisescale.critical import format_batch
 from noisescale.errors import SweepDataError
 from noisescale.io import to_jsonable
@@ -41,12 +42,6 @@ class Unit(str, enum.Enum):
 
     examples = "examples"
     tokens = "tokens"
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one error line on stderr and return the exit to raise (no traceback)."""
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def power_law_of(goal_fits: list[GoalFit]) -> tuple[BCritPowerLaw | None, str | None]:
@@ -74,7 +69,7 @@ def law_sentence(law: BCritPowerLaw, unit: str) -> str:
 
 def output_console() -> Console:
     """Console for results: the terminal's width, or 140 columns when piped (tables stay unwrapped)."""
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, markup=False)  # file names may hold brackets
     if not console.is_terminal:
         console.width = 140
     return console
@@ -202,13 +197,16 @@ def fit(
         bool, typer.Option("--json", help="Print a JSON object instead of a table.")
     ] = False,
     unit: Annotated[Unit, typer.Option(help="What a batch size counts.")] = Unit.examples,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals (>= 100).")] = 1000,
-    confidence: Annotated[float, typer.Option(help="Level of the intervals and bounds.")] = 0.95,
+    bootstrap: BootstrapOption = 1000,
+    confidence: ConfidenceOption = 0.95,
     max_increase: Annotated[
         float,
-        typer.Option(help="Tolerated rise of steps with batch size before the data count as non-monotone."),
+        typer.Option(
+            help="Tolerated rise of steps with batch size (ratio >= 1) before data count as non-monotone.",
+            min=1.0,
+        ),
     ] = 1.5,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.", min=0)] = 0,
     plots: Annotated[bool, typer.Option(help="Write the Pareto-front and B_crit plots.")] = True,
     out: Annotated[Path | None, typer.Option(help="Folder for the plots (default: next to FILE).")] = None,
 ) -> None:
@@ -216,22 +214,23 @@ def fit(
 
     Example: noisescale fit curves.csv --goal 3.5 --goal 3.0 --json
     """
+    folder = out if out is not None else file.parent
     try:
         table = load_sweep(file, goal)
+        if plots:
+            check_writable(folder)
         goal_fits = fit_sweep(
             table, n_bootstrap=bootstrap, confidence=confidence, max_increase=max_increase, seed=seed
         )
     except (SweepDataError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if all(g.fit is None for g in goal_fits):
         msg = "; ".join(_notes(goal_fits))
-        raise _fail(f"{file}: {msg}")
+        raise fail(f"{file}: {msg}")
     b_simple = b_simple_by_goal(table)
     law, _ = power_law_of(goal_fits)
     written: list[Path] = []
     if plots:
-        folder = out if out is not None else file.parent
-        folder.mkdir(parents=True, exist_ok=True)
         written.append(plot_pareto_front(goal_fits, folder / f"{file.stem}.pareto.png", unit=unit.value))
         written.append(
             plot_b_crit_by_goal(
@@ -253,4 +252,4 @@ def fit(
     if law is not None:
         console.print(f"across goals: {law_sentence(law, unit.value)}")
     if written:
-        Console(stderr=True, highlight=False).print("wrote " + ", ".join(str(p) for p in written))
+        Console(stderr=True, highlight=False, markup=False).print("wrote " + ", ".join(map(str, written)))

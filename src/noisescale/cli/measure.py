@@ -28,8 +28,6 @@ dataset or a bad option prints one line saying what to do and exits with status 
 
 from __future__ import annotations
 
-import enum
-import os
 import platform
 import time
 from pathlib import Path
@@ -40,29 +38,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 import noisescale
 from noisescale import distributed as nsdist
+from noisescale.cli.common import DEFAULT_TASK, MethodName, TaskName, check_writable, fail
 from noisescale.errors import NoiseScaleError
 from noisescale.io import write_json, write_jsonl
 from noisescale.plotting import plot_run
 from noisescale.smoothing import decay_for_step
-from noisescale.tasks import TASK_NAMES, Task, get_task
+from noisescale.tasks import Task, get_task
 from noisescale.training import StepRecord, TrainConfig, TrainResult, evaluate, train, train_loss
 
 __all__ = ["measure"]
-
-TaskName = enum.Enum("TaskName", {name.replace("-", "_"): name for name in TASK_NAMES}, type=str)  # type: ignore[misc]
-_DEFAULT_TASK = TaskName("mnist")
-
-
-class MethodName(str, enum.Enum):
-    """Estimators selectable on the command line."""
-
-    per_example = "per-example"
-    microbatch = "microbatch"
-    ddp = "ddp"
 
 
 def _fmt(x: float | None, missing: str = "n/a") -> str:
@@ -70,23 +57,6 @@ def _fmt(x: float | None, missing: str = "n/a") -> str:
     if x is None or x != x:
         return missing
     return f"{x:.4g}"
-
-
-def _check_writable(out_dir: Path) -> None:
-    """Create ``out_dir`` or raise ValueError saying why it cannot hold the results."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out {out_dir}: the folder is not writable")
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    """Print one error line on stderr and return the exit to raise (no traceback)."""
-    line = Text.assemble(("error: ", "bold red"), message)  # Text: brackets in `message` are not markup
-    Console(stderr=True, highlight=False).print(line, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _run_with_progress(
@@ -239,7 +209,7 @@ def _table(summary: dict[str, Any]) -> Table:
 
 
 def measure(
-    task: Annotated[TaskName, typer.Option(help="Built-in task to train.")] = _DEFAULT_TASK,
+    task: Annotated[TaskName, typer.Option(help="Built-in task to train.")] = DEFAULT_TASK,
     method: Annotated[
         MethodName | None,
         typer.Option(
@@ -296,17 +266,17 @@ def measure(
         decay_for_step(ema_decay=config.ema_decay, ema_examples=config.ema_examples, examples=1.0)
         out_dir = out if out is not None else Path("runs") / the_task.name
         if nsdist.is_rank_zero():  # fail now, not after training
-            _check_writable(out_dir)
+            check_writable(out_dir)
     except NoiseScaleError as exc:  # a missing dataset
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     except (ValueError, RuntimeError) as exc:  # a bad option
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     try:
         result = _run_with_progress(
             the_task, config, Console(stderr=True), progress and nsdist.is_rank_zero(), info
         )
     except NoiseScaleError as exc:  # e.g. a layer without a per-example kernel
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     if not nsdist.is_rank_zero():  # rank 0 alone evaluates (the unwrapped model), writes and prints
         nsdist.close()
         return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noisescale.cli.common import fail
 from noisescale.cli.fit import Unit, law_sentence, output_console, power_law_of, short_number
 from noisescale.critical import format_batch
 from noisescale.errors import SweepDataError
@@ -45,22 +47,51 @@ from noisescale.sweepdata import fit_sweep, load_sweep
 __all__ = ["predict"]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one error line on stderr and return the exit to raise (no traceback)."""
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-    return typer.Exit(code)
+_FIT_JSON = "the JSON of `noisescale fit --json`"
+
+
+def _is_number(value: object, *, positive: bool) -> bool:
+    """A finite JSON number (not a boolean), and positive when asked."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > 0 or not positive
 
 
 def _entries_from_fit_json(obj: dict, path: Path) -> tuple[list[dict], BCritPowerLaw | None]:
-    """Goals (goal, b_crit, s_min, bound, error) and the power law of a ``fit --json`` object."""
+    """Goals (goal, b_crit, s_min, bound, error) and the power law of a ``fit --json`` object.
+
+    Raises:
+        SweepDataError: naming ``path`` and the field, on anything ``fit --json`` does not write.
+    """
     goals = obj.get("goals", [obj])
+    if not isinstance(goals, list) or not goals:
+        raise SweepDataError(f"{path}: `goals` is {goals!r}; expected a non-empty list as in {_FIT_JSON}")
     entries = []
     for g in goals:
         if not isinstance(g, dict) or not ({"b_crit", "error"} & set(g)):
-            raise SweepDataError(f"{path}: not the JSON of `noisescale fit --json` (a goal lacks `b_crit`)")
-        entries.append({k: g.get(k) for k in ("goal", "b_crit", "s_min", "bound", "error")})
+            raise SweepDataError(f"{path}: not {_FIT_JSON} (a goal lacks `b_crit`)")
+        entry = {k: g.get(k) for k in ("goal", "b_crit", "s_min", "bound", "error")}
+        for key, positive in (("goal", False), ("b_crit", True), ("s_min", True)):
+            value = entry[key]
+            if value is not None and not _is_number(value, positive=positive):
+                kind = "a positive number" if positive else "a number"
+                raise SweepDataError(
+                    f"{path}: `{key}` is {value!r}; expected {kind} or null as in {_FIT_JSON}"
+                )
+        entries.append(entry)
     law = obj.get("power_law")
-    return entries, None if not law else BCritPowerLaw(float(law["b_star"]), float(law["alpha_b"]))
+    if law is None:
+        return entries, None
+    if not (
+        isinstance(law, dict)
+        and _is_number(law.get("b_star"), positive=True)
+        and _is_number(law.get("alpha_b"), positive=True)
+    ):
+        raise SweepDataError(
+            f"{path}: `power_law` is {law!r}; expected null or positive `b_star` and `alpha_b` "
+            f"as in {_FIT_JSON}"
+        )
+    return entries, BCritPowerLaw(float(law["b_star"]), float(law["alpha_b"]))
 
 
 def _load_entries(path: Path, goals: list[float] | None) -> tuple[list[dict], BCritPowerLaw | None]:
@@ -143,13 +174,24 @@ def _print_prediction(console: Console, pred: dict, unit: str) -> None:
 
 
 def _check(
-    b_crit: float | None, s_min: float | None, from_file: Path | None, loss: list[float] | None
+    b_crit: float | None,
+    s_min: float | None,
+    from_file: Path | None,
+    goal: list[float] | None,
+    loss: list[float] | None,
+    law: tuple[float | None, float | None],
 ) -> None:
+    """Raise ValueError on options that do not go together or values that are not positive."""
     if from_file is not None and (b_crit is not None or s_min is not None):
         raise ValueError("give either --from FILE or --b-crit/--s-min, not both")
     if s_min is not None and b_crit is None:
         raise ValueError("--s-min needs --b-crit")
-    for name, v in (("--b-crit", b_crit), ("--s-min", s_min), *(("--loss", x) for x in loss or [])):
+    if goal and from_file is None:
+        raise ValueError("--goal selects goals of a file: give --from FILE")
+    if (law[0] is None) != (law[1] is None):
+        raise ValueError("give both --b-star and --alpha-b")
+    values = [("--b-crit", b_crit), ("--s-min", s_min), ("--b-star", law[0]), ("--alpha-b", law[1])]
+    for name, v in [*values, *(("--loss", x) for x in loss or [])]:
         if v is not None and not (np.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be positive, got {v:g}")
 
@@ -192,9 +234,7 @@ def predict(
     Example: noisescale predict --b-crit 835 --s-min 1200 --batch-size 512 --batch-size 1024
     """
     try:
-        _check(b_crit, s_min, from_file, loss)
-        if (b_star is None) != (alpha_b is None):
-            raise ValueError("give both --b-star and --alpha-b")
+        _check(b_crit, s_min, from_file, goal, loss, (b_star, alpha_b))
         law = None if b_star is None else BCritPowerLaw(b_star, alpha_b)  # type: ignore[arg-type]
         entries: list[dict] = []
         if from_file is not None:
@@ -206,13 +246,15 @@ def predict(
             raise ValueError("give --b-crit (and --s-min), --from FILE, or --b-star and --alpha-b")
         if loss and law is None:
             raise ValueError("--loss needs B_crit(L): --b-star and --alpha-b, or --from with 3 or more goals")
+        if (batch_size or exchange_rate is not None) and not entries:
+            raise ValueError("--batch-size and --exchange-rate need B_crit: give --b-crit or --from FILE")
         preds = [_prediction(e, batch_size, exchange_rate, unit.value) for e in entries if e.get("b_crit")]
         at_loss = [{"loss": x, "b_crit": b_crit_at_loss(x, *law)} for x in loss or []] if law else []
     except (SweepDataError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     skipped = [e for e in entries if not e.get("b_crit")]
-    if entries and not preds and not at_loss:
-        raise _fail("; ".join(_why(e) for e in skipped))
+    if entries and not preds and not at_loss:  # only a file's goals can lack B_crit
+        raise fail(f"{from_file}: " + "; ".join(_why(e) for e in skipped))
     if json_output:
         obj = {
             "unit": unit.value,

@@ -23,7 +23,6 @@ also gets ``config.json``, ``results.csv`` (readable by ``noisescale fit``), ``f
 
 from __future__ import annotations
 
-import enum
 import os
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -34,32 +33,23 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
-from noisescale.cli.fit import short_number
+from noisescale.cli.common import (
+    DEFAULT_TASK,
+    BootstrapOption,
+    ConfidenceOption,
+    SweepMethodName,
+    TaskName,
+    fail,
+)
+from noisescale.cli.fit import output_console, short_number
 from noisescale.critical import format_batch
 from noisescale.errors import DatasetNotFoundError, NoiseScaleError
-from noisescale.sweep import SWEEP_TASKS, RunSpec, SweepConfig, SweepResult, goal_ratio, run_sweep
+from noisescale.sweep import RunSpec, SweepConfig, SweepResult, goal_ratio, run_sweep
 
 __all__ = ["sweep"]
 
-TaskName = enum.Enum("TaskName", {n.replace("-", "_"): n for n in SWEEP_TASKS}, type=str)  # type: ignore[misc]
-_DEFAULT_TASK = TaskName("mnist")
-
-
-class MethodName(str, enum.Enum):
-    """Estimators of the noise scale measured in the runs."""
-
-    per_example = "per-example"
-    microbatch = "microbatch"
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    """Print one error line on stderr and return the exit to raise (no traceback)."""
-    Console(stderr=True, highlight=False).print(
-        Text.assemble(("error: ", "bold red"), message), soft_wrap=True
-    )
-    return typer.Exit(code)
+_DEFAULT_METHOD = SweepMethodName("per-example")
 
 
 def _default_jobs() -> int:
@@ -122,11 +112,11 @@ def _notes(result: SweepResult) -> list[str]:
     return lines
 
 
-def _microbatches(method: MethodName, given: int | None) -> int | None:
+def _microbatches(method: str, given: int | None) -> int | None:
     """Micro-batches per step: as given, else 2 for the microbatch method, else the default (1)."""
     if given is not None:
         return given
-    return 2 if method == MethodName.microbatch else None
+    return 2 if method == "microbatch" else None
 
 
 def _describe(spec: RunSpec, record: dict[str, Any]) -> str:
@@ -138,7 +128,7 @@ def _describe(spec: RunSpec, record: dict[str, Any]) -> str:
 
 
 def sweep(
-    task: Annotated[TaskName, typer.Option(help="Built-in task.")] = _DEFAULT_TASK,
+    task: Annotated[TaskName, typer.Option(help="Built-in task.")] = DEFAULT_TASK,
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default runs/sweep-<task>).")] = None,
     jobs: Annotated[int | None, typer.Option(help="Parallel runs (default: every core).", min=1)] = None,
     batch_size: Annotated[
@@ -169,13 +159,13 @@ def sweep(
         int | None, typer.Option(help="Example budget of a run (steps: max_examples/B, clipped).")
     ] = None,
     min_steps: Annotated[int | None, typer.Option(help="Smallest step budget of a run.")] = None,
-    method: Annotated[MethodName, typer.Option(help="Noise-scale estimator.")] = MethodName.per_example,
+    method: Annotated[SweepMethodName, typer.Option(help="Noise-scale estimator.")] = _DEFAULT_METHOD,
     microbatches: Annotated[
-        int | None, typer.Option(help="Micro-batches per step (microbatch method).")
+        int | None, typer.Option(help="Micro-batches per step (microbatch method: >= 2, default 2).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Initial weights and data stream of every run.")] = 0,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the intervals.")] = 1000,
-    confidence: Annotated[float, typer.Option(help="Level of the intervals.")] = 0.95,
+    bootstrap: BootstrapOption = 1000,
+    confidence: ConfidenceOption = 0.95,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
     """Measure B_crit of a built-in task with a batch-size sweep, next to its B_simple.
@@ -184,6 +174,8 @@ def sweep(
     """
     start = time.perf_counter()
     try:
+        if no_error_goal and error_goal:
+            raise ValueError("give --error-goal or --no-error-goal, not both")
         config = SweepConfig.for_task(
             task.value,
             batch_sizes=batch_size or None,
@@ -198,20 +190,18 @@ def sweep(
             max_examples=max_examples,
             min_steps=min_steps,
             method=method.value,
-            microbatches=_microbatches(method, microbatches),
+            microbatches=_microbatches(method.value, microbatches),
             seed=seed,
         )
     except (NoiseScaleError, ValueError) as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     folder = out if out is not None else Path("runs") / f"sweep-{config.task}"
     result = _run(config, folder, jobs or _default_jobs(), bootstrap, confidence, progress)
-    console = Console(highlight=False, soft_wrap=True)
-    if not console.is_terminal:
-        console.width = 140
+    console = output_console()
     console.print(_summary_table(result))
     for line in _notes(result):
         console.print(line)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, markup=False)
     err.print(
         f"{len(result.records)} runs ({result.trained} trained now) in {time.perf_counter() - start:.0f} s; "
         f"wrote {', '.join(p.name for p in result.files)} in {folder}"
@@ -244,9 +234,9 @@ def _run(
         except BrokenProcessPool:
             msg = f"a worker process died (out of memory?); finished runs are saved in {folder}/runs"
             msg += ": re-run the same command to resume"
-            raise _fail(msg, 1) from None
+            raise fail(msg, 1) from None
         except KeyboardInterrupt:
             msg = f"interrupted: finished runs are saved in {folder}/runs; re-run the same command to resume"
-            raise _fail(msg, 130) from None
+            raise fail(msg, 130) from None
         except NoiseScaleError as exc:
-            raise _fail(str(exc), 1 if isinstance(exc, DatasetNotFoundError) else 2) from None
+            raise fail(str(exc), 1 if isinstance(exc, DatasetNotFoundError) else 2) from None

@@ -1,0 +1,79 @@
+"""What the subcommands share: the choices of their options, option checks and the error line."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from noisescale.critical import MIN_BOOTSTRAP
+from noisescale.sweep import SWEEP_METHODS
+from noisescale.tasks import TASK_NAMES
+from noisescale.training import METHODS
+
+__all__ = [
+    "DEFAULT_TASK",
+    "BootstrapOption",
+    "ConfidenceOption",
+    "MethodName",
+    "SweepMethodName",
+    "TaskName",
+    "check_writable",
+    "confidence_level",
+    "fail",
+]
+
+
+def _choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """A ``str`` enum of command-line spellings (``per-example``), members named with ``_``."""
+    spellings = [v.replace("_", "-") for v in values]
+    return enum.Enum(name, {s.replace("-", "_"): s for s in spellings}, type=str)  # type: ignore[return-value]
+
+
+TaskName = _choices("TaskName", TASK_NAMES)  # every built-in task
+DEFAULT_TASK = TaskName("mnist")
+MethodName = _choices("MethodName", METHODS)  # estimators of `measure` (ddp under torchrun)
+SweepMethodName = _choices("SweepMethodName", SWEEP_METHODS)  # a sweep's runs are single processes
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line on stderr and return the exit to raise (no traceback).
+
+    The message is plain text: brackets in it (file names, lists) are not rich markup.
+    """
+    line = Text.assemble(("error: ", "bold red"), message)
+    Console(stderr=True, highlight=False).print(line, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` or raise ValueError saying why it cannot hold the results."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder: choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {folder}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {folder}: the folder is not writable")
+
+
+def confidence_level(value: float) -> float:
+    """Typer callback of ``--confidence``: a level strictly between 0 and 1 (a usage error otherwise)."""
+    if not 0.0 < value < 1.0:
+        raise typer.BadParameter(f"expected a level in (0, 1), e.g. 0.95, but got {value:g}")
+    return value
+
+
+BootstrapOption = Annotated[
+    int, typer.Option(help=f"Bootstrap resamples (>= {MIN_BOOTSTRAP}).", min=MIN_BOOTSTRAP)
+]
+ConfidenceOption = Annotated[
+    float, typer.Option(help="Level of the intervals and bounds, in (0, 1).", callback=confidence_level)
+]
