@@ -111,6 +111,7 @@ def test_config_round_trip_and_goals() -> None:
         pytest.param({"batch_sizes": [8, 16]}, "at least 3 batch sizes", id="too_few_batches"),
         pytest.param({"loss_goals": [], "error_goals": []}, "at least one goal", id="no_goal"),
         pytest.param({"error_goals": [1.5]}, "fractions", id="error_goal_not_fraction"),
+        pytest.param({"error_goals": [0.1]}, "not a classification task", id="error_goal_regression"),
         pytest.param({"lr_step": 1.0}, "lr_step > 1", id="lr_step"),
         pytest.param({"min_steps": 2000}, "min_steps <= max_steps", id="min_steps"),
         pytest.param({"nonsense": 1}, "unknown sweep settings", id="unknown_key"),

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from noisescale.tasks import LINREG_DELTA, LINREG_LAMBDA, LINREG_SIGMA, TASK_NAMES, get_task, linreg_truth
+from noisescale.tasks import (
+    CLASSIFICATION_TASKS,
+    LINREG_DELTA,
+    LINREG_LAMBDA,
+    LINREG_SIGMA,
+    TASK_NAMES,
+    get_task,
+    linreg_truth,
+)
 from noisescale.training import (
     StepRecord,
     TrainConfig,
@@ -97,6 +105,7 @@ def test_task_model_data_and_loss_fit_together(name: str) -> None:
     assert math.isfinite(float(loss.detach()))
     assert task.unit in ("images", "examples")
     assert task.batch_size % task.microbatches == 0
+    assert task.classification == (name in CLASSIFICATION_TASKS)  # the sweep checks goals by name
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)

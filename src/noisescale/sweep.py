@@ -69,7 +69,7 @@ from noisescale.errors import SweepConfigError, SweepDataError
 from noisescale.io import atomic_write_text, write_json
 from noisescale.predict import BCritPowerLaw, fit_b_crit_power_law
 from noisescale.sweepdata import GoalFit, b_simple_by_goal, fit_sweep
-from noisescale.tasks import Task, get_task
+from noisescale.tasks import CLASSIFICATION_TASKS, Task, get_task
 from noisescale.training import TrainConfig, Trainer, normalize_method
 
 __all__ = [
@@ -217,6 +217,11 @@ class SweepConfig:
             raise SweepConfigError("a loss goal and an error goal have the same value: make them differ")
         if not all(0 < g < 1 for g in self.error_goals):
             raise SweepConfigError(f"error goals are fractions in (0, 1), got {list(self.error_goals)}")
+        if self.error_goals and self.task not in CLASSIFICATION_TASKS:
+            raise SweepConfigError(
+                f"task {self.task!r} is not a classification task, so it has no test error: "
+                "give loss goals only"
+            )
         if not (
             0 < self.lr_max < math.inf
             and 0 <= self.lr_b_star < math.inf

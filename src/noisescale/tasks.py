@@ -43,6 +43,7 @@ from torch import nn
 from noisescale.data import load_dataset
 
 __all__ = [
+    "CLASSIFICATION_TASKS",
     "LINREG_DELTA",
     "LINREG_LAMBDA",
     "LINREG_SIGMA",
@@ -316,6 +317,7 @@ _REGISTRY: dict[str, Callable[[], Task]] = {
     "linreg": _linreg,
 }
 TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+CLASSIFICATION_TASKS = frozenset({"mnist", "fashion-mnist", "digits"})  # those with a test error
 
 
 def get_task(name: str) -> Task:
