@@ -155,8 +155,9 @@ def test_config_defaults_follow_the_method() -> None:
         ({"method": "adam"}, ValueError, "unknown method 'adam'"),
         ({"lr": -1.0}, ValueError, "lr and momentum >= 0"),
         ({"batchsize": 3}, TypeError, "unknown TrainConfig fields"),
+        ({"seed": 2**64}, ValueError, "expected `seed` in"),
     ],
-    ids=["indivisible", "one-microbatch", "bad-method", "negative-lr", "typo"],
+    ids=["indivisible", "one-microbatch", "bad-method", "negative-lr", "typo", "seed-too-big"],
 )
 def test_config_rejects_bad_settings(overrides: dict, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

@@ -145,6 +145,8 @@ class TrainConfig:
             raise ValueError(
                 f"expected steps, lr and momentum >= 0 but got {self.steps}, {self.lr}, {self.momentum}"
             )
+        if not -(2**63) <= self.seed < 2**64:  # what torch's generators accept
+            raise ValueError(f"expected `seed` in [-2**63, 2**64) but got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"expected `threads` >= 1 but got {self.threads}")
         if self.batch_size % self.microbatches:
