@@ -236,3 +236,38 @@ def test_state_dict_round_trip_resumes_identically() -> None:
     gen.set_state(gen_state)
     run_steps(resumed, model, gen, steps=10, sizes=[8, 8])
     assert resumed.compute() == full.compute()
+
+
+def test_gradients_are_moved_into_grad_not_copied() -> None:
+    """The hooks let go of each gradient: autograd moves the first backward's into ``.grad``."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    meter = GradientNoiseScale(model, method="microbatch")
+    seen: dict[str, int] = {}
+    for name, p in model.named_parameters():  # registered after the meter's: run after them
+        p.register_hook(lambda g, name=name: seen.__setitem__(name, g.data_ptr()))
+    xs = torch.randn(2, 3, 4)
+    model(xs[0]).square().mean().backward()  # .grad is None: the gradient can be moved in
+    assert {name: p.grad.data_ptr() for name, p in model.named_parameters()} == seen  # type: ignore[union-attr]
+    model(xs[1]).square().mean().backward()
+    meter.update(batch_size=6)
+
+
+def test_a_backward_that_raised_leaves_nothing_behind() -> None:
+    """Norms recorded by a backward that failed halfway do not leak into the next record."""
+    data = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    estimates = []
+    for fail_first in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1))
+        meter = GradientNoiseScale(model, method="microbatch")
+        if fail_first:  # the last layer gets its gradients, then the backward raises
+            hidden = model[1](model[0](data[2]))
+            hidden.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("boom")))
+            with pytest.raises(RuntimeError, match="boom"):
+                model[2](hidden).square().mean().backward()
+            model.zero_grad(set_to_none=True)
+        for x in data[:2]:
+            (model(x).square().mean() / 2).backward()
+        meter.update(batch_size=8)
+        estimates.append(meter.compute())
+    assert estimates[0] == estimates[1]

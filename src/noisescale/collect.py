@@ -1,13 +1,13 @@
 """Squared gradient norms recorded during the user's own backward passes.
 
-One ``torch.autograd.graph.register_multi_grad_hook`` over all trainable
-parameters fires once per backward pass with that pass's gradients, BEFORE they
-are added into ``.grad``. It records the squared norm of this micro-batch's
-contribution per parameter (one fused ``torch._foreach_norm``, no host
-synchronisation; the meter sums parameters into groups) and, when per-example
-kernels are attached, their ``[N, G]`` per-example squared norms per group. The
-accumulated gradient (the big batch) is read from ``.grad`` once per optimiser step
-by :meth:`GradientRecorder.accumulated_sq_norms`.
+A tensor hook on every trainable parameter sees the gradient each backward pass
+computed for it, BEFORE it is added into ``.grad``, and records its norm (no host
+synchronisation); when the backward has finished, its record is filed: the squared
+norm of this micro-batch's contribution per parameter (the meter sums parameters into
+groups) and, when per-example kernels are attached, their ``[N, G]`` per-example
+squared norms per group. The accumulated gradient (the big batch) is read from
+``.grad`` once per optimiser step by :meth:`GradientRecorder.accumulated_sq_norms`
+(one fused ``torch._foreach_norm``).
 
 AMP: with a ``torch.amp.GradScaler`` the recorded gradients are scaled by the
 scaler's current scale ``s``; squared norms are divided by ``s**2`` on the device,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +53,15 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).to(torch.float64).square()
 
 
+def _stack_sq(norms: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``[P]`` float64 squares of per-parameter norms (0-d tensors); None (no gradient) is zero."""
+    present = [n for n in norms if n is not None]
+    if len(present) < len(norms):
+        zero = torch.zeros((), dtype=present[0].dtype, device=present[0].device)
+        present = [zero if n is None else n for n in norms]
+    return torch.stack(present).to(torch.float64).square()
+
+
 def _amp_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
     """The scaler's current scale as a device tensor (no sync), or None when not scaling."""
     if scaler is None or not scaler.is_enabled() or scaler._scale is None:
@@ -71,12 +81,22 @@ def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
 class GradientRecorder:
     """Hooks that record the squared norms of every backward's gradients.
 
+    One tensor hook per parameter takes the norm of the gradient backward computed
+    for it, right before autograd adds it into ``.grad``, and lets go of it: autograd
+    can then move the gradient into an empty ``.grad`` instead of copying it (holding
+    the gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
+    full copy of them on every step's first backward). The first hook of a backward
+    queues a callback that runs when that backward has finished and files its record.
+
     Args:
         params: the ``P`` trainable parameters, in a fixed order.
         scaler: optional GradScaler whose scale divides the recorded norms.
         per_example: optional per-example kernels, popped after each backward; when
             given, the micro-batch norms are not taken (the per-example estimator
             needs only the per-example norms and ``.grad``).
+        snapshot: also take the squared norms of the accumulated ``.grad`` at the end
+            of every backward (:attr:`snapshot`), for gradients clipped before the
+            meter reads them.
     """
 
     def __init__(
@@ -85,33 +105,42 @@ class GradientRecorder:
         *,
         scaler: torch.amp.GradScaler | None = None,
         per_example: PerExampleNorms | None = None,
+        snapshot: bool = False,
     ) -> None:
         self.params = list(params)
         self.scaler = scaler
         self.per_example = per_example
+        self.take_snapshot = snapshot
         self.records: list[MicrobatchRecord] = []
-        self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._on_backward)
+        self.snapshot: torch.Tensor | None = None  # [P] float64, set at the end of each backward
+        self._norms: list[torch.Tensor | None] = [None] * len(self.params)  # this backward's, per parameter
+        self._task: int | None = None  # graph task whose end-of-backward callback is queued
+        self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
 
-    def _sq_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """``[P]`` float64 squared norms of one tensor per parameter; None counts as zero."""
-        present = [i for i, t in enumerate(tensors) if t is not None]
-        sq = squared_norms([tensors[i] for i in present])  # type: ignore[misc]
-        if len(present) == len(tensors):
-            return sq
-        index = torch.tensor(present, device=sq.device)
-        return torch.zeros(len(tensors), dtype=torch.float64, device=sq.device).index_copy_(0, index, sq)
+    def _on_grad(self, i: int, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._task:  # the first gradient of this backward
+            self._task = task
+            self._norms = [None] * len(self.params)  # nothing left from a backward that raised
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward)  # type: ignore[attr-defined]
+        if self.per_example is None:
+            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32  # fp16: no overflow
+            self._norms[i] = torch.linalg.vector_norm(grad, dtype=dtype)
 
-    def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
+    def _on_backward(self) -> None:
+        """End of a backward pass: file its record."""
+        self._task = None
+        norms, self._norms = self._norms, [None] * len(self.params)
         per_example = self.per_example.pop() if self.per_example is not None else None
-        if all(g is None for g in grads):
-            return
-        sq = None if self.per_example is not None else self._sq_norms(grads)
+        sq = None if self.per_example is not None else _stack_sq(norms)
         scale = _amp_scale(self.scaler)
         if scale is not None:
             inv = scale.to(torch.float64).reciprocal().square()
             sq = None if sq is None else sq * inv
             per_example = None if per_example is None else per_example.to(torch.float64) * inv
         self.records.append(MicrobatchRecord(sq, per_example))
+        if self.take_snapshot:
+            self.snapshot = self.accumulated_sq_norms()
 
     def accumulated_sq_norms(self) -> torch.Tensor:
         """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
@@ -120,9 +149,13 @@ class GradientRecorder:
             RuntimeError: if no parameter has a gradient.
         """
         grads = [p.grad for p in self.params]
-        if all(g is None for g in grads):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
             raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
-        sq = self._sq_norms(grads)
+        sq = squared_norms([grads[i] for i in present])  # type: ignore[misc]
+        if len(present) < len(grads):
+            index = torch.tensor(present, device=sq.device)
+            sq = torch.zeros(len(grads), dtype=torch.float64, device=sq.device).index_copy_(0, index, sq)
         scale = _amp_scale(self.scaler)
         if scale is not None and not _amp_unscaled(self.scaler):
             sq = sq / scale.to(torch.float64).square()
@@ -135,6 +168,7 @@ class GradientRecorder:
 
     def remove(self) -> None:
         """Detach the hooks."""
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         if self.per_example is not None:
             self.per_example.remove()

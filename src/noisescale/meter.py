@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -336,7 +336,8 @@ class GradientNoiseScale:
 
             per_example = PerExampleNorms(module, part.cells, fallback=fallback)
         n_cells = len(part.cells)
-        self._recorder = GradientRecorder(params, scaler=scaler, per_example=per_example)
+        snapshot = read_grad == "after_backward" and ddp is None
+        self._recorder = GradientRecorder(params, scaler=scaler, per_example=per_example, snapshot=snapshot)
         self._hook: nsdist.NoiseScaleCommHook | None = None
         self._process_group = None
         self.world_size = 1
@@ -345,12 +346,6 @@ class GradientNoiseScale:
             self._hook = nsdist.NoiseScaleCommHook(ddp, group_of, n_cells, scaler=scaler, inner=comm_hook)
             self._process_group = ddp.process_group
             self.world_size = self._hook.world_size
-        self._snapshot: torch.Tensor | None = None
-        self._snapshot_handle = None
-        if read_grad == "after_backward" and ddp is None:
-            self._snapshot_handle = torch.autograd.graph.register_multi_grad_hook(
-                params, self._queue_snapshot
-            )
         self._pending: list[tuple[str, Any, list[torch.Tensor], torch.Tensor]] = []
         self.reset()
 
@@ -365,7 +360,6 @@ class GradientNoiseScale:
         self._recorder.pop()
         if self._hook is not None:
             self._hook.pop()
-        self._snapshot = None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume with identical results (the same on every DDP rank)."""
@@ -405,14 +399,11 @@ class GradientNoiseScale:
         self._recorder.pop()
         if self._hook is not None:
             self._hook.pop()
-        self._snapshot = None
 
     def remove(self) -> None:
         """Detach every hook from the model (a DDP hook keeps all-reducing, without recording)."""
         self._settle()
         self._recorder.remove()
-        if self._snapshot_handle is not None:
-            self._snapshot_handle.remove()
         if self._hook is not None:
             self._hook.active = False
 
@@ -470,20 +461,9 @@ class GradientNoiseScale:
                     stacklevel=3,
                 )
             return sq
-        if self._snapshot_handle is not None:
-            if self._snapshot is None:
-                raise RuntimeError("no gradient snapshot: the backward pass did not finish")
-            sq, self._snapshot = self._snapshot, None
-            return sq
+        if self._recorder.snapshot is not None:  # read_grad="after_backward": taken after the last one
+            return self._recorder.snapshot @ self._param_cells
         return self._recorder.accumulated_sq_norms() @ self._param_cells
-
-    def _queue_snapshot(self, grads: Sequence[torch.Tensor | None]) -> None:
-        """Multi-grad hook: read the accumulated ``.grad`` once this backward has finished."""
-        del grads
-        torch.autograd.Variable._execution_engine.queue_callback(self._take_snapshot)  # type: ignore[attr-defined]
-
-    def _take_snapshot(self) -> None:
-        self._snapshot = self._recorder.accumulated_sq_norms() @ self._param_cells
 
     def _microbatch_sizes(
         self, k: int, batch_size: int | None, microbatch_sizes: Iterable[int] | None
