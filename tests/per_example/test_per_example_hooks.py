@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -98,6 +99,33 @@ def test_pop_life_cycle() -> None:
     pe.remove()
     model(torch.randn(N, 5, dtype=F64)).sum().backward()
     assert pe.pop() is None  # hooks gone
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["kernel", "fallback"])
+def test_layer_inputs_are_freed_with_the_graph(fallback: bool) -> None:
+    """A layer's input is released once its hook has run, unless backward keeps the graph, in
+    which case a second backward gives the same norms; a second backward through a freed graph
+    raises."""
+    torch.manual_seed(0)
+    first, norm, head = nn.Linear(3, 4), nn.BatchNorm1d(4) if fallback else nn.LayerNorm(4), nn.Linear(4, 2)
+    model = nn.Sequential(first, norm, head).to(F64)
+    pe = PerExampleNorms(model, all_params(model), fallback=fallback)
+
+    def loss_and_input() -> tuple[Tensor, weakref.ref[Tensor]]:
+        h = first(torch.randn(N, 3, dtype=F64)) * 2.0  # saved by the norm layer only
+        return head(norm(h)).square().sum(), weakref.ref(h)
+
+    loss, h = loss_and_input()
+    loss.backward(retain_graph=True)
+    assert h() is not None
+    kept = pe.pop()
+    loss.backward()
+    if not fallback:  # (the fallback saves a detached alias of h, freed the same way)
+        assert h() is None  # freed while the graph (held by `loss`) is still alive
+    torch.testing.assert_close(pe.pop(), kept)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    pe.remove()
 
 
 def test_unbatched_input_is_rejected() -> None:

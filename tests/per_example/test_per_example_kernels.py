@@ -14,10 +14,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example import PerExampleNorms, linear
+from noisescale.per_example import PerExampleNorms, conv, embedding, find_kernel, kernel, linear
 
 F64 = torch.float64
 N = 4  # examples
+
+# torch's own forward of conv2d-same-even-kernel warns that it pads a copy of the input.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 Forward = Callable[[nn.Module], Tensor]  # model -> per-example losses [N]
 
@@ -88,6 +91,10 @@ def lm_loss(model: nn.Module, idx: Tensor) -> Tensor:
     return ce.sum(1)
 
 
+# [N, 6] indices with runs of equal values and padding index 1 in every example.
+REPEATS = torch.tensor([[1, 2, 2, 3, 1, 2], [0, 0, 1, 3, 3, 3], [2, 1, 2, 2, 0, 1], [3, 3, 3, 3, 1, 0]])
+
+
 def frozen_mlp() -> tuple[nn.Module, Forward]:
     model = seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     model[0].weight.requires_grad_(False)  # frozen weight, trainable bias
@@ -108,6 +115,12 @@ def two_forwards() -> tuple[nn.Module, Forward]:
     return model, lambda m: pel(m(x1)) + 2.0 * pel(m(x2))  # example n is the pair (x1[n], x2[n])
 
 
+def conv_called_twice() -> tuple[nn.Module, Forward]:
+    model = nn.ModuleDict({"conv": nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")}).to(F64)
+    x = randn(N, 2, 5, 5)
+    return model, lambda m: pel(m["conv"](torch.tanh(m["conv"](x))))
+
+
 def mixed_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     first, last = model[0], model[2]
     return [[first.weight, last.bias], [first.bias], [last.weight]]
@@ -116,9 +129,9 @@ def mixed_groups(model: nn.Module) -> list[list[nn.Parameter]]:
 CASES = [
     Case("linear-2d", lambda: (seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), on(randn(N, 5)))),
     Case("linear-no-bias", lambda: (seq(nn.Linear(5, 3, bias=False)), on(randn(N, 5)))),
-    # 2 T^2 = 8 < O F = 24: Gram route.
+    # T^2 (O + F + 1) = 44 < (T + 1) O F = 72: Gram route.
     Case("linear-seq-gram", lambda: (seq(nn.Linear(6, 4)), on(randn(N, 2, 6)))),
-    # 2 T^2 = 72 > O F = 6: materialising route.
+    # T^2 (O + F + 1) = 216 > (T + 1) O F = 42: materialising route.
     Case("linear-seq-materialise", lambda: (seq(nn.Linear(3, 2)), on(randn(N, 6, 3)))),
     Case("linear-4d-input", lambda: (seq(nn.Linear(3, 5)), on(randn(N, 2, 3, 3)))),
     Case("conv1d", lambda: (seq(nn.Conv1d(3, 4, 3, stride=2, padding=1)), on(randn(N, 3, 9)))),
@@ -137,8 +150,43 @@ CASES = [
             on(randn(N, 4, 5, 5)),
         ),
     ),
-    # T = 4 output positions, 2 T^2 = 32 < O F = 8 * 72: the Gram route inside a conv.
+    # T = 4 output positions, T^2 (O + F + 1) = 1296 < (T + 1) O F = 2880: the Gram route inside a conv.
     Case("conv2d-gram", lambda: (seq(nn.Conv2d(8, 8, 3)), on(randn(N, 8, 4, 4)))),
+    Case(
+        "conv1d-groups3-dil2-replicate",
+        lambda: (
+            seq(nn.Conv1d(6, 9, 3, groups=3, dilation=2, padding=2, padding_mode="replicate")),
+            on(randn(N, 6, 8)),
+        ),
+    ),
+    # (10 - 2) / 3 is not whole: the last input position is never seen.
+    Case("conv1d-stride3-valid", lambda: (seq(nn.Conv1d(2, 3, 2, stride=3)), on(randn(N, 2, 10)))),
+    # An even kernel with padding="same" pads one side more than the other.
+    Case(
+        "conv2d-same-even-kernel",
+        lambda: (seq(nn.Conv2d(3, 4, (2, 4), padding="same")), on(randn(N, 3, 5, 6))),
+    ),
+    Case(
+        "conv2d-depthwise-stride-dilation-no-bias",
+        lambda: (
+            seq(nn.Conv2d(4, 8, 3, stride=(2, 3), dilation=(1, 2), groups=4, bias=False)),
+            on(randn(N, 4, 10, 11)),
+        ),
+    ),
+    Case(
+        "conv2d-replicate-tuple-padding",
+        lambda: (
+            seq(nn.Conv2d(2, 3, (3, 2), padding=(2, 1), padding_mode="replicate")),
+            on(randn(N, 2, 4, 5)),
+        ),
+    ),
+    # Unpadded inputs are read in place: a permuted (channels-last) input and one at a storage offset.
+    Case(
+        "conv2d-channels-last-input",
+        lambda: (seq(nn.Conv2d(3, 2, 2)), on(randn(N, 5, 6, 3).permute(0, 3, 1, 2))),
+    ),
+    Case("conv2d-offset-input", lambda: (seq(nn.Conv2d(3, 2, 2, stride=2)), on(randn(N + 1, 3, 5, 5)[1:]))),
+    Case("conv-called-twice", conv_called_twice),
     Case("embedding-indices-n", lambda: (seq(nn.Embedding(7, 3), nn.Linear(3, 2)), on(tokens(7, N)))),
     Case(
         "embedding-indices-nt-padding",
@@ -148,6 +196,13 @@ CASES = [
         "embedding-scale-grad-by-freq",
         lambda: (seq(nn.Embedding(5, 3, scale_grad_by_freq=True)), on(tokens(5, N, 6))),
     ),
+    # V = 20 > T = 6 (sorted runs), repeated indices in every example.
+    Case("embedding-runs-padding", lambda: (seq(nn.Embedding(20, 3, padding_idx=1)), on(REPEATS))),
+    Case(
+        "embedding-runs-scale-grad-by-freq",
+        lambda: (seq(nn.Embedding(20, 3, scale_grad_by_freq=True)), on(tokens(4, N, 6))),
+    ),
+    Case("embedding-indices-n-a-b", lambda: (seq(nn.Embedding(6, 3)), on(tokens(6, N, 2, 3)))),
     Case("layernorm-1d", lambda: (seq(nn.Linear(6, 6), nn.LayerNorm(6)), on(randn(N, 3, 6)))),
     Case("layernorm-2d-shape", lambda: (seq(nn.LayerNorm((3, 4))), on(randn(N, 2, 3, 4)))),
     Case("layernorm-no-bias", lambda: (seq(nn.LayerNorm(5, bias=False)), on(randn(N, 5)))),
@@ -189,30 +244,77 @@ def test_matches_per_example_autograd(
     check_norms(got, expected)
 
 
-GRAM_CASES = [
-    c for c in CASES if c.id in ("transformer-block", "conv2d-stride2-pad1-dil2", "linear-4d-input")
-]
+SEQUENCE_CASES = [c for c in CASES if c.id.startswith(("linear-seq", "linear-4d", "conv", "transformer"))]
 
 
+@pytest.mark.parametrize("rows", [None, 1, 3], ids=["default-chunks", "1-row-chunks", "3-row-chunks"])
 @pytest.mark.parametrize("gram", [True, False], ids=["gram", "materialise"])
-@pytest.mark.parametrize("case", GRAM_CASES, ids=[c.id for c in GRAM_CASES])
-def test_both_sequence_routes_are_exact(
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=[c.id for c in SEQUENCE_CASES])
+def test_sequence_routes_and_chunks_are_exact(
     case: Case,
     gram: bool,
+    rows: int | None,
     monkeypatch: pytest.MonkeyPatch,
     per_example_reference: Callable,
     check_norms: Callable,
 ) -> None:
+    """Either sequence route, on the whole batch or in chunks of examples (N = 4 = 3 + 1)."""
     monkeypatch.setattr(linear, "use_gram", lambda t, o, f: gram)
+    if rows is not None:
+        for module in (linear, conv):
+            monkeypatch.setattr(module, "chunk_rows", lambda per_row: rows)
     got, losses, groups, _ = run_case(case)
     check_norms(got, per_example_reference(losses, groups))
 
 
-def test_route_choice_follows_li_et_al() -> None:
-    """The cases above exercise the route their comments claim: 2 T^2 < O F picks Gram."""
+EMBEDDING_CASES = [c for c in CASES if c.id.startswith(("embedding", "transformer"))]
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "sorted-runs"])
+@pytest.mark.parametrize("case", EMBEDDING_CASES, ids=[c.id for c in EMBEDDING_CASES])
+def test_both_embedding_routes_are_exact(
+    case: Case,
+    dense: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    per_example_reference: Callable,
+    check_norms: Callable,
+) -> None:
+    monkeypatch.setattr(embedding, "use_dense", lambda v, t: dense)
+    got, losses, groups, _ = run_case(case)
+    check_norms(got, per_example_reference(losses, groups))
+
+
+def test_route_choices_count_the_work() -> None:
+    """The cases above exercise the routes their comments claim; the benchmark transformer's
+    layers (T = 128, D = 128) materialise, long rows of few positions take the Gram route."""
     assert linear.use_gram(2, 4, 6)
     assert not linear.use_gram(6, 2, 3)
     assert linear.use_gram(4, 8, 72)
+    assert not any(linear.use_gram(128, o, f) for o, f in [(384, 128), (128, 128), (512, 128), (128, 512)])
+    assert linear.use_gram(16, 1024, 1024)
+    assert embedding.use_dense(5, 6)
+    assert not embedding.use_dense(20, 6)
+
+
+def test_chunk_rows_follow_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 100)
+    assert kernel.chunk_rows(30) == 3
+    assert kernel.chunk_rows(101) == 1
+    assert kernel.chunk_rows(0) == 100
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.LayerNorm(6), nn.RMSNorm(6), nn.GroupNorm(2, 6)], ids=["layernorm", "rmsnorm", "groupnorm"]
+)
+def test_norm_kernels_leave_their_inputs_alone(layer: nn.Module) -> None:
+    """The normalized input is formed and multiplied in place: never the layer input or gradient."""
+    x, go = randn(N, 6, 6), randn(N, 6, 6)
+    x0, go0 = x.clone(), go.clone()
+    kernel_ = find_kernel(layer)
+    assert kernel_ is not None
+    kernel_.norms(layer.to(F64), x, go, kernel_.params)
+    assert torch.equal(x, x0)
+    assert torch.equal(go, go0)
 
 
 def test_frozen_parameters_in_groups_are_ignored(

@@ -2,9 +2,11 @@
 
 A forward hook on every layer that owns trainable parameters of ``groups`` keeps
 that call's input in a closure attached, with ``output.register_hook``, to the
-call's output. When backward delivers the gradient with respect to that output,
-the layer's kernel turns ``(input, grad_output)`` into per-example squared norms of
-the weight and bias contributions (Goodfellow 2015), kept as ``[N]`` parts that
+call's output; the closure lets go of it once used (unless backward keeps the
+graph), so the input is freed when autograd frees its own copy. When backward
+delivers the gradient with respect to that output, the layer's kernel turns
+``(input, grad_output)`` into per-example squared norms of the weight and bias
+contributions (Goodfellow 2015), kept as ``[N]`` parts that
 :meth:`PerExampleNorms.pop` sums per group into the ``[N, G]`` result. Nothing of
 parameter size per example is formed on this path; the layer's backward is not
 replaced or repeated. Several forward calls before one backward each keep their
@@ -64,6 +66,26 @@ class _Frame(NamedTuple):
     unit: Unit
     rng: fb.RngState | None  # None when gradients are disabled (nothing to replay)
     called: set[Unit]  # hooked layers that ran inside this call
+
+
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _take(saved: list[Any]) -> Any:
+    """The item a layer call saved for its backward hook, removed from ``saved`` unless the
+    running backward keeps the graph (``retain_graph``/``create_graph``, or a torch that cannot
+    tell). Held to the end of backward, layer inputs would cost memory, and time in the
+    allocations that could not reuse it.
+
+    Raises:
+        RuntimeError: on a second backward through a graph that was not kept.
+    """
+    if not saved:
+        raise RuntimeError(
+            "per-example norms: backward through this graph a second time, but the first backward "
+            "freed it; use .backward(retain_graph=True) the first time."
+        )
+    return saved[0] if _KEEP_GRAPH is None or _KEEP_GRAPH() else saved.pop()
 
 
 def _total(values: list[Tensor]) -> Tensor:
@@ -180,12 +202,17 @@ class PerExampleNorms:
         for frame in self._frames:
             frame.called.add(unit)
         unit.calls += 1
-        output.register_hook(partial(self._kernel_backward, unit, x))
+        output.register_hook(partial(self._kernel_backward, unit, [x]))
 
-    def _kernel_backward(self, unit: Unit, x: Tensor, go: Tensor) -> None:
+    def _kernel_backward(self, unit: Unit, saved: list[Tensor], go: Tensor) -> None:
+        x = _take(saved)
         if torch.is_grad_enabled():  # backward(create_graph=True): the norms need no graph
             with torch.no_grad():
-                return self._kernel_backward(unit, x, go)
+                self._run_kernel(unit, x, go)
+        else:
+            self._run_kernel(unit, x, go)
+
+    def _run_kernel(self, unit: Unit, x: Tensor, go: Tensor) -> None:
         kernel = unit.kernel
         assert kernel is not None
         if unit.calls > 1:  # called twice: its uses must be summed before the norm
@@ -224,9 +251,12 @@ class PerExampleNorms:
         args, kwargs = fb.detach_inputs(args, kwargs)
         call = fb.SavedCall(args, kwargs, frame.rng, positions, names)
         unit.calls += 1
-        register_multi_grad_hook([outs[i] for i in positions], partial(self._fallback_backward, unit, call))
+        register_multi_grad_hook([outs[i] for i in positions], partial(self._fallback_backward, unit, [call]))
 
-    def _fallback_backward(self, unit: Unit, call: fb.SavedCall, grads_out: Sequence[Tensor | None]) -> None:
+    def _fallback_backward(
+        self, unit: Unit, saved: list[fb.SavedCall], grads_out: Sequence[Tensor | None]
+    ) -> None:
+        call = _take(saved)
         if all(g is None for g in grads_out):
             return
         if unit.calls > 1:

@@ -7,10 +7,13 @@ Example ``n``'s contribution adds ``go_nt`` into row ``idx_nt`` for each positio
 
     \\sum_{t,s} [idx_t = idx_s] (go_t \\cdot go_s) = \\sum_t go_t \\cdot S_{idx_t},
 
-with ``S_v`` the sum of ``go_t`` over the example's positions holding index ``v``.
-Instead of the ``[N, T, T]`` masked Gram matrix (Li et al. 2022) the kernel sorts
-the keys ``n V + idx`` and sums each run of equal keys with ``index_add_``:
-``O(N T D)`` work and memory, no host synchronisation, exact. Positions holding
+with ``S_v`` the sum of ``go_t`` over the example's positions holding index ``v``,
+that is ``sum_v |S_v|^2``. Instead of the ``[N, T, T]`` masked Gram matrix (Li et al.
+2022) the kernel adds each position's row into its ``S`` row with one ``index_add_``
+and takes the norms of the ``[N, R, D]`` sums: with ``R = V`` rows per example (the
+dense route, when ``V <= T``) or, for larger vocabularies, with ``R = T`` rows, one
+per run of equal indices after sorting each example's indices. ``O(N T D)`` work
+and memory either way, no host synchronisation, exact. Positions holding
 ``padding_idx`` get no gradient; ``scale_grad_by_freq`` divides each position by
 its index's count in the whole mini-batch, as PyTorch's backward does.
 
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from noisescale.per_example.kernel import Kernel, accumulation_dtype
 
-__all__ = ["KERNEL", "embedding_grads", "embedding_norms"]
+__all__ = ["KERNEL", "embedding_grads", "embedding_norms", "use_dense"]
 
 
 def _prepare(module: nn.Embedding, idx: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,6 +58,35 @@ def _keys(module: nn.Embedding, idx: Tensor) -> Tensor:
     return (idx + offsets).reshape(-1)
 
 
+def use_dense(v: int, t: int) -> bool:
+    """Whether to sum into one row per vocabulary entry (``V <= T``) rather than per run of indices.
+
+    Args:
+        v: vocabulary size.
+        t: positions per example.
+
+    Returns:
+        True for ``V`` rows per example (no sort), False for ``T`` (sorted runs).
+    """
+    return v <= t
+
+
+def _sum_rows(module: nn.Embedding, idx: Tensor) -> tuple[Tensor, int]:
+    """Row of each position among ``N R`` rows of sums (``[N T]``, example ``n`` owning rows
+    ``[n R, (n + 1) R)``, equal indices of one example sharing a row) and ``R``."""
+    n, t = idx.shape
+    keys = _keys(module, idx)
+    if use_dense(module.num_embeddings, t):
+        return keys, module.num_embeddings
+    sorted_keys, order = keys.sort()  # example n owns sorted slots [n T, (n + 1) T)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]  # True at each example's first slot too
+    run = starts.cumsum(0).view(n, t)
+    local = run - run[:, :1]  # run index within the example, in [0, T)
+    slot = (local + torch.arange(n, device=idx.device).unsqueeze(1) * t).view(-1)
+    return torch.empty_like(slot).scatter_(0, order, slot), t
+
+
 def embedding_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
     """Per-example squared gradient norms of an Embedding layer.
 
@@ -73,13 +105,10 @@ def embedding_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     n, t = idx.shape
     if t == 1:
         return {"weight": go.square().sum((1, 2))}
-    keys, order = _keys(module, idx).sort()  # example n owns sorted slots [n T, (n + 1) T)
-    rows = go.reshape(n * t, -1)[order]  # [N T, D]
-    starts = torch.ones_like(keys, dtype=torch.bool)
-    starts[1:] = keys[1:] != keys[:-1]
-    run = starts.cumsum(0) - 1  # run id of each slot, [N T]
-    sums = torch.zeros_like(rows).index_add_(0, run, rows)  # S per run, [N T, D]
-    return {"weight": (rows * sums[run]).sum(1).view(n, t).sum(1)}
+    rows, r = _sum_rows(module, idx)
+    d = go.shape[-1]
+    sums = go.new_zeros(n * r, d).index_add_(0, rows, go.reshape(-1, d))  # [N R, D]
+    return {"weight": torch.linalg.vector_norm(sums.view(n, -1), dim=1).square()}
 
 
 def embedding_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:

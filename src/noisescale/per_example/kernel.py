@@ -1,4 +1,4 @@
-"""The contract every per-example kernel fulfils, and the dtype rule they share.
+"""The contract every per-example kernel fulfils, and the dtype and memory rules they share.
 
 A kernel turns what one forward call of a layer saw (its first input ``x``) and the
 gradient of the loss with respect to that call's output (``go``) into, for each
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradFn", "Kernel", "NormFn", "accumulation_dtype", "upcast"]
+__all__ = ["CHUNK_ELEMENTS", "GradFn", "Kernel", "NormFn", "accumulation_dtype", "chunk_rows", "upcast"]
 
 NormFn = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...]], dict[str, Tensor]]
 """``(module, x, go, names) -> {name: [N] squared norms}`` for the parameter names asked."""
@@ -55,6 +55,28 @@ class Kernel(NamedTuple):
     grads: GradFn
     params: tuple[str, ...]
     min_dim: Callable[[nn.Module], int]
+
+
+CHUNK_ELEMENTS = 1 << 20
+"""Most elements of per-example temporaries a kernel forms at once (4 MiB in float32).
+
+Kernels loop over chunks of examples so that their temporaries (patches, Gram
+matrices, materialised contributions) stay this small whatever the batch: bounded
+memory, and on CPU buffers that stay in cache and in the allocator's heap instead of
+freshly mapped (page-faulting) memory.
+"""
+
+
+def chunk_rows(per_row: int) -> int:
+    """Examples per chunk when each needs ``per_row`` temporary elements (at least one).
+
+    Args:
+        per_row: temporary elements one example needs.
+
+    Returns:
+        ``max(1, CHUNK_ELEMENTS // per_row)``.
+    """
+    return max(1, CHUNK_ELEMENTS // max(1, per_row))
 
 
 # Squares of fp16/bf16 gradients (times an AMP loss scale) overflow or lose all

@@ -39,7 +39,8 @@ def affine_grads(
     """Per-example contributions of an elementwise affine ``x_hat * weight + bias``.
 
     Args:
-        x_hat: normalized input ``[N, *]``.
+        x_hat: normalized input ``[N, *]``, a temporary of the caller: overwritten when
+            ``"weight"`` is asked (the product with ``go`` is formed in place).
         go: gradient w.r.t. the affine output, same shape.
         shape: parameter shape ``[*K]``.
         names: subset of ``("weight", "bias")``.
@@ -54,7 +55,7 @@ def affine_grads(
     view, dim = ((n, shape[0], -1), 2) if channel_dim == 1 else ((n, -1, *shape), 1)
     out = {}
     if "weight" in names:
-        out["weight"] = (go * x_hat).reshape(view).sum(dim)
+        out["weight"] = x_hat.mul_(go).reshape(view).sum(dim)
     if "bias" in names:
         out["bias"] = go.reshape(view).sum(dim)
     return out
@@ -62,7 +63,7 @@ def affine_grads(
 
 def grads_to_norms(grads: dict[str, Tensor]) -> dict[str, Tensor]:
     """``{name: [N, *P]}`` -> ``{name: [N]}`` squared L2 norms per example."""
-    return {name: g.flatten(1).square().sum(1) for name, g in grads.items()}
+    return {name: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for name, g in grads.items()}
 
 
 def layer_norm_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:

@@ -14,9 +14,14 @@ two row-wise reductions and a product (Goodfellow 2015). For a ``[N, T, F]`` inp
 
     |\\sum_t go_t x_t^T|_F^2 = \\sum_{t,s} (go_t \\cdot go_s)(x_t \\cdot x_s),
 
-costing ``N T^2 (O + F)`` and ``N T^2`` memory, or materialise the ``[N, O, F]``
-contribution at ``N T O F`` cost; the Gram route wins when ``2 T^2 < O F``
-(Li et al. 2022, ghost clipping; used for the noise scale by Gray et al. 2023).
+costing ``N T^2 (O + F)`` multiply-adds and ``N T^2`` memory, or materialise the
+``[N, O, F]`` contribution at ``N T O F``. Li et al. (2022, ghost clipping; used for
+the noise scale by Gray et al. 2023) pick the route with less memory (Gram when
+``2 T^2 < O F``); here the one with fewer multiply-adds is taken (Gram when
+``T^2 (O + F + 1) < (T + 1) O F``, the last terms being the final reductions), and
+memory is bounded instead by working on chunks of examples
+(:func:`~noisescale.per_example.kernel.chunk_rows`). At ``T = O = F = 128``, for
+instance, materialising does ``T O F`` and the Gram route ``2 T O F``.
 The bias contribution is ``sum_t go_t``.
 
 Shape letters: ``N`` examples, ``T`` positions, ``F`` in-features, ``O`` out-features.
@@ -34,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.kernel import Kernel, upcast
+from noisescale.per_example.kernel import Kernel, chunk_rows, upcast
 
 __all__ = [
     "KERNEL",
@@ -47,7 +52,7 @@ __all__ = [
 
 
 def use_gram(t: int, o: int, f: int) -> bool:
-    """Whether the Gram route is cheaper than materialising: ``2 T^2 < O F`` (Li et al. 2022).
+    """Whether the Gram route takes fewer multiply-adds: ``T^2 (O + F + 1) < (T + 1) O F``.
 
     Args:
         t: positions per example.
@@ -57,11 +62,21 @@ def use_gram(t: int, o: int, f: int) -> bool:
     Returns:
         True to use Gram matrices, False to materialise ``[N, O, F]``.
     """
-    return 2 * t * t < o * f
+    return t * t * (o + f + 1) < (t + 1) * o * f
+
+
+def _gram_norms(x: Tensor, go: Tensor) -> Tensor:
+    """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` through the ``[R, T, T]`` Gram matrices."""
+    return (torch.bmm(x, x.mT) * torch.bmm(go, go.mT)).sum((1, 2))
+
+
+def _materialised_norms(x: Tensor, go: Tensor) -> Tensor:
+    """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` through the ``[R, O, F]`` contributions."""
+    return torch.linalg.vector_norm(torch.bmm(go.mT, x), dim=(1, 2)).square()
 
 
 def sequence_weight_norms(x: Tensor, go: Tensor) -> Tensor:
-    """Squared norms of ``sum_t go_nt x_nt^T``, by the cheaper exact route.
+    """Squared norms of ``sum_t go_nt x_nt^T``, by the cheaper exact route, in chunks of examples.
 
     Args:
         x: inputs ``[N, T, F]``.
@@ -70,9 +85,12 @@ def sequence_weight_norms(x: Tensor, go: Tensor) -> Tensor:
     Returns:
         ``[N]`` squared Frobenius norms.
     """
-    if use_gram(x.shape[1], go.shape[2], x.shape[2]):
-        return (torch.bmm(x, x.mT) * torch.bmm(go, go.mT)).sum((1, 2))  # [N, T, T] -> [N]
-    return sequence_weight_grads(x, go).square().sum((1, 2))
+    t, f, o = x.shape[1], x.shape[2], go.shape[2]
+    norms, per_row = (_gram_norms, 3 * t * t) if use_gram(t, o, f) else (_materialised_norms, o * f)
+    rows = chunk_rows(per_row)
+    if rows >= x.shape[0]:
+        return norms(x, go)
+    return torch.cat([norms(a, b) for a, b in zip(x.split(rows), go.split(rows), strict=True)])
 
 
 def sequence_weight_grads(x: Tensor, go: Tensor) -> Tensor:
