@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from noisescale import GradientNoiseScale, SingleMicrobatchError
+from noisescale.collect import EAGER_NUMEL
 from tests import oracle
 
 
@@ -238,16 +239,17 @@ def test_state_dict_round_trip_resumes_identically() -> None:
     assert resumed.compute() == full.compute()
 
 
-def test_gradients_are_moved_into_grad_not_copied() -> None:
-    """The hooks let go of each gradient: autograd moves the first backward's into ``.grad``."""
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+def test_large_gradients_are_moved_into_grad_not_copied() -> None:
+    """The hooks let go of a large gradient: autograd moves the first backward's into ``.grad``."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2))  # 65,536-element weight
     meter = GradientNoiseScale(model, method="microbatch")
-    seen: dict[str, int] = {}
-    for name, p in model.named_parameters():  # registered after the meter's: run after them
-        p.register_hook(lambda g, name=name: seen.__setitem__(name, g.data_ptr()))
-    xs = torch.randn(2, 3, 4)
+    weight = model[0].weight
+    assert weight.numel() >= EAGER_NUMEL
+    seen: list[int] = []
+    weight.register_hook(lambda g: seen.append(g.data_ptr()))  # registered after the meter's: runs after it
+    xs = torch.randn(2, 3, 256)
     model(xs[0]).square().mean().backward()  # .grad is None: the gradient can be moved in
-    assert {name: p.grad.data_ptr() for name, p in model.named_parameters()} == seen  # type: ignore[union-attr]
+    assert weight.grad is not None and weight.grad.data_ptr() == seen[0]
     model(xs[1]).square().mean().backward()
     meter.update(batch_size=6)
 

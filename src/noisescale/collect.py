@@ -31,7 +31,9 @@ from torch import nn
 if TYPE_CHECKING:
     from noisescale.per_example import PerExampleNorms
 
-__all__ = ["GradientRecorder", "MicrobatchRecord", "squared_norms"]
+__all__ = ["EAGER_NUMEL", "GradientRecorder", "MicrobatchRecord", "squared_norms"]
+
+EAGER_NUMEL = 2**15  # parameters this large are normed in their own hook (see GradientRecorder)
 
 
 @dataclass
@@ -53,15 +55,6 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).to(torch.float64).square()
 
 
-def _stack_sq(norms: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``[P]`` float64 squares of per-parameter norms (0-d tensors); None (no gradient) is zero."""
-    present = [n for n in norms if n is not None]
-    if len(present) < len(norms):
-        zero = torch.zeros((), dtype=present[0].dtype, device=present[0].device)
-        present = [zero if n is None else n for n in norms]
-    return torch.stack(present).to(torch.float64).square()
-
-
 def _amp_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
     """The scaler's current scale as a device tensor (no sync), or None when not scaling."""
     if scaler is None or not scaler.is_enabled() or scaler._scale is None:
@@ -81,12 +74,15 @@ def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
 class GradientRecorder:
     """Hooks that record the squared norms of every backward's gradients.
 
-    One tensor hook per parameter takes the norm of the gradient backward computed
-    for it, right before autograd adds it into ``.grad``, and lets go of it: autograd
-    can then move the gradient into an empty ``.grad`` instead of copying it (holding
-    the gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
-    full copy of them on every step's first backward). The first hook of a backward
-    queues a callback that runs when that backward has finished and files its record.
+    One tensor hook per parameter sees the gradient backward computed for it, right
+    before autograd adds it into ``.grad``. For a large parameter (at least
+    ``EAGER_NUMEL`` elements) the hook takes its norm and lets go of it: autograd can
+    then move the gradient into an empty ``.grad`` instead of copying it (holding the
+    gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
+    full copy of them on every step's first backward). Small parameters' gradients are
+    held and normed together in one fused kernel when the backward has finished:
+    per-call overhead, not bandwidth, is their cost. The first hook of a backward
+    queues the callback that runs then and files the record.
 
     Args:
         params: the ``P`` trainable parameters, in a fixed order.
@@ -113,26 +109,30 @@ class GradientRecorder:
         self.take_snapshot = snapshot
         self.records: list[MicrobatchRecord] = []
         self.snapshot: torch.Tensor | None = None  # [P] float64, set at the end of each backward
-        self._norms: list[torch.Tensor | None] = [None] * len(self.params)  # this backward's, per parameter
+        self._eager = [p.numel() >= EAGER_NUMEL for p in self.params]
+        self._norm_dtype = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in self.params]
+        self._held: list[torch.Tensor | None] = [None] * len(self.params)  # this backward's norm or gradient
         self._task: int | None = None  # graph task whose end-of-backward callback is queued
+        self._positions: dict[tuple[int, ...], torch.Tensor] = {}  # parameter subsets -> index tensors
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()
         if task != self._task:  # the first gradient of this backward
             self._task = task
-            self._norms = [None] * len(self.params)  # nothing left from a backward that raised
+            self._held = [None] * len(self.params)  # nothing left from a backward that raised
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward)  # type: ignore[attr-defined]
-        if self.per_example is None:
-            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32  # fp16: no overflow
-            self._norms[i] = torch.linalg.vector_norm(grad, dtype=dtype)
+        if self.per_example is None:  # float32 norms at least: fp16 gradients do not overflow
+            self._held[i] = (
+                torch.linalg.vector_norm(grad, dtype=self._norm_dtype[i]) if self._eager[i] else grad
+            )
 
     def _on_backward(self) -> None:
         """End of a backward pass: file its record."""
         self._task = None
-        norms, self._norms = self._norms, [None] * len(self.params)
+        held, self._held = self._held, [None] * len(self.params)
         per_example = self.per_example.pop() if self.per_example is not None else None
-        sq = None if self.per_example is not None else _stack_sq(norms)
+        sq = None if self.per_example is not None else self._held_sq_norms(held)
         scale = _amp_scale(self.scaler)
         if scale is not None:
             inv = scale.to(torch.float64).reciprocal().square()
@@ -142,20 +142,38 @@ class GradientRecorder:
         if self.take_snapshot:
             self.snapshot = self.accumulated_sq_norms()
 
+    def _held_sq_norms(self, held: list[torch.Tensor | None]) -> torch.Tensor:
+        """``[P]`` float64 squared norms from a backward's held norms (large) and gradients (small)."""
+        eager = [i for i, h in enumerate(held) if h is not None and self._eager[i]]
+        small = [i for i, h in enumerate(held) if h is not None and not self._eager[i]]
+        parts = [torch.stack([held[i] for i in eager]).to(torch.float64).square()] if eager else []  # type: ignore[misc]
+        if small:
+            parts.append(squared_norms([held[i] for i in small]))  # type: ignore[misc]
+        return self._place(parts[0] if len(parts) == 1 else torch.cat(parts), eager + small)
+
+    def _place(self, values: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """``[P]``: ``values`` at the parameters ``positions``, zero elsewhere (no gradient)."""
+        if positions == list(range(len(self.params))):
+            return values
+        index = self._positions.get(tuple(positions))
+        if index is None:
+            if len(self._positions) >= 64:
+                self._positions.clear()
+            index = self._positions[tuple(positions)] = torch.tensor(positions, device=values.device)
+        return torch.zeros(len(self.params), dtype=values.dtype, device=values.device).index_copy_(
+            0, index, values
+        )
+
     def accumulated_sq_norms(self) -> torch.Tensor:
         """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
 
         Raises:
             RuntimeError: if no parameter has a gradient.
         """
-        grads = [p.grad for p in self.params]
-        present = [i for i, g in enumerate(grads) if g is not None]
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not present:
             raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
-        sq = squared_norms([grads[i] for i in present])  # type: ignore[misc]
-        if len(present) < len(grads):
-            index = torch.tensor(present, device=sq.device)
-            sq = torch.zeros(len(grads), dtype=torch.float64, device=sq.device).index_copy_(0, index, sq)
+        sq = self._place(squared_norms([self.params[i].grad for i in present]), present)  # type: ignore[misc]
         scale = _amp_scale(self.scaler)
         if scale is not None and not _amp_unscaled(self.scaler):
             sq = sq / scale.to(torch.float64).square()

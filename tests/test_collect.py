@@ -1,0 +1,57 @@
+"""The recorder's per-backward squared norms against a direct computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from noisescale.collect import EAGER_NUMEL, GradientRecorder
+
+
+class TwoHeads(nn.Module):
+    """A large trunk (normed in its hook) and two small heads, one of them unused at times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(256, 160, dtype=torch.float64)  # 40,960 weights: eager
+        self.head_a = nn.Linear(160, 3, dtype=torch.float64)
+        self.head_b = nn.Linear(160, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        out = self.head_a(h).square().mean()
+        return out + self.head_b(h).square().mean() if use_b else out
+
+
+@pytest.mark.parametrize("use_b", [True, False], ids=["all-parameters", "one-head-unused"])
+def test_records_are_the_squared_norms_of_each_backward(use_b: bool) -> None:
+    torch.manual_seed(0)
+    model = TwoHeads()
+    reference = copy.deepcopy(model)  # no hooks: its gradients are the expected ones
+    params = list(model.parameters())
+    assert [p.numel() >= EAGER_NUMEL for p in params].count(True) == 1
+    recorder = GradientRecorder(params)
+    expected = []
+    for x in torch.randn(3, 5, 256, dtype=torch.float64):
+        grads = torch.autograd.grad(reference(x, use_b), list(reference.parameters()), allow_unused=True)
+        expected.append(
+            torch.stack(
+                [torch.zeros((), dtype=torch.float64) if g is None else g.square().sum() for g in grads]
+            )
+        )
+        model(x, use_b).backward()
+    records = recorder.pop()
+    assert len(records) == 3
+    for record, want in zip(records, expected, strict=True):
+        torch.testing.assert_close(record.sq_norms, want, rtol=1e-12, atol=0.0)
+    big = torch.stack(
+        [
+            p.grad.square().sum() if p.grad is not None else torch.zeros((), dtype=torch.float64)
+            for p in params
+        ]
+    )
+    torch.testing.assert_close(recorder.accumulated_sq_norms(), big, rtol=1e-12, atol=0.0)
+    recorder.remove()
