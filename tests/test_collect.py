@@ -55,3 +55,22 @@ def test_records_are_the_squared_norms_of_each_backward(use_b: bool) -> None:
     )
     torch.testing.assert_close(recorder.accumulated_sq_norms(), big, rtol=1e-12, atol=0.0)
     recorder.remove()
+
+
+@pytest.mark.parametrize("rows", [40, 5000], ids=["small-table", "large-table"])
+def test_sparse_gradients_have_the_norms_of_their_dense_twins(rows: int) -> None:
+    """nn.Embedding(sparse=True): repeated indices sum before the norm, as in the dense gradient."""
+    torch.manual_seed(0)
+    sparse = nn.Embedding(rows, 8, sparse=True, dtype=torch.float64)
+    dense = nn.Embedding(rows, 8, dtype=torch.float64)
+    dense.weight.data.copy_(sparse.weight.data)
+    assert (sparse.weight.numel() >= EAGER_NUMEL) == (rows == 5000)
+    recorders = [GradientRecorder([m.weight]) for m in (sparse, dense)]
+    for idx in torch.randint(0, 4, (2, 6, 3)):  # few distinct rows: many repeats
+        for m in (sparse, dense):
+            m(idx).square().sum().backward()
+    for got, want in zip(*(r.pop() for r in recorders), strict=True):
+        torch.testing.assert_close(got.sq_norms, want.sq_norms, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(
+        recorders[0].accumulated_sq_norms(), recorders[1].accumulated_sq_norms(), rtol=1e-12, atol=0.0
+    )

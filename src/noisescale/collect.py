@@ -50,8 +50,10 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     A contiguous float32 or float64 tensor takes one BLAS dot product with itself, in
     its own dtype (about twice as fast as the norm kernel on CPUs); any other (float16,
     bfloat16, strided) a norm taken in float32, squared in float32, which cannot
-    overflow for half-precision values.
+    overflow for half-precision values. A sparse tensor is coalesced first.
     """
+    if tensor.is_sparse:  # nn.Embedding(sparse=True): repeated rows sum first
+        return squared_norm(tensor.coalesce().values())
     if tensor.is_contiguous() and tensor.dtype in (torch.float32, torch.float64):
         flat = tensor.view(-1)
         return torch.dot(flat, flat)
@@ -61,11 +63,11 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[P]`` float64 squared L2 norms of ``P`` tensors, no host sync.
 
-    Tensors of at least :data:`EAGER_NUMEL` elements go through :func:`squared_norm`;
+    Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through :func:`squared_norm`;
     the others through one fused norm kernel, taken in at least float32 and squared in
     float64, so float16 gradients with norms above 256 do not overflow.
     """
-    large = [t.numel() >= EAGER_NUMEL for t in tensors]
+    large = [t.numel() >= EAGER_NUMEL or t.is_sparse for t in tensors]
     small = [t for t, big in zip(tensors, large, strict=True) if not big]
     if small:
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in small) else torch.float32
