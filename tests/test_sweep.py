@@ -232,7 +232,9 @@ def test_b_crit_plots_label_the_goal_axis_by_metric(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(
         plotting_critical, "save_figure", lambda fig, path, **_: figures.update({path.name: fig})
     )
-    cfg = tiny(batch_sizes=[8, 32, 128], loss_goals=[0.6], error_goals=[0.2])
+    cfg = SweepConfig.for_task(
+        "digits", **{**TINY, "batch_sizes": [8, 32, 128], "loss_goals": [0.6]}, error_goals=[0.2]
+    )
     steps = {8: 500, 32: 200, 128: 125}  # S_min (1 + B_crit/B) with S_min = 100, B_crit = 32
     records = {RunSpec(b, 0): fake_record(b, 0, [s, s]) for b, s in steps.items()}
     write_results(cfg, tmp_path, records, n_bootstrap=100)
