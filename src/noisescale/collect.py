@@ -20,9 +20,11 @@ Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a mic
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,15 +51,16 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
 
     A contiguous float32 or float64 tensor takes one BLAS dot product with itself, in
     its own dtype (about twice as fast as the norm kernel on CPUs); any other (float16,
-    bfloat16, strided) a norm taken in float32, squared in float32, which cannot
-    overflow for half-precision values. A sparse tensor is coalesced first.
+    bfloat16, strided such as channels_last) a norm taken in float32 (float64 for
+    float64), which cannot overflow for half-precision values. A sparse tensor is coalesced first.
     """
     if tensor.is_sparse:  # nn.Embedding(sparse=True): repeated rows sum first
         return squared_norm(tensor.coalesce().values())
     if tensor.is_contiguous() and tensor.dtype in (torch.float32, torch.float64):
         flat = tensor.view(-1)
         return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(tensor, dtype=dtype).square()
 
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -95,6 +98,20 @@ def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
     return any(s["stage"] is OptState.UNSCALED for s in scaler._per_optimizer_states.values())
 
 
+_RAISED = (
+    "a backward pass raised before it finished since the last update(): part of its gradient is already "
+    "in .grad, so this step's gradients are not the sum of whole backward passes. Skip the step: call "
+    "optimizer.zero_grad() (the meter has dropped the step's records) and continue with the next one."
+)
+_SPLIT = (
+    "parameter #{i} of the meter received gradients from two backward passes inside one .backward() "
+    "call: reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True)) "
+    "with the parameter used both inside and outside a checkpointed function, or in two of them. Its "
+    "per-backward norm cannot be recovered from the parts; use use_reentrant=False. The meter has dropped "
+    "the step's records; call optimizer.zero_grad() and continue."
+)
+
+
 class GradientRecorder:
     """Hooks that record the squared norms of every backward's gradients.
 
@@ -105,8 +122,18 @@ class GradientRecorder:
     gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
     full copy of them on every step's first backward). Small parameters' gradients are
     held and normed together in one fused kernel when the backward has finished:
-    per-call overhead, not bandwidth, is their cost. The first hook of a backward
-    queues the callback that runs then and files the record.
+    per-call overhead, not bandwidth, is their cost. The parameter's
+    post-accumulate-grad hook then keeps the value: a gradient counts only once it is
+    in ``.grad``. The first such hook of a backward queues the callback that runs at
+    its end and files the record.
+
+    Which backward passes make a record: exactly the calls that add into ``.grad``
+    (``loss.backward()``, ``torch.autograd.backward``), one record per call.
+    ``torch.autograd.grad(loss, params)`` (a gradient penalty, a meta-gradient) never
+    reaches ``.grad`` and files nothing; a penalty term backpropagated with the loss
+    is part of that backward's record, as it is part of ``.grad``. A backward that
+    autograd runs inside another one (``torch.utils.checkpoint`` with
+    ``use_reentrant=True``) is merged into the enclosing call's record.
 
     Args:
         params: the ``P`` trainable parameters, in a fixed order.
@@ -134,24 +161,63 @@ class GradientRecorder:
         self.records: list[MicrobatchRecord] = []
         self.snapshot: torch.Tensor | None = None  # [P] float64, set at the end of each backward
         self._eager = [p.numel() >= EAGER_NUMEL for p in self.params]
-        self._held: list[torch.Tensor | None] = [None] * len(self.params)  # this backward's norm or gradient
-        self._task: int | None = None  # graph task whose end-of-backward callback is queued
+        self._incoming: list[torch.Tensor | None] = [None] * len(self.params)  # seen by a tensor hook
+        self._held: dict[int, list[torch.Tensor | None]] = {}  # running graph task -> its values in .grad
+        self._record_of: dict[int, MicrobatchRecord] = {}  # running graph task -> the record it adds to
+        self._current: MicrobatchRecord | None = None  # record of the newest backward call
+        self._newest_task = -1  # graph task ids only grow: a smaller one encloses a newer one
+        self._seen = [False] * len(self.params)  # parameters with a value in the current record
+        self._split: int | None = None  # a parameter whose gradient came in two parts
         self._positions: dict[tuple[int, ...], torch.Tensor] = {}  # parameter subsets -> index tensors
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
+        self._handles += [
+            p.register_post_accumulate_grad_hook(partial(self._on_accumulated, i))
+            for i, p in enumerate(self.params)
+        ]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self._task:  # the first gradient of this backward
-            self._task = task
-            self._held = [None] * len(self.params)  # nothing left from a backward that raised
-            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward)  # type: ignore[attr-defined]
+        """Tensor hook: this backward's gradient of parameter ``i``, before it reaches ``.grad``."""
         if self.per_example is None:
-            self._held[i] = squared_norm(grad) if self._eager[i] else grad
+            grad = grad.detach()  # backward(create_graph=True): the norm needs no graph
+            self._incoming[i] = squared_norm(grad) if self._eager[i] else grad
 
-    def _on_backward(self) -> None:
-        """End of a backward pass: file its record."""
-        self._task = None
-        held, self._held = self._held, [None] * len(self.params)
+    def _on_accumulated(self, i: int, param: nn.Parameter) -> None:
+        """Post-accumulate-grad hook: the value just seen went into ``.grad``; keep it."""
+        task = torch._C._current_graph_task_id()
+        held = self._held.get(task)
+        if held is None:  # the first gradient this backward put into .grad
+            held = self._start(task)
+        held[i], self._incoming[i] = self._incoming[i], None
+        if self._seen[i]:
+            self._split = i
+        self._seen[i] = True
+
+    def _start(self, task: int) -> list[torch.Tensor | None]:
+        """Open graph task ``task``: queue its end-of-backward callback; choose the record it adds to.
+
+        A task that starts while another one runs (``self._held`` not empty, and two
+        backward calls on the threads' stacks) runs inside it (reentrant checkpointing); one
+        older than the newest task seen encloses that newest one, which ended first. Either
+        adds to the last record. Unfinished tasks with no call left on any stack raised
+        halfway: they are dropped.
+        """
+        if self._held and _backward_calls_running() < 2:  # the unfinished ones raised: forget them
+            self._held.clear()
+            self._record_of.clear()
+        nested = bool(self._held) or task < self._newest_task
+        if not nested or self._current is None:
+            self._seen = [False] * len(self.params)
+            self._current = MicrobatchRecord(None, None)
+        self._newest_task = max(self._newest_task, task)
+        self._record_of[task] = self._current
+        held = self._held[task] = [None] * len(self.params)
+        torch.autograd.Variable._execution_engine.queue_callback(partial(self._on_backward, task))  # type: ignore[attr-defined]
+        return held
+
+    def _on_backward(self, task: int) -> None:
+        """End of graph task ``task``: add its norms to its backward call's record, filed once."""
+        held = self._held.pop(task)
+        record = self._record_of.pop(task)
         per_example = self.per_example.pop() if self.per_example is not None else None
         sq = None if self.per_example is not None else self._held_sq_norms(held)
         scale = _amp_scale(self.scaler)
@@ -159,7 +225,10 @@ class GradientRecorder:
             inv = scale.to(torch.float64).reciprocal().square()
             sq = None if sq is None else sq * inv
             per_example = None if per_example is None else per_example.to(torch.float64) * inv
-        self.records.append(MicrobatchRecord(sq, per_example))
+        record.sq_norms = _add(record.sq_norms, sq)
+        record.per_example = _add(record.per_example, per_example)
+        if not self.records or self.records[-1] is not record:  # filed when its first task ends
+            self.records.append(record)
         if self.take_snapshot:
             self.snapshot = self.accumulated_sq_norms()
 
@@ -200,9 +269,25 @@ class GradientRecorder:
             sq = sq / scale.to(torch.float64).square()
         return sq
 
+    def problem(self) -> str | None:
+        """Why the records since the last pop do not describe whole backward passes, or None.
+
+        Call it between backward passes (e.g. in ``meter.update()``): a backward whose
+        end-of-backward callback has not run by then raised halfway.
+        """
+        if self._held:
+            return _RAISED
+        return None if self._split is None else _SPLIT.format(i=self._split)
+
     def pop(self) -> list[MicrobatchRecord]:
-        """The records since the last pop, oldest first."""
+        """The records since the last pop, oldest first; forgets backward passes that raised."""
         out, self.records = self.records, []
+        self._held.clear()
+        self._record_of.clear()
+        self._current = None
+        self._incoming = [None] * len(self.params)
+        self._seen = [False] * len(self.params)
+        self._split = None
         return out
 
     def remove(self) -> None:
@@ -211,3 +296,25 @@ class GradientRecorder:
             handle.remove()
         if self.per_example is not None:
             self.per_example.remove()
+
+
+def _backward_calls_running() -> int:
+    """How many ``backward``/``autograd.grad`` calls are in progress, on every thread.
+
+    Counts the frames of the public entry points ``torch.autograd.backward`` (which
+    ``Tensor.backward`` calls) and ``torch.autograd.grad``; used only when a graph task
+    starts while another one has not finished (nested, or one that raised).
+    """
+    codes = (torch.autograd.backward.__code__, torch.autograd.grad.__code__)
+    count = 0
+    for frame in sys._current_frames().values():
+        walk: FrameType | None = frame
+        while walk is not None:
+            count += walk.f_code in codes
+            walk = walk.f_back
+    return count
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` where None is nothing."""
+    return b if a is None else a if b is None else a + b

@@ -419,14 +419,21 @@ class GradientNoiseScale:
             microbatch_sizes: examples in each micro-batch, in backward order (this rank's).
 
         Raises:
-            RuntimeError: if no backward pass ran since the last update.
+            RuntimeError: if no backward pass ran since the last update, or one raised
+                halfway (the step is dropped: zero the gradients and go on), or reentrant
+                checkpointing split a parameter's gradient (use ``use_reentrant=False``).
             noisescale.errors.SingleMicrobatchError: ``microbatch`` with one backward
                 pass, or a step of one example.
             ValueError: if the sizes do not match the backward passes.
             noisescale.distributed.DistributedSetupError: under DDP, if no all-reduce ran
                 this step (every micro-step was under ``no_sync``).
         """
+        problem = self._recorder.problem()
         records = self._recorder.pop()
+        if problem is not None:
+            if self._hook is not None:
+                self._hook.pop()
+            raise RuntimeError(problem)
         if not records:
             raise RuntimeError(
                 "meter.update() found no backward pass since the last update: call it once per "
