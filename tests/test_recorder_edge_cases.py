@@ -293,3 +293,27 @@ def test_per_example_records_match_per_example_gradients() -> None:
             grads = torch.autograd.grad(twin(x[n : n + 1]).square().mean() / len(x), list(twin.parameters()))
             want = torch.stack([sum(g.square().sum() for g in grads[i : i + 2]) for i in (0, 2)])
             torch.testing.assert_close(record.per_example[n].double(), want, rtol=1e-6, atol=0.0)  # type: ignore[index]
+
+
+def test_per_example_parts_of_a_backward_that_raised_are_dropped() -> None:
+    """After the update that reports the failed backward, the next step equals a fresh meter's."""
+    estimates = []
+    for fail_first in (False, True):
+        torch.manual_seed(0)
+        model = _mlp()
+        meter = GradientNoiseScale(model, method="per_example")
+        if fail_first:
+            x = torch.randn(8, 256, dtype=torch.float64)
+            hidden = model[1](model[0](x))
+            hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
+            with pytest.raises(ValueError, match="boom"):
+                model[2](hidden).square().mean().backward()
+            with pytest.raises(RuntimeError, match="raised before it finished"):
+                meter.update()
+            model.zero_grad()
+        _mse(
+            model, torch.randn(8, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        ).backward()
+        meter.update()
+        estimates.append(meter.compute())
+    assert estimates[0] == estimates[1]

@@ -282,6 +282,8 @@ class GradientRecorder:
     def pop(self) -> list[MicrobatchRecord]:
         """The records since the last pop, oldest first; forgets backward passes that raised."""
         out, self.records = self.records, []
+        if self._held and self.per_example is not None:  # a backward raised: drop its per-example parts
+            self.per_example.pop()
         self._held.clear()
         self._record_of.clear()
         self._current = None
