@@ -20,6 +20,7 @@ Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a mic
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ class GradientRecorder:
         self._newest_task = -1  # graph task ids only grow: a smaller one encloses a newer one
         self._seen = [False] * len(self.params)  # parameters with a value in the current record
         self._split: int | None = None  # a parameter whose gradient came in two parts
-        self._positions: dict[tuple[int, ...], torch.Tensor] = {}  # parameter subsets -> index tensors
+        self._index = functools.lru_cache(maxsize=64)(self._make_index)  # parameter subsets -> index tensors
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
         self._handles += [
             p.register_post_accumulate_grad_hook(partial(self._on_accumulated, i))
@@ -245,14 +246,11 @@ class GradientRecorder:
         """``[P]``: ``values`` at the parameters ``positions``, zero elsewhere (no gradient)."""
         if positions == list(range(len(self.params))):
             return values
-        index = self._positions.get(tuple(positions))
-        if index is None:
-            if len(self._positions) >= 64:
-                self._positions.clear()
-            index = self._positions[tuple(positions)] = torch.tensor(positions, device=values.device)
-        return torch.zeros(len(self.params), dtype=values.dtype, device=values.device).index_copy_(
-            0, index, values
-        )
+        out = torch.zeros(len(self.params), dtype=values.dtype, device=values.device)
+        return out.index_copy_(0, self._index(tuple(positions)), values)
+
+    def _make_index(self, positions: tuple[int, ...]) -> torch.Tensor:
+        return torch.tensor(positions, device=self.params[0].device)
 
     def accumulated_sq_norms(self) -> torch.Tensor:
         """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.

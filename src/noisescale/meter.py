@@ -36,10 +36,11 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -63,7 +64,6 @@ __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate"]
 Method = Literal["microbatch", "per_example", "ddp"]
 DEFAULT_EMA_DECAY = 0.99
 _MAX_PENDING = 32  # steps whose collective may be in flight before update() settles them
-_MAX_CACHED = 64  # per-step constant tensors kept, keyed by the step's sizes and loss factors
 
 
 def _opt(x: torch.Tensor) -> float | None:
@@ -329,7 +329,9 @@ class GradientNoiseScale:
         self._series = part.series.to(self._device)  # [S, C]
         cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
         self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
-        self._constants: dict[tuple[Any, ...], torch.Tensor] = {}
+        # Per-step constant tensors, made once per distinct (sizes, loss factors) of a step.
+        self._coefficients = functools.lru_cache(maxsize=64)(self._make_coefficients)
+        self._sizes_factors = functools.lru_cache(maxsize=64)(self._make_sizes_factors)
         per_example = None
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
@@ -495,15 +497,6 @@ class GradientNoiseScale:
             )
         return [batch_size // k] * k
 
-    def _constant(self, key: tuple[Any, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A per-step constant tensor, made once per distinct ``key`` (sizes and loss factors)."""
-        value = self._constants.get(key)
-        if value is None:
-            if len(self._constants) >= _MAX_CACHED:
-                self._constants.clear()
-            value = self._constants[key] = make()
-        return value
-
     def _microbatch(self, records: list[MicrobatchRecord], sizes: list[int], big_sq: torch.Tensor) -> None:
         """Undo the loss conventions: record i holds |c_i g_i|^2, .grad holds sum_i c_i g_i (/ W)."""
         k = len(records)
@@ -517,22 +510,22 @@ class GradientNoiseScale:
         key = (tuple(sizes), tuple(factors))
         sq = torch.stack([r.sq_norms for r in records]) @ self._param_cells  # type: ignore[misc]  # [k, C]
         if self._hook is None:
-            coefficients = self._constant(("coefficients", *key), lambda: self._coefficients(sizes, factors))
-            self._fold(coefficients @ torch.cat([sq, big_sq[None]]), sum(sizes))
+            self._fold(self._coefficients(*key) @ torch.cat([sq, big_sq[None]]), sum(sizes))
             return
         if k * self.world_size < 2:  # raise now, not when the step settles
             raise SingleMicrobatchError(
                 "one process with one backward pass per step: the ddp method needs W x micro-batches "
                 ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
             )
-        sizes_factors = self._constant(
-            ("rows", *key), lambda: torch.tensor([sizes, factors], dtype=torch.float64, device=self._device).T
-        )
-        rows = torch.cat([sq, sizes_factors], dim=1)  # [m, C + 2]
+        rows = torch.cat([sq, self._sizes_factors(*key)], dim=1)  # [m, C + 2]
         work, outputs = nsdist.gather_rows(rows, self._process_group)
         self._pending.append(("microbatch", work, outputs, big_sq))
 
-    def _coefficients(self, sizes: list[int], factors: list[float]) -> torch.Tensor:
+    def _make_sizes_factors(self, sizes: tuple[int, ...], factors: tuple[float, ...]) -> torch.Tensor:
+        """``[k, 2]`` float64: each micro-batch's size and loss factor, as gathered under DDP."""
+        return torch.tensor([sizes, factors], dtype=torch.float64, device=self._device).T
+
+    def _make_coefficients(self, sizes: tuple[int, ...], factors: tuple[float, ...]) -> torch.Tensor:
         """``[2, k + 1]``: the step's (|G|^2, tr Sigma) estimates are this times its ``k + 1`` squared norms.
 
         The k-way estimator is linear in the recorded squared norms (k micro-batches, then
