@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from noisescale.meter import GroupEstimate, NoiseScaleEstimate
+    from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
 
-__all__ = ["estimate_scalars", "require"]
+__all__ = ["MeterCallback", "estimate_scalars", "require"]
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -79,3 +79,52 @@ def estimate_scalars(
         for name, est in estimate.param_groups.items():
             _part(out, f"{prefix}/param_group/{name}/", est)
     return out
+
+
+class MeterCallback:
+    """What the framework callbacks share: their settings, folding in a step, the logged scalars.
+
+    A mixin: the Lightning and Hugging Face callbacks call :meth:`_configure` from their
+    ``__init__`` and create :attr:`meter` when training starts.
+    """
+
+    meter: GradientNoiseScale | None
+    last_estimate: NoiseScaleEstimate | None
+
+    def _configure(
+        self,
+        method: str | None,
+        log_every_n_steps: int | None,
+        prefix: str,
+        log_groups: bool,
+        meter_kwargs: dict[str, Any],
+    ) -> None:
+        """Store the settings.
+
+        Raises:
+            ValueError: if ``log_every_n_steps`` is given and below 1.
+        """
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"Expected `log_every_n_steps` >= 1 but got {log_every_n_steps}")
+        self.method = method
+        self.log_every_n_steps = log_every_n_steps
+        self.prefix = prefix
+        self.log_groups = log_groups
+        self.meter_kwargs = meter_kwargs
+        self.meter = None
+        self.last_estimate = None
+        self._sizes: list[int] = []  # micro-batch sizes seen since the last optimizer step
+
+    def _fold_step(self, sizes: list[int]) -> None:
+        """``meter.update`` for a step of micro-batches of these sizes (per_example counts its own)."""
+        assert self.meter is not None, "the meter is created when training starts"
+        if self.meter.method == "per_example":
+            self.meter.update()
+        else:
+            self.meter.update(microbatch_sizes=sizes)
+
+    def _log_scalars(self) -> dict[str, float]:
+        """Compute the estimate (one host synchronisation), keep it, and name its scalars."""
+        assert self.meter is not None, "the meter is created when training starts"
+        self.last_estimate = self.meter.compute()
+        return estimate_scalars(self.last_estimate, self.prefix, groups=self.log_groups)

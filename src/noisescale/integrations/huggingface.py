@@ -40,8 +40,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisescale.integrations import estimate_scalars, require
-from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, default_groups
+from noisescale.integrations import MeterCallback, require
+from noisescale.meter import GradientNoiseScale, default_groups
 
 _transformers = require("transformers", "hf")
 
@@ -58,7 +58,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
-class NoiseScaleCallback(_transformers.TrainerCallback):  # type: ignore[misc]
+class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type: ignore[misc]
     """Measure B_simple during ``Trainer.train`` and log it with ``Trainer.log``.
 
     Args:
@@ -90,18 +90,9 @@ class NoiseScaleCallback(_transformers.TrainerCallback):  # type: ignore[misc]
         log_groups: bool = True,
         **meter_kwargs: Any,
     ) -> None:
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"Expected `log_every_n_steps` >= 1 but got {log_every_n_steps}")
+        self._configure(method, log_every_n_steps, prefix, log_groups, meter_kwargs)
         self.trainer = trainer
-        self.method = method
-        self.log_every_n_steps = log_every_n_steps
-        self.prefix = prefix
-        self.log_groups = log_groups
-        self.meter_kwargs = meter_kwargs
-        self.meter: GradientNoiseScale | None = None
         self.unit: str | None = None
-        self.last_estimate: NoiseScaleEstimate | None = None
-        self._sizes: list[int] = []
         self._handle: Any = None
 
     def _choose_method(self, args: Any, wrapped: nn.Module) -> str:
@@ -170,12 +161,8 @@ class NoiseScaleCallback(_transformers.TrainerCallback):  # type: ignore[misc]
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Fold in the step (its gradients were read before clipping)."""
-        assert self.meter is not None, "on_train_begin did not run"
         sizes, self._sizes = self._sizes, []
-        if self.meter.method == "per_example":
-            self.meter.update()
-        else:
-            self.meter.update(microbatch_sizes=sizes)
+        self._fold_step(sizes)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Log every ``log_every_n_steps`` optimizer steps through ``Trainer.log``."""
@@ -184,8 +171,7 @@ class NoiseScaleCallback(_transformers.TrainerCallback):  # type: ignore[misc]
             every = math.ceil(state.max_steps * every)
         if self.meter is None or state.global_step % max(1, int(every)):
             return
-        self.last_estimate = self.meter.compute()
-        self.trainer.log(estimate_scalars(self.last_estimate, self.prefix, groups=self.log_groups))
+        self.trainer.log(self._log_scalars())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Detach the hooks; the meter keeps its estimate."""

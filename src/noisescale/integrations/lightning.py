@@ -26,19 +26,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from noisescale.integrations import estimate_scalars, require
+from noisescale.integrations import MeterCallback, require
 
 _pl = require("lightning.pytorch", "lightning")
 _data = require("lightning.pytorch.utilities.data", "lightning")
 
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, default_groups  # noqa: E402
+from noisescale.meter import GradientNoiseScale, default_groups  # noqa: E402
 
 __all__ = ["NoiseScaleCallback"]
 
 
-class NoiseScaleCallback(_pl.Callback):  # type: ignore[misc]
+class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
     """Measure B_simple during ``fit`` and log it with the LightningModule's logger.
 
     Args:
@@ -65,16 +65,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[misc]
         **meter_kwargs: Any,
     ) -> None:
         super().__init__()
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"Expected `log_every_n_steps` >= 1 but got {log_every_n_steps}")
-        self.method = method
-        self.log_every_n_steps = log_every_n_steps
-        self.prefix = prefix
-        self.log_groups = log_groups
-        self.meter_kwargs = meter_kwargs
-        self.meter: GradientNoiseScale | None = None
-        self.last_estimate: NoiseScaleEstimate | None = None
-        self._sizes: list[int] = []
+        self._configure(method, log_every_n_steps, prefix, log_groups, meter_kwargs)
         self._stepped = False
         self._saved: dict[str, Any] | None = None
 
@@ -112,10 +103,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[misc]
         if meter.method != "per_example" and len(sizes) != trainer.accumulate_grad_batches:
             meter.discard()  # short window: Lightning still divided the loss by the full count
             return
-        if meter.method == "per_example":
-            meter.update()
-        else:
-            meter.update(microbatch_sizes=sizes)
+        self._fold_step(sizes)
         self._stepped = True
 
     def on_train_batch_end(
@@ -128,9 +116,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[misc]
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every:
             return
-        self.last_estimate = self.meter.compute()
-        scalars = estimate_scalars(self.last_estimate, self.prefix, groups=self.log_groups)
-        pl_module.log_dict(scalars, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+        pl_module.log_dict(self._log_scalars(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Detach the hooks; the meter keeps its estimate."""
