@@ -1,13 +1,15 @@
 """Squared gradient norms recorded during the user's own backward passes.
 
 A tensor hook on every trainable parameter sees the gradient each backward pass
-computed for it, BEFORE it is added into ``.grad``, and records its norm (no host
-synchronisation); when the backward has finished, its record is filed: the squared
-norm of this micro-batch's contribution per parameter (the meter sums parameters into
-groups) and, when per-example kernels are attached, their ``[N, G]`` per-example
-squared norms per group. The accumulated gradient (the big batch) is read from
-``.grad`` once per optimiser step by :meth:`GradientRecorder.accumulated_sq_norms`
-(one fused ``torch._foreach_norm``).
+computed for it, BEFORE it is added into ``.grad``, and takes its squared norm (large
+parameters) or holds it (small ones); the parameter's post-accumulate-grad hook keeps
+that value once it has reached ``.grad``. When the backward has finished, its record
+is filed (no host synchronisation): the squared norm of this micro-batch's
+contribution per parameter (the meter sums parameters into groups) and, when
+per-example kernels are attached, their ``[N, G]`` per-example squared norms per
+group. The accumulated gradient (the big batch) is read from ``.grad`` once per
+optimiser step by :meth:`GradientRecorder.accumulated_sq_norms` (:func:`squared_norms`:
+a BLAS dot per large tensor, one fused norm for the small ones).
 
 AMP: with a ``torch.amp.GradScaler`` the recorded gradients are scaled by the
 scaler's current scale ``s``; squared norms are divided by ``s**2`` on the device,
