@@ -118,7 +118,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
                     continue
                 if len(row) > len(header):
                     raise SweepDataError(
-                        f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)}"
+                        f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)} "
+                        "(a sweep CSV starts with a header row naming at least `batch_size` and `steps`)"
                     )
                 rows.append([c if c.strip() else None for c in row] + [None] * (len(header) - len(row)))
                 lines.append(reader.line_num)
