@@ -42,9 +42,9 @@ def _records(model: nn.Module, loss: Loss, xs: Sequence[torch.Tensor]) -> list[t
     recorder = GradientRecorder(list(model.parameters()))
     for x in xs:
         loss(model, x).backward()
-    records = recorder.pop()
+    sq = recorder.sq_norms(recorder.pop())
     recorder.remove()
-    return [r.sq_norms for r in records]  # type: ignore[misc]
+    return list(sq)
 
 
 def _mlp(dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -85,7 +85,7 @@ def test_grad_scaler_scale_changes_between_steps() -> None:
         scaler.update()
         optimizer.zero_grad()
     assert scales == [16.0, 32.0, 64.0]
-    got = [r.sq_norms for r in recorder.pop()]
+    got = list(recorder.sq_norms(recorder.pop()))
     for g, want in zip(got, _reference(model, _mse, xs.flatten(0, 1)), strict=True):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=0.0)
 
@@ -152,6 +152,22 @@ def test_autograd_grad_files_no_record_and_a_penalty_is_part_of_the_backward() -
         torch.testing.assert_close(g, want, rtol=1e-10, atol=0.0)
 
 
+def test_backward_with_inputs_records_only_the_parameters_it_fills() -> None:
+    """backward(inputs=[...]) fills those parameters' .grad only; autograd.grad of a subset fills nothing."""
+    model = _mlp()
+    params = list(model.parameters())
+    first = params[:2]  # the large first layer: weight (hook-normed) and bias
+    recorder = GradientRecorder(params)
+    x = torch.randn(8, 256, dtype=torch.float64)
+    torch.autograd.grad(_mse(model, x), first)
+    _mse(model, x).backward(inputs=first)
+    got = recorder.sq_norms(recorder.pop())
+    recorder.remove()
+    assert all(p.grad is None for p in params[2:])
+    want = torch.stack([p.grad.square().sum() for p in first] + [torch.zeros((), dtype=torch.float64)] * 2)
+    torch.testing.assert_close(got, want[None], rtol=1e-12, atol=0.0)
+
+
 def test_retain_graph_backward_twice_files_two_records() -> None:
     model = _mlp()
     x = torch.randn(8, 256, dtype=torch.float64)
@@ -159,7 +175,7 @@ def test_retain_graph_backward_twice_files_two_records() -> None:
     loss = _mse(model, x)
     loss.backward(retain_graph=True)
     loss.backward()
-    got = [r.sq_norms for r in recorder.pop()]
+    got = list(recorder.sq_norms(recorder.pop()))
     (want,) = _reference(model, _mse, x[None])
     assert len(got) == 2
     for g in got:

@@ -17,7 +17,7 @@ def test_bias_corrected_mean_is_exact_weighted_mean() -> None:
     st = ema_init(1)
     xs = [1.0, 2.0, 4.0]
     for x in xs:
-        st, _ = ema_update(st, torch.tensor([x]), torch.tensor([2 * x]), 0.5)
+        st, _ = ema_update(st, torch.tensor([[x], [2 * x]]), 0.5)
     w = [0.5 * 0.25, 0.5 * 0.5, 0.5]  # (1 - beta) beta^(t_last - t)
     g, s = ema_means(st)
     assert g.item() == pytest.approx(sum(wi * x for wi, x in zip(w, xs, strict=True)) / sum(w))
@@ -27,16 +27,16 @@ def test_bias_corrected_mean_is_exact_weighted_mean() -> None:
 def test_plain_mean_when_decay_is_one() -> None:
     st = ema_init(1)
     for x in [1.0, 2.0, 6.0]:
-        st, _ = ema_update(st, torch.tensor([x]), torch.tensor([x]), 1.0)
+        st, _ = ema_update(st, torch.tensor([[x], [x]]), 1.0)
     assert ema_means(st)[0].item() == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_step_is_skipped_not_averaged(bad: float) -> None:
     st = ema_init(2)
-    st, ok1 = ema_update(st, torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), 0.9)
+    st, ok1 = ema_update(st, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.9)
     ref = st
-    st, ok2 = ema_update(st, torch.tensor([bad, 2.0]), torch.tensor([3.0, 4.0]), 0.9)
+    st, ok2 = ema_update(st, torch.tensor([[bad, 2.0], [3.0, 4.0]]), 0.9)
     assert bool(ok1)
     assert not bool(ok2)
     for a, b in zip(st, ref, strict=True):
@@ -54,7 +54,7 @@ def test_decay_in_examples() -> None:
 def test_not_resolved_when_grad_norm_sq_not_positive() -> None:
     st = ema_init(1)
     for g in [-1.0, 0.5, -0.3]:
-        st, _ = ema_update(st, torch.tensor([g]), torch.tensor([10.0]), 1.0)
+        st, _ = ema_update(st, torch.tensor([[g], [10.0]]), 1.0)
     iv = b_simple_interval(st)
     assert not bool(iv.resolved[0])
     assert math.isnan(iv.b_simple[0])
@@ -78,7 +78,7 @@ def _oracle_states(method: str, repeats: int, steps: int, beta: float, seed: int
                 g.mean(1).square().sum(-1),
                 torch.tensor(32.0),
             )
-        st, _ = ema_update(st, stats.grad_norm_sq, stats.trace_sigma, beta)
+        st, _ = ema_update(st, torch.stack([stats.grad_norm_sq, stats.trace_sigma]), beta)
     return st
 
 

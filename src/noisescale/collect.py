@@ -2,10 +2,12 @@
 
 A tensor hook on every trainable parameter sees the gradient each backward pass
 computed for it, BEFORE it is added into ``.grad``, and takes its squared norm (large
-parameters) or holds it (small ones); the parameter's post-accumulate-grad hook keeps
-that value once it has reached ``.grad``. When the backward has finished, its record
-is filed (no host synchronisation): the squared norm of this micro-batch's
-contribution per parameter (the meter sums parameters into groups) and, when
+parameters) or holds it (small ones), unless the backward is a
+``torch.autograd.grad`` call, which never reaches ``.grad``. When the backward has
+finished, its record is filed (no host synchronisation): the small gradients' squared
+norms are taken in one fused kernel, and the record holds the squared norm of this
+micro-batch's contribution per parameter (stacked into a ``[k, P]`` tensor once per
+optimiser step by :meth:`GradientRecorder.sq_norms`; the meter sums parameters into groups) and, when
 per-example kernels are attached, their ``[N, G]`` per-example squared norms per
 group. The accumulated gradient (the big batch) is read from ``.grad`` once per
 optimiser step by :meth:`GradientRecorder.accumulated_sq_norms` (:func:`squared_norms`:
@@ -22,7 +24,6 @@ Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a mic
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,10 +44,17 @@ EAGER_NUMEL = 2**15  # parameters this large are normed in their own hook (see G
 
 @dataclass
 class MicrobatchRecord:
-    """What one backward pass contributed, already divided by the AMP scale squared."""
+    """What one backward pass contributed.
 
-    sq_norms: torch.Tensor | None  # [P] float64 squared norms of this backward's contribution (microbatch)
-    per_example: torch.Tensor | None  # [N, G] squared norms of each example's contribution
+    ``values`` (``microbatch``): per parameter, the 0-d squared norm of this backward's
+    gradient (None: it had none), loss-scaled under AMP; :meth:`GradientRecorder.sq_norms`
+    stacks the records of a step into one ``[k, P]`` tensor. ``per_example``: ``[N, G]``
+    squared norms of each example's contribution, already divided by the AMP scale squared.
+    """
+
+    values: list[torch.Tensor | None] | None = None
+    per_example: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # 0-d float64 AMP scale in force at this backward
 
 
 def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -66,23 +74,47 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, dtype=dtype).square()
 
 
-def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[P]`` float64 squared L2 norms of ``P`` tensors, no host sync.
+def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``[P]`` float64 squared L2 norms of ``P`` tensors (zero for None), no host sync.
 
-    Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through :func:`squared_norm`;
-    the others through one fused norm kernel, taken in at least float32 and squared in
-    float64, so float16 gradients with norms above 256 do not overflow.
+    Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through
+    :func:`squared_norm`; the others through one fused norm kernel (:func:`_square_small`).
     """
-    large = [t.numel() >= EAGER_NUMEL or t.is_sparse for t in tensors]
-    small = [t for t, big in zip(tensors, large, strict=True) if not big]
-    if small:
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in small) else torch.float32
-        small_sq = torch.stack(torch._foreach_norm(small, dtype=dtype)).to(torch.float64).square()  # type: ignore[misc]
-        if len(small) == len(tensors):
-            return small_sq
-        rest = iter(small_sq.unbind())
-    values = [squared_norm(t) if big else next(rest) for t, big in zip(tensors, large, strict=True)]
-    return torch.stack(values).to(torch.float64)
+    values = [t if t is None or not _eager(t) else squared_norm(t) for t in tensors]
+    _square_small(values)
+    return _stack_float64(values)
+
+
+def _eager(tensor: torch.Tensor) -> bool:
+    """Whether a gradient is normed on its own (:func:`squared_norm`) rather than with the small ones."""
+    return tensor.is_sparse or tensor.numel() >= EAGER_NUMEL
+
+
+def _square_small(values: list[torch.Tensor | None]) -> None:
+    """Replace the gradients in ``values`` (not 0-d) by their 0-d squared norms, in one fused kernel.
+
+    The 0-d entries are squared norms already. Norms are taken and squared in at least
+    float32, so float16 gradients with norms above 256 do not overflow.
+    """
+    small = [i for i, v in enumerate(values) if v is not None and v.dim() > 0]
+    if not small:
+        return
+    grads = [values[i] for i in small]
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32  # type: ignore[union-attr]
+    norms = torch._foreach_norm(grads, dtype=dtype)  # type: ignore[arg-type]
+    for i, sq in zip(small, torch._foreach_mul(norms, norms), strict=True):
+        values[i] = sq
+
+
+def _stack_float64(values: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``[n]`` float64 from ``n`` 0-d tensors, zero where None (one stack when their dtypes agree)."""
+    like = next(v for v in values if v is not None)
+    if any(v is None for v in values):
+        zero = like.new_zeros(())
+        values = [zero if v is None else v for v in values]
+    if all(v.dtype == like.dtype for v in values):  # type: ignore[union-attr]
+        return torch.stack(values).to(torch.float64)  # type: ignore[arg-type]
+    return torch.stack([v.to(torch.float64) for v in values])  # type: ignore[union-attr]
 
 
 def _amp_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
@@ -125,10 +157,10 @@ class GradientRecorder:
     gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
     full copy of them on every step's first backward). Small parameters' gradients are
     held and normed together in one fused kernel when the backward has finished:
-    per-call overhead, not bandwidth, is their cost. The parameter's
-    post-accumulate-grad hook then keeps the value: a gradient counts only once it is
-    in ``.grad``. The first such hook of a backward queues the callback that runs at
-    its end and files the record.
+    per-call overhead, not bandwidth, is their cost. The first hook of a backward
+    queues the callback that runs at its end and files the record. One hook per
+    parameter and no Python work per step beyond it: on a small model each hook call
+    is a visible part of a step.
 
     Which backward passes make a record: exactly the calls that add into ``.grad``
     (``loss.backward()``, ``torch.autograd.backward``), one record per call.
@@ -163,34 +195,28 @@ class GradientRecorder:
         self.take_snapshot = snapshot
         self.records: list[MicrobatchRecord] = []
         self.snapshot: torch.Tensor | None = None  # [P] float64, set at the end of each backward
-        self._eager = [p.numel() >= EAGER_NUMEL for p in self.params]
-        self._incoming: list[torch.Tensor | None] = [None] * len(self.params)  # seen by a tensor hook
         self._held: dict[int, list[torch.Tensor | None]] = {}  # running graph task -> its values in .grad
         self._record_of: dict[int, MicrobatchRecord] = {}  # running graph task -> the record it adds to
         self._current: MicrobatchRecord | None = None  # record of the newest backward call
         self._newest_task = -1  # graph task ids only grow: a smaller one encloses a newer one
         self._seen = [False] * len(self.params)  # parameters with a value in the current record
         self._split: int | None = None  # a parameter whose gradient came in two parts
-        self._index = functools.lru_cache(maxsize=64)(self._make_index)  # parameter subsets -> index tensors
+        with torch.enable_grad():  # each parameter's AccumulateGrad node, kept alive (as DDP does)
+            self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in self.params]  # type: ignore[union-attr]
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
-        self._handles += [
-            p.register_post_accumulate_grad_hook(partial(self._on_accumulated, i))
-            for i, p in enumerate(self.params)
-        ]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
-        """Tensor hook: this backward's gradient of parameter ``i``, before it reaches ``.grad``."""
-        if self.per_example is None:
-            grad = grad.detach()  # backward(create_graph=True): the norm needs no graph
-            self._incoming[i] = squared_norm(grad) if self._eager[i] else grad
-
-    def _on_accumulated(self, i: int, param: nn.Parameter) -> None:
-        """Post-accumulate-grad hook: the value just seen went into ``.grad``; keep it."""
+        """Tensor hook: this backward's gradient of parameter ``i``, right before it is added to ``.grad``."""
         task = torch._C._current_graph_task_id()
         held = self._held.get(task)
-        if held is None:  # the first gradient this backward put into .grad
+        if held is None:  # the first gradient of this graph task
+            if not _adds_into_grad(self._accumulators[i]):
+                return
             held = self._start(task)
-        held[i], self._incoming[i] = self._incoming[i], None
+        if self.per_example is None:
+            if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
+                grad = grad.detach()
+            held[i] = squared_norm(grad) if _eager(grad) else grad
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
@@ -210,7 +236,7 @@ class GradientRecorder:
         nested = bool(self._held) or task < self._newest_task
         if not nested or self._current is None:
             self._seen = [False] * len(self.params)
-            self._current = MicrobatchRecord(None, None)
+            self._current = MicrobatchRecord()
         self._newest_task = max(self._newest_task, task)
         self._record_of[task] = self._current
         held = self._held[task] = [None] * len(self.params)
@@ -218,41 +244,51 @@ class GradientRecorder:
         return held
 
     def _on_backward(self, task: int) -> None:
-        """End of graph task ``task``: add its norms to its backward call's record, filed once."""
+        """End of graph task ``task``: add its norms to its backward call's record, filed once.
+
+        Only what must be taken now is: the small parameters' norms (one fused kernel, so
+        that their gradients are not held) and the AMP scale in force. Stacking the values
+        into a tensor waits for :meth:`sq_norms`, once per optimiser step.
+        """
         held = self._held.pop(task)
         record = self._record_of.pop(task)
-        per_example = self.per_example.pop() if self.per_example is not None else None
-        sq = None if self.per_example is not None else self._held_sq_norms(held)
         scale = _amp_scale(self.scaler)
-        if scale is not None:
-            inv = scale.to(torch.float64).reciprocal().square()
-            sq = None if sq is None else sq * inv
-            per_example = None if per_example is None else per_example.to(torch.float64) * inv
-        record.sq_norms = _add(record.sq_norms, sq)
-        record.per_example = _add(record.per_example, per_example)
+        if self.per_example is not None:
+            per_example = self.per_example.pop()
+            if per_example is not None and scale is not None:
+                per_example = per_example.to(torch.float64) / scale.to(torch.float64).square()
+            record.per_example = _add(record.per_example, per_example)
+        else:
+            _square_small(held)
+            # One parameter's value comes from one graph task (else _split), so the parts merge.
+            record.values = (
+                held
+                if record.values is None
+                else [a if b is None else b for a, b in zip(record.values, held, strict=True)]
+            )
+            if scale is not None and record.scale is None:
+                record.scale = scale.to(torch.float64)  # a copy: GradScaler.update() changes it in place
         if not self.records or self.records[-1] is not record:  # filed when its first task ends
             self.records.append(record)
         if self.take_snapshot:
             self.snapshot = self.accumulated_sq_norms()
 
-    def _held_sq_norms(self, held: list[torch.Tensor | None]) -> torch.Tensor:
-        """``[P]`` float64 squared norms from a backward's held norms (large) and gradients (small)."""
-        eager = [i for i, h in enumerate(held) if h is not None and self._eager[i]]
-        small = [i for i, h in enumerate(held) if h is not None and not self._eager[i]]
-        parts = [torch.stack([held[i] for i in eager]).to(torch.float64)] if eager else []  # type: ignore[misc]
-        if small:
-            parts.append(squared_norms([held[i] for i in small]))  # type: ignore[misc]
-        return self._place(parts[0] if len(parts) == 1 else torch.cat(parts), eager + small)
+    def sq_norms(self, records: Sequence[MicrobatchRecord]) -> torch.Tensor:
+        """``[k, P]`` float64 squared norms of each record's gradient per parameter, AMP scale removed.
 
-    def _place(self, values: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """``[P]``: ``values`` at the parameters ``positions``, zero elsewhere (no gradient)."""
-        if positions == list(range(len(self.params))):
-            return values
-        out = torch.zeros(len(self.params), dtype=values.dtype, device=values.device)
-        return out.index_copy_(0, self._index(tuple(positions)), values)
+        One stack for the whole step; zero where a backward gave a parameter no gradient.
 
-    def _make_index(self, positions: tuple[int, ...]) -> torch.Tensor:
-        return torch.tensor(positions, device=self.params[0].device)
+        Raises:
+            ValueError: if a record holds per-example norms only (``per_example`` recorder).
+        """
+        if any(r.values is None for r in records):
+            raise ValueError("these records hold per-example norms, not per-backward values")
+        out = _stack_float64([v for r in records for v in r.values]).view(len(records), -1)  # type: ignore[union-attr]
+        scales = [r.scale for r in records]
+        if any(s is not None for s in scales):
+            one = torch.ones((), dtype=torch.float64, device=out.device)
+            out = out / torch.stack([one if s is None else s for s in scales])[:, None].square()
+        return out
 
     def accumulated_sq_norms(self) -> torch.Tensor:
         """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
@@ -260,10 +296,10 @@ class GradientRecorder:
         Raises:
             RuntimeError: if no parameter has a gradient.
         """
-        present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not present:
+        grads = [p.grad for p in self.params]
+        if all(g is None for g in grads):
             raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
-        sq = self._place(squared_norms([self.params[i].grad for i in present]), present)  # type: ignore[misc]
+        sq = squared_norms(grads)
         scale = _amp_scale(self.scaler)
         if scale is not None and not _amp_unscaled(self.scaler):
             sq = sq / scale.to(torch.float64).square()
@@ -287,7 +323,6 @@ class GradientRecorder:
         self._held.clear()
         self._record_of.clear()
         self._current = None
-        self._incoming = [None] * len(self.params)
         self._seen = [False] * len(self.params)
         self._split = None
         return out
@@ -298,6 +333,19 @@ class GradientRecorder:
             handle.remove()
         if self.per_example is not None:
             self.per_example.remove()
+
+
+def _adds_into_grad(accumulator: torch.autograd.graph.Node) -> bool:
+    """Whether the running graph task adds a parameter's gradient into ``.grad``.
+
+    True for ``backward()`` (also with ``inputs=``, for the parameters it names), False
+    inside ``torch.autograd.grad``, which returns gradients without touching ``.grad``:
+    there autograd refuses to say whether it will run a parameter's AccumulateGrad node.
+    """
+    try:
+        return torch._C._will_engine_execute_node(accumulator)
+    except RuntimeError:  # "A leaf node was passed ... while running autograd.grad()"
+        return False
 
 
 def _backward_calls_running() -> int:

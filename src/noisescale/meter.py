@@ -327,6 +327,7 @@ class GradientNoiseScale:
         params = [p for ps in part.cells for p in ps]
         self._device = params[0].device
         self._series = part.series.to(self._device)  # [S, C]
+        self._series_t = self._series.T  # [C, S]
         cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
         self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
         # Per-step constant tensors, made once per distinct (sizes, loss factors) of a step.
@@ -508,7 +509,7 @@ class GradientNoiseScale:
                 for b in sizes
             ]
         key = (tuple(sizes), tuple(factors))
-        sq = torch.stack([r.sq_norms for r in records]) @ self._param_cells  # type: ignore[misc]  # [k, C]
+        sq = self._recorder.sq_norms(records) @ self._param_cells  # [k, C]
         if self._hook is None:
             self._fold(self._coefficients(*key) @ torch.cat([sq, big_sq[None]]), sum(sizes))
             return
@@ -606,9 +607,8 @@ class GradientNoiseScale:
 
     def _fold(self, stats: torch.Tensor, examples: int) -> None:
         """Sum the cells' ``[2, C]`` (|G|^2, tr Sigma) into series (groups, param groups, total); average."""
-        g, s = stats.to(torch.float64) @ self._series.T
         beta = decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=examples)
-        self._state, finite = ema_update(self._state, g, s, beta)
+        self._state, finite = ema_update(self._state, stats.to(torch.float64) @ self._series_t, beta)
         self._skipped += ~finite
         self._steps += 1
         self._examples += examples

@@ -76,27 +76,33 @@ def _coefficients(beta: float, device: torch.device) -> torch.Tensor:
     return torch.tensor([used, skipped], dtype=torch.float64, device=device).unsqueeze(-1)
 
 
-def ema_update(
-    state: torch.Tensor, grad_norm_sq: torch.Tensor, trace_sigma: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=8)
+def _term_rows(device: torch.device) -> torch.Tensor:
+    """Rows of the ``3 x 3`` products of ``(1, G, S)`` that make the :data:`FIELDS` terms, in order."""
+    one, g, s = 0, 1, 2
+    pairs = [(one, one), (one, g), (one, s)] * 2 + [(g, g), (s, s), (g, s)]
+    return torch.tensor([3 * i + j for i, j in pairs], device=device)
+
+
+def ema_update(state: torch.Tensor, stats: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold one step's estimates into the averages; skip it if any value is not finite.
 
     Args:
         state: current sums, ``[9, P]`` (rows: :data:`FIELDS`).
-        grad_norm_sq: ``[P]`` this step's unbiased |G|^2 estimates.
-        trace_sigma: ``[P]`` this step's unbiased tr(Sigma) estimates.
+        stats: ``[2, P]`` this step's unbiased estimates: rows |G|^2 (``grad_norm_sq``)
+            and tr(Sigma) (``trace_sigma``).
         beta: decay in [0, 1] applied to the past.
 
     Returns:
         ``(new_state, finite)`` with ``finite`` a 0-d bool tensor (on the device, not
         synchronised) telling whether the step was used.
     """
-    x = torch.stack([grad_norm_sq, trace_sigma]).to(torch.float64)  # [2, P]
+    x = stats.to(torch.float64)
     finite = torch.isfinite(x).all()
     x = torch.where(finite, x, 0.0)  # a skipped step's NaN must not reach 0 * NaN
-    products = x[[0, 1, 0]] * x[[0, 1, 1]]  # G^2, S^2, G S
-    terms = torch.cat([torch.ones_like(x[:1]), x, torch.ones_like(x[:1]), x, products])  # [9, P]
-    decay, weight = torch.where(finite, *_coefficients(float(beta), state.device))
+    x1 = torch.nn.functional.pad(x, (0, 0, 1, 0), value=1.0)  # [3, P]: 1, G, S
+    terms = (x1[:, None] * x1[None]).flatten(0, 1)[_term_rows(state.device)]  # [9, P]
+    decay, weight = torch.where(finite, *_coefficients(float(beta), state.device).unbind())
     return torch.addcmul(state * decay, weight, terms), finite
 
 
