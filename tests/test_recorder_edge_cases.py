@@ -229,7 +229,9 @@ def test_reentrant_checkpoint_splitting_a_parameter_raises_at_update() -> None:
     assert meter.compute().steps == 1
 
 
-def test_update_right_after_a_backward_that_raised_says_to_skip_the_step() -> None:
+@pytest.mark.parametrize("backward_after", [False, True], ids=["update-next", "backward-then-update"])
+def test_update_after_a_backward_that_raised_says_to_skip_the_step(backward_after: bool) -> None:
+    """.grad holds part of the dead backward's gradient, even once another backward has run."""
     model = _mlp()
     meter = GradientNoiseScale(model, method="microbatch")
     x = torch.randn(8, 256, dtype=torch.float64)
@@ -238,6 +240,8 @@ def test_update_right_after_a_backward_that_raised_says_to_skip_the_step() -> No
     hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
         model[2](hidden).square().mean().backward()
+    if backward_after:
+        _mse(model, x).backward()
     with pytest.raises(RuntimeError, match="raised before it finished"):
         meter.update(batch_size=16)
     model.zero_grad()
@@ -311,7 +315,8 @@ def test_per_example_records_match_per_example_gradients() -> None:
             torch.testing.assert_close(record.per_example[n].double(), want, rtol=1e-6, atol=0.0)  # type: ignore[index]
 
 
-def test_per_example_parts_of_a_backward_that_raised_are_dropped() -> None:
+@pytest.mark.parametrize("backward_after", [False, True], ids=["update-next", "backward-then-update"])
+def test_per_example_parts_of_a_backward_that_raised_are_dropped(backward_after: bool) -> None:
     """After the update that reports the failed backward, the next step equals a fresh meter's."""
     estimates = []
     for fail_first in (False, True):
@@ -324,6 +329,8 @@ def test_per_example_parts_of_a_backward_that_raised_are_dropped() -> None:
             hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
             with pytest.raises(ValueError, match="boom"):
                 model[2](hidden).square().mean().backward()
+            if backward_after:
+                _mse(model, x).backward()
             with pytest.raises(RuntimeError, match="raised before it finished"):
                 meter.update()
             model.zero_grad()

@@ -201,6 +201,7 @@ class GradientRecorder:
         self._newest_task = -1  # graph task ids only grow: a smaller one encloses a newer one
         self._seen = [False] * len(self.params)  # parameters with a value in the current record
         self._split: int | None = None  # a parameter whose gradient came in two parts
+        self._raised = False  # a backward raised halfway since the last pop
         with torch.enable_grad():  # each parameter's AccumulateGrad node, kept alive (as DDP does)
             self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in self.params]  # type: ignore[union-attr]
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
@@ -228,11 +229,14 @@ class GradientRecorder:
         backward calls on the threads' stacks) runs inside it (reentrant checkpointing); one
         older than the newest task seen encloses that newest one, which ended first. Either
         adds to the last record. Unfinished tasks with no call left on any stack raised
-        halfway: they are dropped.
+        halfway: they are dropped, and so is the step (:meth:`problem`) unless every
+        ``.grad`` has been set to None since (``zero_grad()``): else ``.grad`` holds part of
+        their gradient.
         """
         if self._held and _backward_calls_running() < 2:  # the unfinished ones raised: forget them
             self._held.clear()
             self._record_of.clear()
+            self._raised = self._raised or any(p.grad is not None for p in self.params)
         nested = bool(self._held) or task < self._newest_task
         if not nested or self._current is None:
             self._seen = [False] * len(self.params)
@@ -254,7 +258,7 @@ class GradientRecorder:
         record = self._record_of.pop(task)
         scale = _amp_scale(self.scaler)
         if self.per_example is not None:
-            per_example = self.per_example.pop()
+            per_example = self.per_example.pop(task)
             if per_example is not None and scale is not None:
                 per_example = per_example.to(torch.float64) / scale.to(torch.float64).square()
             record.per_example = _add(record.per_example, per_example)
@@ -309,17 +313,19 @@ class GradientRecorder:
         """Why the records since the last pop do not describe whole backward passes, or None.
 
         Call it between backward passes (e.g. in ``meter.update()``): a backward whose
-        end-of-backward callback has not run by then raised halfway.
+        end-of-backward callback has not run by then raised halfway, whether or not
+        other backward passes ran after it.
         """
-        if self._held:
+        if self._held or self._raised:
             return _RAISED
         return None if self._split is None else _SPLIT.format(i=self._split)
 
     def pop(self) -> list[MicrobatchRecord]:
         """The records since the last pop, oldest first; forgets backward passes that raised."""
         out, self.records = self.records, []
-        if self._held and self.per_example is not None:  # a backward raised: drop its per-example parts
+        if self.per_example is not None:  # drop the parts of backward passes that raised
             self.per_example.pop()
+        self._raised = False
         self._held.clear()
         self._record_of.clear()
         self._current = None

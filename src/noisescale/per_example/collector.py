@@ -127,8 +127,10 @@ class PerExampleNorms:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be an nn.Module but got {type(model).__name__}.")
         self._units, self._num_groups = build_units(model, [list(g) for g in groups], fallback=fallback)
-        self._parts: list[tuple[Unit, int, Tensor]] = []  # (layer, column, [N] squared norms), fast path
-        self._grads: dict[int, tuple[Unit, int, Tensor]] = {}  # id(param) -> (layer, column, [N, *P] sum)
+        # Per backward graph task: (layer, column, [N] squared norms) parts (fast path), and
+        # id(param) -> (layer, column, [N, *P] per-example gradient sum) (shared parameters).
+        self._parts: dict[int, list[tuple[Unit, int, Tensor]]] = {}
+        self._grads: dict[int, dict[int, tuple[Unit, int, Tensor]]] = {}
         self._frames: list[_Frame] = []  # fallback calls in progress, innermost last
         self._suspended = 0  # > 0 while a fallback recomputes: hooks stay silent
         self._lock = threading.Lock()  # backward may run hooks on several device threads
@@ -136,12 +138,14 @@ class PerExampleNorms:
         for unit in self._units:
             self._hook(unit)
 
-    def pop(self) -> Tensor | None:
-        """The ``[N, G]`` squared norms of the backward pass(es) since the last call, then reset.
+    def pop(self, task: int | None = None) -> Tensor | None:
+        """The ``[N, G]`` squared norms of one backward pass, or of all since the last call.
 
         Call it once after each backward (e.g. from a
         ``torch.autograd.graph.register_multi_grad_hook`` on the trainable
-        parameters). Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
+        parameters, passing ``torch._C._current_graph_task_id()``; a backward that
+        raised halfway then leaves its parts under its own task, which the next
+        ``pop()`` without a task drops). Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
         contribution to the gradient this backward added to group ``j``
         (``|g_n|^2 / N^2`` with a mean-reduced loss). Columns of groups that got
         nothing are zero.
@@ -154,8 +158,14 @@ class PerExampleNorms:
             RuntimeError: if layers saw different numbers of examples in dim 0.
         """
         with self._lock:
-            parts, grads = self._parts, self._grads
-            self._parts, self._grads = [], {}
+            tasks = list(self._parts.keys() | self._grads.keys()) if task is None else [task]
+            parts: list[tuple[Unit, int, Tensor]] = []
+            grads: dict[int, tuple[Unit, int, Tensor]] = {}
+            for t in tasks:
+                parts += self._parts.pop(t, [])
+                for key, (unit, column, g) in self._grads.pop(t, {}).items():
+                    previous = grads.get(key)
+                    grads[key] = (unit, column, g if previous is None else previous[2] + g)
             for unit in self._units:
                 unit.calls = 0
         parts += [(unit, column, g.flatten(1).square().sum(1)) for unit, column, g in grads.values()]
@@ -166,7 +176,7 @@ class PerExampleNorms:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._parts, self._grads = [], {}
+        self._parts, self._grads = {}, {}
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -294,18 +304,22 @@ class PerExampleNorms:
 
     def _add_norms(self, unit: Unit, norms: dict[str, Tensor]) -> None:
         columns = unit.columns
+        task = torch._C._current_graph_task_id()
         with self._lock:
-            self._parts.extend((unit, columns[name], values) for name, values in norms.items())
+            parts = self._parts.setdefault(task, [])
+            parts.extend((unit, columns[name], values) for name, values in norms.items())
 
     def _add_grads(self, unit: Unit, grads: dict[str, Tensor]) -> None:
+        task = torch._C._current_graph_task_id()
         with self._lock:
+            mine = self._grads.setdefault(task, {})
             for name, g in grads.items():
                 key = id(unit.params[name])
-                previous = self._grads.get(key)
+                previous = mine.get(key)
                 if previous is not None and previous[2].shape != g.shape:
                     raise RuntimeError(
                         f"'{unit.path}' ({type(unit.module).__name__}) gave a per-example gradient of "
                         f"shape {list(g.shape)} for '{name}' but another use gave {list(previous[2].shape)}: "
                         "every use of a shared parameter must see the same batch in dim 0."
                     )
-                self._grads[key] = (unit, unit.columns[name], g if previous is None else previous[2] + g)
+                mine[key] = (unit, unit.columns[name], g if previous is None else previous[2] + g)
