@@ -1,8 +1,8 @@
 """What measuring the noise scale adds to a DDP training step (2 gloo processes, CPU).
 
 Each process holds two identical DDP replicas of an MLP: one trained plainly, one with a
-``GradientNoiseScale(method="ddp")`` attached (its comm hook, its per-backward norms and
-the one asynchronous all-gather per step). Blocks of steps alternate between them (the
+``GradientNoiseScale(method="ddp")`` attached (its per-backward norms, its read of the
+all-reduced ``.grad`` and the one asynchronous all-gather per step). Blocks of steps alternate between them (the
 order flips every repeat), so drifting machine load hits both alike; the table reports
 the median block time per step of each and the ratio of the medians, plus the median of
 the per-repeat ratios.

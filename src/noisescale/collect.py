@@ -25,7 +25,7 @@ Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a mic
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -244,7 +244,7 @@ class GradientRecorder:
         self._newest_task = max(self._newest_task, task)
         self._record_of[task] = self._current
         held = self._held[task] = [None] * len(self.params)
-        torch.autograd.Variable._execution_engine.queue_callback(partial(self._on_backward, task))  # type: ignore[attr-defined]
+        _queue_callback(partial(self._on_backward, task))
         return held
 
     def _on_backward(self, task: int) -> None:
@@ -274,8 +274,11 @@ class GradientRecorder:
                 record.scale = scale.to(torch.float64)  # a copy: GradScaler.update() changes it in place
         if not self.records or self.records[-1] is not record:  # filed when its first task ends
             self.records.append(record)
-        if self.take_snapshot:
-            self.snapshot = self.accumulated_sq_norms()
+        if self.take_snapshot:  # after the callbacks already queued, e.g. DDP's copy of the all-reduced mean
+            _queue_callback(self._take_snapshot)
+
+    def _take_snapshot(self) -> None:
+        self.snapshot = self.accumulated_sq_norms()
 
     def sq_norms(self, records: Sequence[MicrobatchRecord]) -> torch.Tensor:
         """``[k, P]`` float64 squared norms of each record's gradient per parameter, AMP scale removed.
@@ -339,6 +342,11 @@ class GradientRecorder:
             handle.remove()
         if self.per_example is not None:
             self.per_example.remove()
+
+
+def _queue_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` at the end of the running backward, after those queued before it."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
 
 
 def _adds_into_grad(accumulator: torch.autograd.graph.Node) -> bool:

@@ -7,10 +7,11 @@ estimator runs over ``k = W m`` micro-batches:
 
 - each backward's local gradient norms are recorded before accumulation (and so before
   any all-reduce) by :class:`noisescale.collect.GradientRecorder`;
-- :class:`NoiseScaleCommHook`, a DDP communication hook wrapping the all-reduce,
-  records the squared norms of the global gradient after it (the bucket is divided by
-  the world size first, as DDP's default hook does) and counts how many backward passes
-  were synchronised, which exposes a forward pass left outside ``no_sync``;
+- the global gradient is the one DDP's own all-reduce leaves in ``.grad`` (the mean
+  over replicas), read once per step as in one process; :class:`SyncCounter` counts
+  the backward passes that synchronised, which exposes a forward pass left outside
+  ``no_sync``. No communication hook: a Python one in place of DDP's built-in C++
+  reduction cost 10% of a small model's step;
 - at ``update()`` ONE small asynchronous collective per step gathers the ``[m, G + 2]``
   local rows (norms, sizes, loss factors) of every rank (:func:`gather_rows`), or
   all-reduces ``[G + 3]`` per-example sums (:func:`reduce_sums`); every rank then folds
@@ -20,7 +21,7 @@ DDP averages the replicas with equal weights whatever their sizes, so with uneve
 batches the big batch is the equal-weight mean and its effective size follows
 :func:`noisescale.estimators.effective_batch_size`.
 
-No hook synchronises with the host: norms stay on the device and are fused per bucket.
+No hook synchronises with the host: norms stay on the device.
 
 The helpers :func:`init_from_env`, :func:`wrap_ddp`, :func:`shard_batch`,
 :func:`grad_sync` and :func:`is_rank_zero` are what a script (or the CLI) needs to run
@@ -32,7 +33,7 @@ groups.
 References:
     McCandlish, Kaplan, Amodei (2018), An Empirical Model of Large-Batch Training,
     arXiv:1812.06162, appendix A.1 (k-way form over data-parallel replicas).
-    k-diffusion ``gns.py`` (Crowson): a comm hook recording norms around the all-reduce.
+    k-diffusion ``gns.py`` (Crowson) records norms around the all-reduce in a comm hook.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,13 +49,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisescale.collect import _amp_scale, squared_norms
 from noisescale.errors import NoiseScaleError
 
 __all__ = [
     "DistInfo",
     "DistributedSetupError",
-    "NoiseScaleCommHook",
+    "SyncCounter",
     "check_supported_parallelism",
     "close",
     "gather_rows",
@@ -68,8 +67,6 @@ __all__ = [
     "world_size",
     "wrap_ddp",
 ]
-
-CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
 
 
 class DistributedSetupError(NoiseScaleError, RuntimeError):
@@ -236,148 +233,42 @@ def check_supported_parallelism(model: nn.Module) -> None:
             )
 
 
-# -- the communication hook ----------------------------------------------------------------------
-def _allreduce_mean(
-    process_group: dist.ProcessGroup | None, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default reduction: divide the bucket by the world size, then all-reduce (sum)."""
-    buffer = bucket.buffer()
-    buffer.div_(dist.get_world_size(process_group))
-    work = dist.all_reduce(buffer, group=process_group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+# -- synchronised backward passes ----------------------------------------------------------------
+class SyncCounter:
+    """Counts the synchronised forward passes of a DDP model: each one's backward all-reduces.
 
+    DDP decides at forward time whether the next backward all-reduces (grad enabled and
+    not inside ``no_sync``), so a forward hook on the DDP module counts the backward
+    passes that synchronise. One per optimiser step is right; more means the forward of
+    a non-final micro-step ran outside ``no_sync`` (a ``no_sync`` around the backward
+    only does nothing); none means ``.grad`` holds this rank's gradient only.
 
-def _comm_hook(state: NoiseScaleCommHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Count the sync, run the (wrapped) all-reduce, keep the bucket whose norms :meth:`pop` takes.
-
-    The default all-reduce works in place, so the bucket buffer holds the averaged gradient
-    once the backward is over: its norms are taken then, in :meth:`NoiseScaleCommHook.pop`,
-    not in a callback on the communication thread (a Python callback there contends for the
-    GIL with the backward). A wrapped hook may return another tensor: that one is kept, from
-    a callback.
-    """
-    fut = (
-        _allreduce_mean(state.process_group, bucket)
-        if state.inner is None
-        else state.inner[1](state.inner[0], bucket)
-    )
-    if not state.active:
-        return fut
-    if bucket.index() == 0:  # bucket 0 opens every synchronised backward
-        state._syncs += 1
-        state._parts.clear()  # keep only the latest synchronisation of the step
-        scale = _amp_scale(state.scaler)  # the buffers hold loss-scaled gradients (AMP)
-        state._scale = None if scale is None else scale.detach().clone()
-    index, numels = state._layout(bucket.parameters())
-    if state.inner is None:
-        state._parts.append((index, numels, bucket.buffer()))
-        return fut
-
-    def keep(done: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        value = done.value()
-        flat = value[0] if isinstance(value, list) else value
-        state._parts.append((index, numels, flat))  # list.append is atomic
-        return flat
-
-    return fut.then(keep)
-
-
-# DDP checks a hook's annotations by identity; `from __future__ import annotations` made them strings.
-_comm_hook.__annotations__ = {
-    "state": object,
-    "bucket": dist.GradBucket,
-    "return": torch.futures.Future[torch.Tensor],
-}
-
-
-class NoiseScaleCommHook:
-    """DDP communication hook: the all-reduce, plus the global squared norms per group after it.
-
-    Registered with ``ddp_model.register_comm_hook`` at construction (DDP allows one
-    hook per model; to keep your own, e.g. a compression hook, pass it as ``inner`` and
-    this one wraps it). Per bucket it launches the all-reduce (by default: divide by the
-    world size, sum, as DDP's built-in reduction does) and keeps the bucket; :meth:`pop`
-    sums the squared norms of the averaged gradients into their groups: one fused
-    ``torch._foreach_norm`` per bucket, on the device, no host synchronisation. The norms
-    are those of the gradient DDP produced, before any clipping of ``.grad`` (with the
-    default ``gradient_as_bucket_view=False``).
-
-    Every call on bucket 0 starts a synchronised backward; :meth:`pop` reports how many
-    there were since the last call. One per optimiser step is right; more means the
-    forward pass of a non-final micro-step ran outside ``no_sync`` (DDP decides at
-    forward time, so a ``no_sync`` around the backward only does nothing).
+    The meter reads the big batch from ``.grad``, where DDP leaves the all-reduced mean
+    with its own built-in (C++) reduction; noisescale registers no communication hook,
+    so your own (e.g. compression) stays yours to register.
 
     Args:
         model: the DistributedDataParallel model.
-        group_of: ``id(parameter) -> group column`` for the measured parameters; the
-            others are all-reduced but not recorded.
-        n_groups: G.
-        scaler: the GradScaler scaling the loss, if any (its scale is divided out).
-        inner: ``(state, hook)`` of a communication hook to wrap instead of the plain
-            all-reduce. It must leave the averaged gradient (divided by the world size).
-
-    Raises:
-        DistributedSetupError: if the model already has a communication hook.
     """
 
-    def __init__(
-        self,
-        model: DistributedDataParallel,
-        group_of: Mapping[int, int],
-        n_groups: int,
-        *,
-        scaler: torch.amp.GradScaler | None = None,
-        inner: tuple[Any, CommHook] | None = None,
-    ) -> None:
+    def __init__(self, model: DistributedDataParallel) -> None:
         self.process_group = model.process_group
         self.world_size = dist.get_world_size(self.process_group)
-        self.group_of = dict(group_of)
-        self.n_groups = n_groups
-        self.scaler = scaler
-        self.inner = inner
-        self._device = next(model.parameters()).device
-        self.active = True  # False once the meter is removed: then only the all-reduce runs
         self._syncs = 0
-        self._parts: list[tuple[torch.Tensor, list[int], torch.Tensor]] = []
-        self._scale: torch.Tensor | None = None
-        self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, list[int]]] = {}
-        try:
-            model.register_comm_hook(self, _comm_hook)
-        except RuntimeError as exc:
-            raise DistributedSetupError(
-                f"could not register noisescale's DDP communication hook ({exc}). DDP takes one hook: "
-                "pass yours to GradientNoiseScale(..., comm_hook=(state, hook)) and noisescale wraps it."
-            ) from None
+        self._handle = model.register_forward_hook(self._on_forward)
 
-    def _layout(self, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """Group column (``n_groups`` = not measured) and length of each parameter of a bucket."""
-        key = tuple(id(p) for p in params)
-        cached = self._layouts.get(key)
-        if cached is None:
-            index = torch.tensor(
-                [self.group_of.get(id(p), self.n_groups) for p in params], device=self._device
-            )
-            cached = self._layouts[key] = (index, [p.numel() for p in params])
-        return cached
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and module.require_backward_grad_sync:
+            self._syncs += 1
 
-    def pop(self) -> tuple[torch.Tensor | None, int]:
-        """Global squared norms of the last synchronisation and the number of syncs since the last pop.
+    def pop(self) -> int:
+        """Synchronised forward passes since the last call."""
+        syncs, self._syncs = self._syncs, 0
+        return syncs
 
-        Returns:
-            ``(sq_norms, syncs)``: ``[G]`` float64 squared norms of the all-reduced
-            (averaged, loss-scale removed) gradient per group, or None when no
-            all-reduce ran; and how many backward passes were synchronised.
-        """
-        parts, syncs = self._parts, self._syncs
-        self._parts, self._syncs = [], 0
-        if not parts:
-            return None, syncs
-        out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self._device)
-        for index, numels, flat in parts:
-            out.index_add_(0, index, squared_norms(flat.split(numels)))
-        if self._scale is not None:
-            out = out / self._scale.to(torch.float64).square()
-        return out[: self.n_groups], syncs
+    def remove(self) -> None:
+        """Stop counting."""
+        self._handle.remove()
 
 
 # -- the one collective per step -----------------------------------------------------------------

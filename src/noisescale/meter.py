@@ -218,9 +218,10 @@ class GradientNoiseScale:
 
     Under DDP (a model wrapped in DistributedDataParallel, process group initialised)
     call :meth:`update` on every rank every step, with the same number of backward
-    passes on every rank (sizes may differ); the big gradient is read by a
-    communication hook right after the all-reduce, so clipping before :meth:`update`
-    does no harm there. :meth:`compute` needs no collective: rank 0 may call it alone.
+    passes on every rank (sizes may differ); the big gradient is the mean DDP's own
+    all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
+    after it, so clipping before :meth:`update` does no harm). :meth:`compute` needs
+    no collective: rank 0 may call it alone.
 
     Args:
         model: the module being trained, or its DistributedDataParallel wrapper. Only
@@ -254,19 +255,17 @@ class GradientNoiseScale:
             without a kernel (e.g. BatchNorm) instead of raising.
         optimizer: also report B_simple per optimizer parameter group (named by the
             group's ``"name"`` key, else ``param_group_<i>``).
-        comm_hook: DDP only: ``(state, hook)`` of your own communication hook (e.g.
-            compression), which noisescale's hook wraps (DDP accepts a single hook).
-        read_grad: when the big batch is read in one process: ``"at_update"`` (the
-            accumulated ``.grad`` when :meth:`update` runs) or ``"after_backward"``
-            (snapshot at the end of every backward: right even if the gradients are
-            clipped before :meth:`update`; one more fused norm per backward).
+        read_grad: when the big batch is read: ``"at_update"`` (the accumulated
+            ``.grad`` when :meth:`update` runs) or ``"after_backward"`` (snapshot at the
+            end of every backward, under DDP after its all-reduce has reached ``.grad``:
+            right even if the gradients are clipped before :meth:`update`; one more
+            fused norm per backward).
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
             when the model has no trainable parameter, or ``method="ddp"`` without a
             DistributedDataParallel model.
-        noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model, or
-            when the DDP model already has a communication hook.
+        noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model.
         noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
             layer that has no kernel (and ``fallback=False``); the message names it.
     """
@@ -285,7 +284,6 @@ class GradientNoiseScale:
         groups: Mapping[str, Iterable[nn.Parameter]] | None = None,
         fallback: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
-        comm_hook: tuple[Any, nsdist.CommHook] | None = None,
         read_grad: Literal["at_update", "after_backward"] = "at_update",
     ) -> None:
         for arg, value, allowed in (
@@ -338,17 +336,16 @@ class GradientNoiseScale:
             from noisescale.per_example import PerExampleNorms
 
             per_example = PerExampleNorms(module, part.cells, fallback=fallback)
-        n_cells = len(part.cells)
-        snapshot = read_grad == "after_backward" and ddp is None
-        self._recorder = GradientRecorder(params, scaler=scaler, per_example=per_example, snapshot=snapshot)
-        self._hook: nsdist.NoiseScaleCommHook | None = None
+        self._recorder = GradientRecorder(
+            params, scaler=scaler, per_example=per_example, snapshot=read_grad == "after_backward"
+        )
+        self._sync: nsdist.SyncCounter | None = None
         self._process_group = None
         self.world_size = 1
         if ddp is not None:
-            group_of = {id(p): j for j, ps in enumerate(part.cells) for p in ps}
-            self._hook = nsdist.NoiseScaleCommHook(ddp, group_of, n_cells, scaler=scaler, inner=comm_hook)
+            self._sync = nsdist.SyncCounter(ddp)
             self._process_group = ddp.process_group
-            self.world_size = self._hook.world_size
+            self.world_size = self._sync.world_size
         self._pending: list[tuple[str, Any, list[torch.Tensor], torch.Tensor]] = []
         self.reset()
 
@@ -361,8 +358,8 @@ class GradientNoiseScale:
         self._examples = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._recorder.pop()
-        if self._hook is not None:
-            self._hook.pop()
+        if self._sync is not None:
+            self._sync.pop()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume with identical results (the same on every DDP rank)."""
@@ -400,15 +397,15 @@ class GradientNoiseScale:
         number of micro-batches. Under DDP call it on every rank.
         """
         self._recorder.pop()
-        if self._hook is not None:
-            self._hook.pop()
+        if self._sync is not None:
+            self._sync.pop()
 
     def remove(self) -> None:
         """Detach every hook from the model (a DDP hook keeps all-reducing, without recording)."""
         self._settle()
         self._recorder.remove()
-        if self._hook is not None:
-            self._hook.active = False
+        if self._sync is not None:
+            self._sync.remove()
 
     # -- per step ------------------------------------------------------------------------------
     def update(self, batch_size: int | None = None, *, microbatch_sizes: Iterable[int] | None = None) -> None:
@@ -434,8 +431,8 @@ class GradientNoiseScale:
         problem = self._recorder.problem()
         records = self._recorder.pop()
         if problem is not None:
-            if self._hook is not None:
-                self._hook.pop()
+            if self._sync is not None:
+                self._sync.pop()
             raise RuntimeError(problem)
         if not records:
             raise RuntimeError(
@@ -453,9 +450,9 @@ class GradientNoiseScale:
 
     def _big_sq(self, backward_passes: int) -> torch.Tensor:
         """``[C]`` squared norms of the step's big gradient (AMP scale removed)."""
-        if self._hook is not None:
-            sq, syncs = self._hook.pop()
-            if sq is None:
+        if self._sync is not None:
+            syncs = self._sync.pop()
+            if not syncs:
                 raise nsdist.DistributedSetupError(
                     "no DDP gradient all-reduce ran since the last update(): every micro-step was "
                     "inside model.no_sync(), so .grad holds this rank's gradient only. Run the last "
@@ -465,12 +462,12 @@ class GradientNoiseScale:
                 warnings.warn(
                     f"DDP all-reduced the gradients in {syncs} of the {backward_passes} backward passes of "
                     "this step: the forward pass of a non-final micro-step ran outside model.no_sync() "
-                    "(DDP decides at forward time), so each micro-step paid a full all-reduce. The noise "
-                    "scale is still right (noisescale records each backward's own gradient), but put the "
-                    "forward AND the backward inside `with model.no_sync():`.",
+                    "(DDP decides at forward time), so each micro-step paid a full all-reduce (or a "
+                    "forward ran without a backward). The noise scale is still right (noisescale records "
+                    "each backward's own gradient), but put the forward AND the backward inside "
+                    "`with model.no_sync():`.",
                     stacklevel=3,
                 )
-            return sq
         if self._recorder.snapshot is not None:  # read_grad="after_backward": taken after the last one
             return self._recorder.snapshot @ self._param_cells
         return self._recorder.accumulated_sq_norms() @ self._param_cells
@@ -510,7 +507,7 @@ class GradientNoiseScale:
             ]
         key = (tuple(sizes), tuple(factors))
         sq = self._recorder.sq_norms(records) @ self._param_cells  # [k, C]
-        if self._hook is None:
+        if self._sync is None:
             self._fold(self._coefficients(*key) @ torch.cat([sq, big_sq[None]]), sum(sizes))
             return
         if k * self.world_size < 2:  # raise now, not when the step settles
@@ -564,12 +561,12 @@ class GradientNoiseScale:
                 (1.0 / n if self.reduction == "mean" else 1.0) / (k if self.accumulation == "mean" else 1.0)
                 for n in sizes
             ]
-        if self._hook is not None and self.accumulation == "example_mean":
+        if self._sync is not None and self.accumulation == "example_mean":
             a = [1.0] * k  # raw sums: the factor W / N_all is known once every rank's count is in
         sum_sq = sum(r.per_example.sum(0) / ai**2 for r, ai in zip(records, a, strict=True))  # type: ignore[union-attr]
         weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
         weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
-        if self._hook is None:
+        if self._sync is None:
             total = sum(sizes)
             stats = per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2)
             self._fold(torch.stack(stats), total)

@@ -97,11 +97,10 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
     opt = _optimizer(model, spec.get("optimizer_groups", False), spec.get("lr", 0.01))
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if spec.get("scaler") else None
-    inner = None
-    if spec.get("inner_hook") and ddp:
+    if spec.get("inner_hook") and ddp:  # the user's own communication hook: the meter reads .grad after it
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        inner = (None, default_hooks.allreduce_hook)
+        model.register_comm_hook(None, default_hooks.allreduce_hook)
     meter = GradientNoiseScale(
         model,
         method=spec.get("method", "microbatch"),
@@ -110,10 +109,8 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
         ema_decay=1.0,
         scaler=scaler,
         optimizer=opt if spec.get("optimizer_groups") else None,
-        comm_hook=inner,
-        # Clipping before update(): DDP reads the big batch in its comm hook; one process
-        # needs the end-of-backward snapshot.
-        read_grad="after_backward" if spec.get("clip") and not ddp else "at_update",
+        # Clipping before update() needs the end-of-backward snapshot (under DDP: after the all-reduce).
+        read_grad="after_backward" if spec.get("clip") else "at_update",
     )
     sizes_per_step = spec.get("sizes", [spec["batch"]] * STEPS)
     caught: list[str] = []
@@ -124,18 +121,23 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
             warnings.simplefilter("always")
             for i, (xb, yb) in enumerate(mbs):
                 last = i == len(mbs) - 1
+
+                def forward(
+                    xb: torch.Tensor = xb, yb: torch.Tensor = yb, n: int = global_batch
+                ) -> torch.Tensor:
+                    if accumulation == "example_mean":  # sum / all examples of the step, x W for DDP
+                        return _loss(model, xb, yb, "sum") * (WORLD if ddp else 1) / n
+                    loss = _loss(model, xb, yb, reduction)
+                    return loss / k if accumulation == "mean" else loss
+
                 if spec.get("mode") == "forward_outside":
-                    loss = _loss(model, xb, yb, reduction)  # DDP decides to sync here
+                    loss = forward()  # DDP decides to sync here
                     ctx = nsdist.grad_sync(model, last=last)
                 else:
                     ctx = contextlib.nullcontext()
                 with nsdist.grad_sync(model, last=last), ctx:
                     if spec.get("mode") != "forward_outside":
-                        loss = _loss(model, xb, yb, reduction)
-                    if accumulation == "mean":
-                        loss = loss / k
-                    elif accumulation == "example_mean":  # sum / all examples of the step, x W for DDP
-                        loss = _loss(model, xb, yb, "sum") * (WORLD if ddp else 1) / global_batch
+                        loss = forward()
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             if spec.get("clip"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)

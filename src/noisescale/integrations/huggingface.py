@@ -20,9 +20,9 @@ scaler or the loss conventions. It follows the run:
   sizes are counted in tokens and ``accumulation="example_mean"``; otherwise the loss is
   a mean over the micro-batch divided by the number of micro-batches, and sizes are
   examples (dim 0 of the inputs);
-- the Trainer clips gradients before ``on_pre_optimizer_step``, so in one process the big
-  batch is read at the end of each backward (``read_grad="after_backward"``); under DDP
-  the communication hook reads it at the all-reduce.
+- the Trainer clips gradients before ``on_pre_optimizer_step``, so when it clips the big
+  batch is read at the end of each backward (``read_grad="after_backward"``; under DDP
+  after the all-reduce).
 
 Logged every ``logging_steps`` optimizer steps through ``Trainer.log`` (so every
 ``report_to`` integration and ``state.log_history`` get it): the scalars of
@@ -110,7 +110,7 @@ class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type:
         options.setdefault("groups", default_groups(model))
         options.setdefault("scaler", getattr(self.trainer.accelerator, "scaler", None))
         options.setdefault("optimizer", self.trainer.optimizer)
-        if not ddp and args.max_grad_norm and args.max_grad_norm > 0:
+        if args.max_grad_norm and args.max_grad_norm > 0:
             options.setdefault("read_grad", "after_backward")  # the Trainer clips before our hook
         self.meter = GradientNoiseScale(
             wrapped if ddp else model, method=self._choose_method(args, wrapped), **options
