@@ -76,16 +76,16 @@ def test_grad_scaler_scale_changes_between_steps() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the reference stays valid
     recorder = GradientRecorder(list(model.parameters()), scaler=scaler)
     xs = torch.randn(3, 2, 8, 256)
-    scales = []
+    scales, got = [], []
     for step in xs:
         for x in step:
             scaler.scale(_mse(model, x)).backward()
         scales.append(scaler.get_scale())
         scaler.step(optimizer)
-        scaler.update()
+        scaler.update()  # after the backward passes: their records keep the scale they ran with
+        got += list(recorder.sq_norms(recorder.pop()))
         optimizer.zero_grad()
     assert scales == [16.0, 32.0, 64.0]
-    got = list(recorder.sq_norms(recorder.pop()))
     for g, want in zip(got, _reference(model, _mse, xs.flatten(0, 1)), strict=True):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=0.0)
 
@@ -340,3 +340,66 @@ def test_per_example_parts_of_a_backward_that_raised_are_dropped(backward_after:
         meter.update()
         estimates.append(meter.compute())
     assert estimates[0] == estimates[1]
+
+
+def _estimate_after(prelude: Callable[[nn.Module], None], method: str) -> tuple[float, float, int]:
+    """(|G|^2, tr Sigma, examples) of one clean 2-micro-batch step run after ``prelude(model)``."""
+    torch.manual_seed(0)
+    model = _mlp()
+    meter = GradientNoiseScale(model, method=method, ema_decay=1.0)  # type: ignore[arg-type]
+    prelude(model)
+    for x in torch.randn(2, 6, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1)):
+        (_mse(model, x) / 2).backward()
+    meter.update(batch_size=12)
+    est = meter.compute()
+    return est.grad_norm_sq, est.trace_sigma, est.examples
+
+
+def _raise_midway(model: nn.Module) -> None:
+    """One good micro-batch, then one whose backward raises halfway, then zero_grad()."""
+    x = torch.randn(6, 256, dtype=torch.float64)
+    (_mse(model, x) / 2).backward()
+    hidden = model[1](model[0](x))
+    hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        model[2](hidden).square().mean().backward()
+    model.zero_grad()
+
+
+def _skip_a_step(model: nn.Module) -> None:
+    """A whole step dropped with zero_grad() and no update()."""
+    for x in torch.randn(2, 6, 256, dtype=torch.float64):
+        (_mse(model, x) / 2).backward()
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("method", ["microbatch", "per_example"])
+@pytest.mark.parametrize("prelude", [_raise_midway, _skip_a_step], ids=["raised-midway", "skipped-step"])
+def test_zero_grad_without_update_starts_the_step_afresh(
+    prelude: Callable[[nn.Module], None], method: str
+) -> None:
+    """Records made before zero_grad() set every .grad to None are gone from .grad: they must not count."""
+    clean = _estimate_after(lambda model: None, method)
+    got = _estimate_after(prelude, method)
+    assert got[2] == clean[2] == 12
+    assert got[:2] == pytest.approx(clean[:2], rel=1e-12)
+
+
+def test_casting_the_model_after_creating_the_meter() -> None:
+    """model.to(dtype) gives parameters new AccumulateGrad nodes; the recorder must still see every one."""
+    xs = torch.randn(2, 6, 256, dtype=torch.float64)
+    estimates = []
+    for cast_first in (True, False):
+        torch.manual_seed(0)
+        model = _mlp(torch.float32)
+        if cast_first:
+            model.double()
+        meter = GradientNoiseScale(model, method="microbatch", ema_decay=1.0)
+        if not cast_first:
+            model.double()
+        for x in xs:
+            (_mse(model, x) / 2).backward()
+        meter.update(batch_size=12)
+        estimates.append(meter.compute())
+    assert estimates[0].grad_norm_sq == estimates[1].grad_norm_sq
+    assert estimates[0].trace_sigma == estimates[1].trace_sigma

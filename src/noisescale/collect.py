@@ -202,8 +202,6 @@ class GradientRecorder:
         self._seen = [False] * len(self.params)  # parameters with a value in the current record
         self._split: int | None = None  # a parameter whose gradient came in two parts
         self._raised = False  # a backward raised halfway since the last pop
-        with torch.enable_grad():  # each parameter's AccumulateGrad node, kept alive (as DDP does)
-            self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in self.params]  # type: ignore[union-attr]
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
@@ -211,7 +209,7 @@ class GradientRecorder:
         task = torch._C._current_graph_task_id()
         held = self._held.get(task)
         if held is None:  # the first gradient of this graph task
-            if not _adds_into_grad(self._accumulators[i]):
+            if not _adds_into_grad(self.params[i]):
                 return
             held = self._start(task)
         if self.per_example is None:
@@ -229,15 +227,21 @@ class GradientRecorder:
         backward calls on the threads' stacks) runs inside it (reentrant checkpointing); one
         older than the newest task seen encloses that newest one, which ended first. Either
         adds to the last record. Unfinished tasks with no call left on any stack raised
-        halfway: they are dropped, and so is the step (:meth:`problem`) unless every
-        ``.grad`` has been set to None since (``zero_grad()``): else ``.grad`` holds part of
-        their gradient.
+        halfway: they are dropped, and so is the step (:meth:`problem`), whose ``.grad``
+        holds part of their gradient. A backward call that starts with every ``.grad``
+        None (``zero_grad()`` since the last records) starts the step afresh: the earlier
+        records, and what a backward that raised left, are gone from ``.grad``.
         """
         if self._held and _backward_calls_running() < 2:  # the unfinished ones raised: forget them
             self._held.clear()
             self._record_of.clear()
-            self._raised = self._raised or any(p.grad is not None for p in self.params)
+            self._raised = True
         nested = bool(self._held) or task < self._newest_task
+        if not nested and (self.records or self._raised) and all(p.grad is None for p in self.params):
+            self.records.clear()
+            self._raised = False
+            if self.per_example is not None:
+                self.per_example.drop(keep=task)
         if not nested or self._current is None:
             self._seen = [False] * len(self.params)
             self._current = MicrobatchRecord()
@@ -349,13 +353,17 @@ def _queue_callback(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
 
 
-def _adds_into_grad(accumulator: torch.autograd.graph.Node) -> bool:
-    """Whether the running graph task adds a parameter's gradient into ``.grad``.
+def _adds_into_grad(param: torch.Tensor) -> bool:
+    """Whether the running graph task adds ``param``'s gradient into ``.grad``.
 
     True for ``backward()`` (also with ``inputs=``, for the parameters it names), False
     inside ``torch.autograd.grad``, which returns gradients without touching ``.grad``:
     there autograd refuses to say whether it will run a parameter's AccumulateGrad node.
+    The node is looked up afresh (once per backward): ``model.to(dtype or device)``
+    gives a parameter a new one.
     """
+    with torch.enable_grad():
+        accumulator = param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
     try:
         return torch._C._will_engine_execute_node(accumulator)
     except RuntimeError:  # "A leaf node was passed ... while running autograd.grad()"

@@ -171,6 +171,12 @@ class PerExampleNorms:
         parts += [(unit, column, g.flatten(1).square().sum(1)) for unit, column, g in grads.values()]
         return self._to_columns(parts) if parts else None
 
+    def drop(self, keep: int | None = None) -> None:
+        """Forget the norms of every backward graph task but ``keep`` (the one running)."""
+        with self._lock:
+            self._parts = {t: v for t, v in self._parts.items() if t == keep}
+            self._grads = {t: v for t, v in self._grads.items() if t == keep}
+
     def remove(self) -> None:
         """Remove all hooks and drop any pending norms."""
         for handle in self._handles:
