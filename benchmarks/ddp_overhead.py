@@ -2,10 +2,10 @@
 
 Each process holds two identical DDP replicas of an MLP: one trained plainly, one with a
 ``GradientNoiseScale(method="ddp")`` attached (its per-backward norms, its read of the
-all-reduced ``.grad`` and the one asynchronous all-gather per step). Blocks of steps alternate between them (the
-order flips every repeat), so drifting machine load hits both alike; the table reports
-the median block time per step of each and the ratio of the medians, plus the median of
-the per-repeat ratios.
+all-reduced ``.grad`` and the one asynchronous all-gather per step). Blocks of steps
+alternate between them (the order flips every repeat), so drifting machine load hits
+both alike; the table reports the median block time per step of each and the ratio of
+the medians, plus the median of the per-repeat ratios.
 
 Wall-clock time is what a user pays; on a shared machine it is noisy, so the CPU time
 of rank 0's process (compute, including the gloo threads) is reported too.

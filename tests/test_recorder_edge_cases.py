@@ -229,6 +229,14 @@ def test_reentrant_checkpoint_splitting_a_parameter_raises_at_update() -> None:
     assert meter.compute().steps == 1
 
 
+def _backward_that_raises(model: nn.Module, x: torch.Tensor) -> None:
+    """A backward of ``_mlp`` that fills the head's gradients, then raises before the first layer."""
+    hidden = model[1](model[0](x))
+    hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        model[2](hidden).square().mean().backward()
+
+
 @pytest.mark.parametrize("backward_after", [False, True], ids=["update-next", "backward-then-update"])
 def test_update_after_a_backward_that_raised_says_to_skip_the_step(backward_after: bool) -> None:
     """.grad holds part of the dead backward's gradient, even once another backward has run."""
@@ -236,10 +244,7 @@ def test_update_after_a_backward_that_raised_says_to_skip_the_step(backward_afte
     meter = GradientNoiseScale(model, method="microbatch")
     x = torch.randn(8, 256, dtype=torch.float64)
     _mse(model, x).backward()
-    hidden = model[1](model[0](x))
-    hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
-    with pytest.raises(ValueError, match="boom"):
-        model[2](hidden).square().mean().backward()
+    _backward_that_raises(model, x)
     if backward_after:
         _mse(model, x).backward()
     with pytest.raises(RuntimeError, match="raised before it finished"):
@@ -325,10 +330,7 @@ def test_per_example_parts_of_a_backward_that_raised_are_dropped(backward_after:
         meter = GradientNoiseScale(model, method="per_example")
         if fail_first:
             x = torch.randn(8, 256, dtype=torch.float64)
-            hidden = model[1](model[0](x))
-            hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
-            with pytest.raises(ValueError, match="boom"):
-                model[2](hidden).square().mean().backward()
+            _backward_that_raises(model, x)
             if backward_after:
                 _mse(model, x).backward()
             with pytest.raises(RuntimeError, match="raised before it finished"):
@@ -359,10 +361,7 @@ def _raise_midway(model: nn.Module) -> None:
     """One good micro-batch, then one whose backward raises halfway, then zero_grad()."""
     x = torch.randn(6, 256, dtype=torch.float64)
     (_mse(model, x) / 2).backward()
-    hidden = model[1](model[0](x))
-    hidden.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom")))
-    with pytest.raises(ValueError, match="boom"):
-        model[2](hidden).square().mean().backward()
+    _backward_that_raises(model, x)
     model.zero_grad()
 
 

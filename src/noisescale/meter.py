@@ -325,7 +325,6 @@ class GradientNoiseScale:
         params = [p for ps in part.cells for p in ps]
         self._device = params[0].device
         self._series = part.series.to(self._device)  # [S, C]
-        self._series_t = self._series.T  # [C, S]
         cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
         self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
         # Per-step constant tensors, made once per distinct (sizes, loss factors) of a step.
@@ -401,7 +400,7 @@ class GradientNoiseScale:
             self._sync.pop()
 
     def remove(self) -> None:
-        """Detach every hook from the model (a DDP hook keeps all-reducing, without recording)."""
+        """Detach every hook from the model (DDP's own all-reduce is untouched)."""
         self._settle()
         self._recorder.remove()
         if self._sync is not None:
@@ -605,7 +604,7 @@ class GradientNoiseScale:
     def _fold(self, stats: torch.Tensor, examples: int) -> None:
         """Sum the cells' ``[2, C]`` (|G|^2, tr Sigma) into series (groups, param groups, total); average."""
         beta = decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=examples)
-        self._state, finite = ema_update(self._state, stats.to(torch.float64) @ self._series_t, beta)
+        self._state, finite = ema_update(self._state, stats.to(torch.float64) @ self._series.T, beta)
         self._skipped += ~finite
         self._steps += 1
         self._examples += examples
