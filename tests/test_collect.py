@@ -12,17 +12,18 @@ from noisescale.collect import EAGER_NUMEL, GradientRecorder
 
 
 class TwoHeads(nn.Module):
-    """A large trunk (normed in its hook) and two small heads, one of them unused at times."""
+    """A large trunk (normed in its hook), two small heads (one unused at times), a scalar temperature."""
 
     def __init__(self) -> None:
         super().__init__()
         self.trunk = nn.Linear(256, 160, dtype=torch.float64)  # 40,960 weights: eager
         self.head_a = nn.Linear(160, 3, dtype=torch.float64)
         self.head_b = nn.Linear(160, 2, dtype=torch.float64)
+        self.temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))  # 0-d, like CLIP's
 
     def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
         h = torch.tanh(self.trunk(x))
-        out = self.head_a(h).square().mean()
+        out = self.head_a(h).square().mean() * self.temperature
         return out + self.head_b(h).square().mean() if use_b else out
 
 
@@ -53,6 +54,8 @@ def test_records_are_the_squared_norms_of_each_backward(use_b: bool) -> None:
         ]
     )
     torch.testing.assert_close(recorder.accumulated_sq_norms(), big, rtol=1e-12, atol=0.0)
+    step = recorder.sq_norms(records, big=True)  # the whole step at once: the big batch last
+    torch.testing.assert_close(step, torch.cat([torch.stack(expected), big[None]]), rtol=1e-12, atol=0.0)
     recorder.remove()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from noisescale.estimators import microbatch_stats, per_example_stats
-from noisescale.smoothing import decay_for_step, ema_init, ema_means, ema_update
+from noisescale.smoothing import decay_for_step, ema_fold, ema_init, ema_means
 from noisescale.uncertainty import b_simple_interval
 from tests import oracle
 
@@ -17,7 +17,7 @@ def test_bias_corrected_mean_is_exact_weighted_mean() -> None:
     st = ema_init(1)
     xs = [1.0, 2.0, 4.0]
     for x in xs:
-        st, _ = ema_update(st, torch.tensor([[x], [2 * x]]), 0.5)
+        st, _ = ema_fold(st, torch.tensor([[x], [2 * x]])[None], [0.5])
     w = [0.5 * 0.25, 0.5 * 0.5, 0.5]  # (1 - beta) beta^(t_last - t)
     g, s = ema_means(st)
     assert g.item() == pytest.approx(sum(wi * x for wi, x in zip(w, xs, strict=True)) / sum(w))
@@ -27,20 +27,40 @@ def test_bias_corrected_mean_is_exact_weighted_mean() -> None:
 def test_plain_mean_when_decay_is_one() -> None:
     st = ema_init(1)
     for x in [1.0, 2.0, 6.0]:
-        st, _ = ema_update(st, torch.tensor([[x], [x]]), 1.0)
+        st, _ = ema_fold(st, torch.tensor([[x], [x]])[None], [1.0])
     assert ema_means(st)[0].item() == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_step_is_skipped_not_averaged(bad: float) -> None:
     st = ema_init(2)
-    st, ok1 = ema_update(st, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.9)
+    st, ok1 = ema_fold(st, torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None], [0.9])
     ref = st
-    st, ok2 = ema_update(st, torch.tensor([[bad, 2.0], [3.0, 4.0]]), 0.9)
-    assert bool(ok1)
-    assert not bool(ok2)
+    st, ok2 = ema_fold(st, torch.tensor([[bad, 2.0], [3.0, 4.0]])[None], [0.9])
+    assert bool(ok1.all())
+    assert not bool(ok2.any())
     for a, b in zip(st, ref, strict=True):
         assert torch.equal(a, b)
+
+
+def test_folding_many_steps_at_once_equals_one_at_a_time() -> None:
+    """Varying decays (0, 1 and in between), a skipped step: equal to float64 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    stats = torch.randn(12, 2, 3, generator=gen, dtype=torch.float64).exp()
+    stats[5, 1, 2] = float("nan")
+    betas = [0.9, 0.5, 1.0, 0.99, 0.0, 0.7, 0.9, 1.0, 0.3, 0.95, 0.8, 0.6]
+    one = ema_init(3)
+    ok_one = []
+    for x, beta in zip(stats, betas, strict=True):
+        one, ok = ema_fold(one, x[None], [beta])
+        ok_one.append(bool(ok))
+    many = ema_init(3)
+    many, ok_first = ema_fold(many, stats[:4], betas[:4])  # and in two unequal parts
+    many, ok_rest = ema_fold(many, stats[4:], betas[4:])
+    torch.testing.assert_close(many, one, rtol=1e-13, atol=0.0)
+    assert torch.cat([ok_first, ok_rest]).tolist() == ok_one == [t != 5 for t in range(12)]
+    with pytest.raises(ValueError, match="2 decays for 12 steps"):
+        ema_fold(many, stats, [0.9, 0.9])
 
 
 def test_decay_in_examples() -> None:
@@ -54,7 +74,7 @@ def test_decay_in_examples() -> None:
 def test_not_resolved_when_grad_norm_sq_not_positive() -> None:
     st = ema_init(1)
     for g in [-1.0, 0.5, -0.3]:
-        st, _ = ema_update(st, torch.tensor([[g], [10.0]]), 1.0)
+        st, _ = ema_fold(st, torch.tensor([[g], [10.0]])[None], [1.0])
     iv = b_simple_interval(st)
     assert not bool(iv.resolved[0])
     assert math.isnan(iv.b_simple[0])
@@ -78,7 +98,7 @@ def _oracle_states(method: str, repeats: int, steps: int, beta: float, seed: int
                 g.mean(1).square().sum(-1),
                 torch.tensor(32.0),
             )
-        st, _ = ema_update(st, torch.stack([stats.grad_norm_sq, stats.trace_sigma]), beta)
+        st, _ = ema_fold(st, torch.stack([stats.grad_norm_sq, stats.trace_sigma])[None], [beta])
     return st
 
 

@@ -4,14 +4,13 @@ A tensor hook on every trainable parameter sees the gradient each backward pass
 computed for it, BEFORE it is added into ``.grad``, and takes its squared norm (large
 parameters) or holds it (small ones), unless the backward is a
 ``torch.autograd.grad`` call, which never reaches ``.grad``. When the backward has
-finished, its record is filed (no host synchronisation): the small gradients' squared
-norms are taken in one fused kernel, and the record holds the squared norm of this
-micro-batch's contribution per parameter (stacked into a ``[k, P]`` tensor once per
-optimiser step by :meth:`GradientRecorder.sq_norms`; the meter sums parameters into groups) and, when
-per-example kernels are attached, their ``[N, G]`` per-example squared norms per
-group. The accumulated gradient (the big batch) is read from ``.grad`` once per
-optimiser step by :meth:`GradientRecorder.accumulated_sq_norms` (:func:`squared_norms`:
-a BLAS dot per large tensor, one fused norm for the small ones).
+finished, its record is filed (no host synchronisation, no tensor operation). Once
+per optimiser step :meth:`GradientRecorder.sq_norms` turns the step's records and the
+accumulated ``.grad`` (the big batch) into one ``[k + 1, P]`` tensor of squared norms
+(:func:`squared_norms`: a BLAS dot per large tensor, ONE fused norm kernel for every
+small gradient of the step; the meter sums parameters into groups). With per-example
+kernels attached, a record holds their ``[N, G]`` per-example squared norms per group
+instead.
 
 AMP: with a ``torch.amp.GradScaler`` the recorded gradients are scaled by the
 scaler's current scale ``s``; squared norms are divided by ``s**2`` on the device,
@@ -25,7 +24,7 @@ Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a mic
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -47,8 +46,9 @@ class MicrobatchRecord:
     """What one backward pass contributed.
 
     ``values`` (``microbatch``): per parameter, the 0-d squared norm of this backward's
-    gradient (None: it had none), loss-scaled under AMP; :meth:`GradientRecorder.sq_norms`
-    stacks the records of a step into one ``[k, P]`` tensor. ``per_example``: ``[N, G]``
+    gradient (a large parameter), the gradient itself (a small one: at least 1-D,
+    normed with the step's other small gradients by :meth:`GradientRecorder.sq_norms`)
+    or None (it had none), loss-scaled under AMP. ``per_example``: ``[N, G]``
     squared norms of each example's contribution, already divided by the AMP scale squared.
     """
 
@@ -80,7 +80,26 @@ def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through
     :func:`squared_norm`; the others through one fused norm kernel (:func:`_square_small`).
     """
-    values = [t if t is None or not _eager(t) else squared_norm(t) for t in tensors]
+    return _squared(_pending(t) for t in tensors)
+
+
+def _pending(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient's 0-d squared norm if it is large (:func:`_eager`), else itself, at least 1-D.
+
+    What a record holds per parameter: :func:`_squared` takes the held small ones
+    together. A 0-d gradient (a scalar parameter) becomes 1-D, since 0-d entries are
+    squared norms already.
+    """
+    if tensor is None:
+        return None
+    if _eager(tensor):
+        return squared_norm(tensor)
+    return tensor if tensor.dim() else tensor.view(1)
+
+
+def _squared(values: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """``[n]`` float64 from :func:`_pending` values: squared norms kept, held gradients normed at once."""
+    values = list(values)
     _square_small(values)
     return _stack_float64(values)
 
@@ -133,6 +152,7 @@ def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
     return any(s["stage"] is OptState.UNSCALED for s in scaler._per_optimizer_states.values())
 
 
+_NO_GRAD = "no parameter has a .grad: call meter.update() before optimizer.zero_grad()"
 _RAISED = (
     "a backward pass raised before it finished since the last update(): part of its gradient is already "
     "in .grad, so this step's gradients are not the sum of whole backward passes. Skip the step: call "
@@ -156,11 +176,12 @@ class GradientRecorder:
     then move the gradient into an empty ``.grad`` instead of copying it (holding the
     gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
     full copy of them on every step's first backward). Small parameters' gradients are
-    held and normed together in one fused kernel when the backward has finished:
-    per-call overhead, not bandwidth, is their cost. The first hook of a backward
-    queues the callback that runs at its end and files the record. One hook per
+    held until :meth:`sq_norms`, which norms all of a step's small gradients (every
+    backward's, and those in ``.grad``) in ONE fused kernel: per-call overhead, not
+    bandwidth, is their cost. The first hook of a backward queues the callback that
+    runs at its end and files the record, with no tensor operation. One hook per
     parameter and no Python work per step beyond it: on a small model each hook call
-    is a visible part of a step.
+    and each tensor operation is a visible part of a step.
 
     Which backward passes make a record: exactly the calls that add into ``.grad``
     (``loss.backward()``, ``torch.autograd.backward``), one record per call.
@@ -209,13 +230,13 @@ class GradientRecorder:
         task = torch._C._current_graph_task_id()
         held = self._held.get(task)
         if held is None:  # the first gradient of this graph task
-            if not _adds_into_grad(self.params[i]):
+            if not _adds_into_grad():
                 return
             held = self._start(task)
         if self.per_example is None:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
-            held[i] = squared_norm(grad) if _eager(grad) else grad
+            held[i] = _pending(grad)
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
@@ -252,11 +273,10 @@ class GradientRecorder:
         return held
 
     def _on_backward(self, task: int) -> None:
-        """End of graph task ``task``: add its norms to its backward call's record, filed once.
+        """End of graph task ``task``: add its values to its backward call's record, filed once.
 
-        Only what must be taken now is: the small parameters' norms (one fused kernel, so
-        that their gradients are not held) and the AMP scale in force. Stacking the values
-        into a tensor waits for :meth:`sq_norms`, once per optimiser step.
+        Only the AMP scale in force is taken now; the small gradients' norms and the
+        stacking wait for :meth:`sq_norms`, once per optimiser step.
         """
         held = self._held.pop(task)
         record = self._record_of.pop(task)
@@ -267,7 +287,6 @@ class GradientRecorder:
                 per_example = per_example.to(torch.float64) / scale.to(torch.float64).square()
             record.per_example = _add(record.per_example, per_example)
         else:
-            _square_small(held)
             # One parameter's value comes from one graph task (else _split), so the parts merge.
             record.values = (
                 held
@@ -284,18 +303,33 @@ class GradientRecorder:
     def _take_snapshot(self) -> None:
         self.snapshot = self.accumulated_sq_norms()
 
-    def sq_norms(self, records: Sequence[MicrobatchRecord]) -> torch.Tensor:
+    def sq_norms(self, records: Sequence[MicrobatchRecord], *, big: bool = False) -> torch.Tensor:
         """``[k, P]`` float64 squared norms of each record's gradient per parameter, AMP scale removed.
 
-        One stack for the whole step; zero where a backward gave a parameter no gradient.
+        With ``big``, one more row last: the accumulated ``.grad`` (the big batch), or the
+        :attr:`snapshot` taken after the last backward when there is one. One fused norm
+        kernel for all the small gradients and one stack for the whole step; zero where a
+        backward gave a parameter no gradient.
 
         Raises:
             ValueError: if a record holds per-example norms only (``per_example`` recorder).
+            RuntimeError: with ``big``, if no parameter has a ``.grad``.
         """
         if any(r.values is None for r in records):
             raise ValueError("these records hold per-example norms, not per-backward values")
-        out = _stack_float64([v for r in records for v in r.values]).view(len(records), -1)  # type: ignore[union-attr]
+        values = [v for r in records for v in r.values]  # type: ignore[union-attr]
         scales = [r.scale for r in records]
+        snapshot = self.snapshot if big else None
+        if big and snapshot is None:
+            if all(p.grad is None for p in self.params):
+                raise RuntimeError(_NO_GRAD)
+            values += [_pending(p.grad) for p in self.params]
+            scales.append(self._grad_scale())
+        rows = [_squared(values).view(len(scales), -1)] if values else []
+        if snapshot is not None:
+            rows.append(snapshot[None])
+            scales.append(None)
+        out = torch.cat(rows) if len(rows) > 1 else rows[0]
         if any(s is not None for s in scales):
             one = torch.ones((), dtype=torch.float64, device=out.device)
             out = out / torch.stack([one if s is None else s for s in scales])[:, None].square()
@@ -309,12 +343,17 @@ class GradientRecorder:
         """
         grads = [p.grad for p in self.params]
         if all(g is None for g in grads):
-            raise RuntimeError("no parameter has a .grad: call meter.update() before optimizer.zero_grad()")
+            raise RuntimeError(_NO_GRAD)
         sq = squared_norms(grads)
+        scale = self._grad_scale()
+        return sq if scale is None else sq / scale.square()
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        """0-d float64 AMP scale of ``.grad``: None unless scaled and not yet unscaled."""
         scale = _amp_scale(self.scaler)
-        if scale is not None and not _amp_unscaled(self.scaler):
-            sq = sq / scale.to(torch.float64).square()
-        return sq
+        if scale is None or _amp_unscaled(self.scaler):
+            return None
+        return scale.to(torch.float64)
 
     def problem(self) -> str | None:
         """Why the records since the last pop do not describe whole backward passes, or None.
@@ -353,19 +392,17 @@ def _queue_callback(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
 
 
-def _adds_into_grad(param: torch.Tensor) -> bool:
-    """Whether the running graph task adds ``param``'s gradient into ``.grad``.
+def _adds_into_grad() -> bool:
+    """Whether the running graph task adds the hooked parameter's gradient into ``.grad``.
 
-    True for ``backward()`` (also with ``inputs=``, for the parameters it names), False
-    inside ``torch.autograd.grad``, which returns gradients without touching ``.grad``:
-    there autograd refuses to say whether it will run a parameter's AccumulateGrad node.
-    The node is looked up afresh (once per backward): ``model.to(dtype or device)``
-    gives a parameter a new one.
+    Called from a parameter's tensor hook, where the node autograd is running is the
+    parameter's AccumulateGrad node. True for ``backward()`` (also with ``inputs=``, for
+    the parameters it names), False inside ``torch.autograd.grad``, which returns
+    gradients without touching ``.grad``: there autograd refuses to say whether it will
+    run a parameter's AccumulateGrad node.
     """
-    with torch.enable_grad():
-        accumulator = param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
     try:
-        return torch._C._will_engine_execute_node(accumulator)
+        return torch._C._will_engine_execute_node(torch._C._current_autograd_node())
     except RuntimeError:  # "A leaf node was passed ... while running autograd.grad()"
         return False
 

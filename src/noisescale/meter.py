@@ -56,7 +56,7 @@ from noisescale.estimators import (
     microbatch_stats,
     per_example_stats,
 )
-from noisescale.smoothing import FIELDS, decay_for_step, ema_init, ema_update
+from noisescale.smoothing import FIELDS, decay_for_step, ema_fold, ema_init
 from noisescale.uncertainty import b_simple_interval
 
 __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate"]
@@ -327,6 +327,7 @@ class GradientNoiseScale:
         self._series = part.series.to(self._device)  # [S, C]
         cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
         self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
+        self._param_series = self._param_cells @ self._series.T  # [P, S]
         # Per-step constant tensors, made once per distinct (sizes, loss factors) of a step.
         self._coefficients = functools.lru_cache(maxsize=64)(self._make_coefficients)
         self._sizes_factors = functools.lru_cache(maxsize=64)(self._make_sizes_factors)
@@ -345,7 +346,7 @@ class GradientNoiseScale:
             self._sync = nsdist.SyncCounter(ddp)
             self._process_group = ddp.process_group
             self.world_size = self._sync.world_size
-        self._pending: list[tuple[str, Any, list[torch.Tensor], torch.Tensor]] = []
+        self._pending: list[tuple[str, Any, list[torch.Tensor], Any]] = []  # see _settle
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -438,38 +439,38 @@ class GradientNoiseScale:
                 "meter.update() found no backward pass since the last update: call it once per "
                 "optimizer step, after loss.backward() and before optimizer.zero_grad()"
             )
-        big_sq = self._big_sq(len(records))
+        self._check_syncs(len(records))
         if self.method == "per_example":
-            self._per_example(records, batch_size, big_sq)
+            self._per_example(
+                records, batch_size, self._recorder.sq_norms([], big=True)[0] @ self._param_cells
+            )
         else:
             sizes = self._microbatch_sizes(len(records), batch_size, microbatch_sizes)
-            self._microbatch(records, sizes, big_sq)
+            self._microbatch(records, sizes)
         if len(self._pending) >= _MAX_PENDING:
             self._settle()
 
-    def _big_sq(self, backward_passes: int) -> torch.Tensor:
-        """``[C]`` squared norms of the step's big gradient (AMP scale removed)."""
-        if self._sync is not None:
-            syncs = self._sync.pop()
-            if not syncs:
-                raise nsdist.DistributedSetupError(
-                    "no DDP gradient all-reduce ran since the last update(): every micro-step was "
-                    "inside model.no_sync(), so .grad holds this rank's gradient only. Run the last "
-                    "micro-step of each optimizer step outside no_sync()."
-                )
-            if syncs > 1:
-                warnings.warn(
-                    f"DDP all-reduced the gradients in {syncs} of the {backward_passes} backward passes of "
-                    "this step: the forward pass of a non-final micro-step ran outside model.no_sync() "
-                    "(DDP decides at forward time), so each micro-step paid a full all-reduce (or a "
-                    "forward ran without a backward). The noise scale is still right (noisescale records "
-                    "each backward's own gradient), but put the forward AND the backward inside "
-                    "`with model.no_sync():`.",
-                    stacklevel=3,
-                )
-        if self._recorder.snapshot is not None:  # read_grad="after_backward": taken after the last one
-            return self._recorder.snapshot @ self._param_cells
-        return self._recorder.accumulated_sq_norms() @ self._param_cells
+    def _check_syncs(self, backward_passes: int) -> None:
+        """Under DDP: raise if no all-reduce ran this step, warn if more than one did."""
+        if self._sync is None:
+            return
+        syncs = self._sync.pop()
+        if not syncs:
+            raise nsdist.DistributedSetupError(
+                "no DDP gradient all-reduce ran since the last update(): every micro-step was "
+                "inside model.no_sync(), so .grad holds this rank's gradient only. Run the last "
+                "micro-step of each optimizer step outside no_sync()."
+            )
+        if syncs > 1:
+            warnings.warn(
+                f"DDP all-reduced the gradients in {syncs} of the {backward_passes} backward passes of "
+                "this step: the forward pass of a non-final micro-step ran outside model.no_sync() "
+                "(DDP decides at forward time), so each micro-step paid a full all-reduce (or a "
+                "forward ran without a backward). The noise scale is still right (noisescale records "
+                "each backward's own gradient), but put the forward AND the backward inside "
+                "`with model.no_sync():`.",
+                stacklevel=3,
+            )
 
     def _microbatch_sizes(
         self, k: int, batch_size: int | None, microbatch_sizes: Iterable[int] | None
@@ -494,7 +495,7 @@ class GradientNoiseScale:
             )
         return [batch_size // k] * k
 
-    def _microbatch(self, records: list[MicrobatchRecord], sizes: list[int], big_sq: torch.Tensor) -> None:
+    def _microbatch(self, records: list[MicrobatchRecord], sizes: list[int]) -> None:
         """Undo the loss conventions: record i holds |c_i g_i|^2, .grad holds sum_i c_i g_i (/ W)."""
         k = len(records)
         if self.accumulation == "example_mean":  # sum over the examples / all examples of the step
@@ -505,18 +506,21 @@ class GradientNoiseScale:
                 for b in sizes
             ]
         key = (tuple(sizes), tuple(factors))
-        sq = self._recorder.sq_norms(records) @ self._param_cells  # [k, C]
-        if self._sync is None:
-            self._fold(self._coefficients(*key) @ torch.cat([sq, big_sq[None]]), sum(sizes))
+        sq = self._recorder.sq_norms(records, big=True)  # [k + 1, P]: the micro-batches, then .grad
+        if self._sync is None:  # the estimator and the sums into series are linear: one product each
+            self._pending.append(
+                ("stats", None, [self._coefficients(*key) @ sq @ self._param_series], sum(sizes))
+            )
             return
         if k * self.world_size < 2:  # raise now, not when the step settles
             raise SingleMicrobatchError(
                 "one process with one backward pass per step: the ddp method needs W x micro-batches "
                 ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
             )
-        rows = torch.cat([sq, self._sizes_factors(*key)], dim=1)  # [m, C + 2]
+        cells = sq @ self._param_cells  # [k + 1, C]
+        rows = torch.cat([cells[:k], self._sizes_factors(*key)], dim=1)  # [m, C + 2]
         work, outputs = nsdist.gather_rows(rows, self._process_group)
-        self._pending.append(("microbatch", work, outputs, big_sq))
+        self._pending.append(("microbatch", work, outputs, cells[k]))
 
     def _make_sizes_factors(self, sizes: tuple[int, ...], factors: tuple[float, ...]) -> torch.Tensor:
         """``[k, 2]`` float64: each micro-batch's size and loss factor, as gathered under DDP."""
@@ -568,7 +572,7 @@ class GradientNoiseScale:
         if self._sync is None:
             total = sum(sizes)
             stats = per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2)
-            self._fold(torch.stack(stats), total)
+            self._pending.append(("stats", None, [torch.stack(stats) @ self._series.T], total))
             return
         tail = torch.tensor([sum(sizes), weight, weight2], dtype=torch.float64, device=self._device)
         sums = torch.cat([sum_sq.to(torch.float64), tail])  # [C + 3], additive over ranks
@@ -576,38 +580,50 @@ class GradientNoiseScale:
         self._pending.append(("per_example", work, [sums], big_sq))
 
     def _settle(self) -> None:
-        """Wait for the steps' collectives (already started on every rank) and fold them in, in order."""
+        """Fold in the steps since the last fold, in order, at once (waiting for their collectives).
+
+        A step is pending as ``(kind, work, outputs, x)``: ``"stats"``, its ``[2, S]``
+        estimates and examples ``x`` (one process); ``"microbatch"`` or ``"per_example"``,
+        a DDP collective already started on every rank and the step's ``[C]`` big-batch
+        squared norms ``x``.
+        """
         pending, self._pending = self._pending, []
+        if not pending:
+            return
         n, w = self._series.shape[1], float(self.world_size)
-        for kind, work, outputs, big_sq in pending:
+        steps, examples = [], []
+        for kind, work, outputs, x in pending:
+            if kind == "stats":
+                steps.append(outputs[0])
+                examples.append(x)
+                continue
             work.wait()
             if kind == "microbatch":
                 rows = torch.cat(outputs)  # [W m, C + 2], rank-major
                 sizes = rows[:, n]
-                examples = sizes.sum()
+                total = sizes.sum()
                 c = rows[:, n + 1]
                 if self.accumulation == "example_mean":  # the loss was sum / N_all * W on each rank
-                    c = sizes * w / examples
-                stats = _weighted_microbatch(rows[:, :n], sizes, c, big_sq, c / w)
+                    c = sizes * w / total
+                stats = _weighted_microbatch(rows[:, :n], sizes, c, x, c / w)
             else:
                 sums = outputs[0]  # [C + 3]
-                examples, weight, weight2 = sums[n], sums[n + 1] / w, sums[n + 2] / w**2
+                total, weight, weight2 = sums[n], sums[n + 1] / w, sums[n + 2] / w**2
                 sum_sq = sums[:n]
                 if self.accumulation == "example_mean":  # each example's factor was W / N_all
-                    sum_sq = sum_sq * (examples / w).square()
-                    weight, weight2 = torch.ones_like(examples), 1.0 / examples
-                stats = per_example_stats(
-                    sum_sq / examples, big_sq / weight.square(), weight.square() / weight2
-                )
-            self._fold(torch.stack(stats), round(float(examples)))
-
-    def _fold(self, stats: torch.Tensor, examples: int) -> None:
-        """Sum the cells' ``[2, C]`` (|G|^2, tr Sigma) into series (groups, param groups, total); average."""
-        beta = decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=examples)
-        self._state, finite = ema_update(self._state, stats.to(torch.float64) @ self._series.T, beta)
-        self._skipped += ~finite
-        self._steps += 1
-        self._examples += examples
+                    sum_sq = sum_sq * (total / w).square()
+                    weight, weight2 = torch.ones_like(total), 1.0 / total
+                stats = per_example_stats(sum_sq / total, x / weight.square(), weight.square() / weight2)
+            steps.append(torch.stack(stats) @ self._series.T)
+            examples.append(round(float(total)))
+        betas = [
+            decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=e)
+            for e in examples
+        ]
+        self._state, finite = ema_fold(self._state, torch.stack(steps), betas)
+        self._skipped += (~finite).sum()
+        self._steps += len(steps)
+        self._examples += sum(examples)
 
     # -- results -------------------------------------------------------------------------------
     def compute(self) -> NoiseScaleEstimate:

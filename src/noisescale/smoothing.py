@@ -12,8 +12,8 @@ set per step or in examples (``beta_t = exp(-B_t / tau)``). Second-order sums
 gives the plain mean over all steps.
 
 The state is one ``[9, P]`` float64 tensor whose rows are the sums named in
-:data:`FIELDS`, so that one step updates it in a handful of fused tensor operations
-(the meter runs this every optimiser step).
+:data:`FIELDS`, so that any number of steps fold into it in a fixed number of tensor
+operations (the meter folds all the steps since its last fold at once).
 
 Shape letter: ``P`` series (parameter groups, plus the total).
 
@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FIELDS", "decay_for_step", "ema_init", "ema_means", "ema_update"]
+__all__ = ["FIELDS", "decay_for_step", "ema_fold", "ema_init", "ema_means"]
 
 FIELDS = ("w", "g", "s", "w2", "w2g", "w2s", "w2gg", "w2ss", "w2gs")
 """Rows of the state: with ``w_t`` the step weights and ``G_t``, ``S_t`` the step's |G|^2
@@ -62,20 +63,6 @@ def decay_for_step(*, ema_decay: float | None, ema_examples: float | None, examp
     return ema_decay
 
 
-@functools.lru_cache(maxsize=64)
-def _coefficients(beta: float, device: torch.device) -> torch.Tensor:
-    """``[2, 2, 9, 1]``: (used step, skipped step) x (decay of the past, weight of the step) per row.
-
-    A used step has weight ``a = 1 - beta`` (1 when ``beta = 1``: the plain mean), the
-    first-order rows decay by ``beta`` and take ``a``, the second-order rows ``beta^2``
-    and ``a^2``. A skipped step decays nothing and adds nothing.
-    """
-    a = 1.0 if beta == 1.0 else 1.0 - beta
-    used = [[beta] * 3 + [beta * beta] * 6, [a] * 3 + [a * a] * 6]
-    skipped = [[1.0] * 9, [0.0] * 9]
-    return torch.tensor([used, skipped], dtype=torch.float64, device=device).unsqueeze(-1)
-
-
 @functools.lru_cache(maxsize=8)
 def _term_rows(device: torch.device) -> torch.Tensor:
     """Rows of the ``3 x 3`` products of ``(1, G, S)`` that make the :data:`FIELDS` terms, in order."""
@@ -84,26 +71,61 @@ def _term_rows(device: torch.device) -> torch.Tensor:
     return torch.tensor([3 * i + j for i, j in pairs], device=device)
 
 
-def ema_update(state: torch.Tensor, stats: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one step's estimates into the averages; skip it if any value is not finite.
+@functools.lru_cache(maxsize=64)
+def _decays(betas: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, 9]`` decay of the past and weight of the step, per row, for used steps with these decays.
+
+    A used step has weight ``a = 1 - beta`` (1 when ``beta = 1``: the plain mean); the
+    first-order rows decay by ``beta`` and take ``a``, the second-order rows ``beta^2``
+    and ``a^2``. Cached: the same decays (batch sizes) recur, and on an accelerator a
+    new tensor from the host would wait for the device.
+    """
+    rows = []
+    for beta in betas:
+        a = 1.0 if beta == 1.0 else 1.0 - beta
+        rows.append([[beta] * 3 + [beta * beta] * 6, [a] * 3 + [a * a] * 6])
+    both = torch.tensor(rows, dtype=torch.float64, device=device)  # [N, 2, 9]
+    return both[:, 0], both[:, 1]
+
+
+def ema_fold(
+    state: torch.Tensor, stats: torch.Tensor, betas: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``N`` steps' estimates into the averages, oldest first; skip the non-finite ones.
+
+    The same as folding the steps one at a time, in a fixed number of tensor operations
+    whatever ``N`` (the meter folds the steps since the last fold at once): with ``d_t``
+    the per-row decay of step ``t`` (``beta_t``, or ``beta_t^2`` for the second-order
+    rows; 1 for a skipped step) and ``a_t`` its weight (``1 - beta_t``, squared for
+    the second-order rows, 1 when ``beta_t = 1``; 0 for a skipped step), the new state is
+    ``prod_t d_t * state + sum_t (prod_{u > t} d_u) a_t terms_t`` (:func:`_decays`).
 
     Args:
-        state: current sums, ``[9, P]`` (rows: :data:`FIELDS`).
-        stats: ``[2, P]`` this step's unbiased estimates: rows |G|^2 (``grad_norm_sq``)
-            and tr(Sigma) (``trace_sigma``).
-        beta: decay in [0, 1] applied to the past.
+        state: current sums, ``[9, P]`` float64 (rows: :data:`FIELDS`).
+        stats: ``[N, 2, P]`` the steps' unbiased estimates: rows |G|^2
+            (``grad_norm_sq``) and tr(Sigma) (``trace_sigma``).
+        betas: the ``N`` steps' decays in [0, 1], applied to everything before them.
 
     Returns:
-        ``(new_state, finite)`` with ``finite`` a 0-d bool tensor (on the device, not
-        synchronised) telling whether the step was used.
+        ``(new_state, finite)`` with ``finite`` an ``[N]`` bool tensor (on the device, not
+        synchronised) telling which steps were used.
+
+    Raises:
+        ValueError: if ``len(betas)`` is not ``N``.
     """
+    if len(betas) != stats.shape[0]:
+        raise ValueError(f"{len(betas)} decays for {stats.shape[0]} steps")
     x = stats.to(torch.float64)
-    finite = torch.isfinite(x).all()
-    x = torch.where(finite, x, 0.0)  # a skipped step's NaN must not reach 0 * NaN
-    x1 = torch.nn.functional.pad(x, (0, 0, 1, 0), value=1.0)  # [3, P]: 1, G, S
-    terms = (x1[:, None] * x1[None]).flatten(0, 1)[_term_rows(state.device)]  # [9, P]
-    decay, weight = torch.where(finite, *_coefficients(float(beta), state.device).unbind())
-    return torch.addcmul(state * decay, weight, terms), finite
+    finite = torch.isfinite(x).flatten(1).all(1)  # [N]
+    x = torch.where(finite[:, None, None], x, 0.0)  # a skipped step's NaN must not reach 0 * NaN
+    x1 = torch.nn.functional.pad(x, (0, 0, 1, 0), value=1.0)  # [N, 3, P]: 1, G, S
+    terms = (x1[:, :, None] * x1[:, None]).flatten(1, 2)[:, _term_rows(state.device)]  # [N, 9, P]
+    used_decay, used_weight = _decays(tuple(float(b) for b in betas), state.device)  # [N, 9] each
+    decay = torch.where(finite[:, None], used_decay, 1.0)
+    weight = torch.where(finite[:, None], used_weight, 0.0)
+    after = torch.cat([decay[1:].flip(0).cumprod(0).flip(0), torch.ones_like(decay[:1])])  # prod_{u > t}
+    new = (decay[0] * after[0])[:, None] * state + torch.einsum("nf,nfp->fp", after * weight, terms)
+    return new, finite
 
 
 def ema_means(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
