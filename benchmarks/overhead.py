@@ -10,6 +10,10 @@ method             what one step does                                           
 ``plain``          forward + backward + SGD step on the whole batch               (itself)
 ``accum``          the same batch as ``k`` micro-batches (loss / k each)          (itself)
 ``microbatch``     ``accum`` + ``GradientNoiseScale(method="microbatch").update``  ``accum``
+``reads``          ``accum`` + only the reads that exact micro-batch norms need:   ``accum``
+                   a hook takes each backward's squared gradient norm per
+                   parameter, and each ``.grad`` is normed once per step (no
+                   bookkeeping: the least any exact ``microbatch`` method pays)
 ``per_example``    ``plain`` + ``GradientNoiseScale(method="per_example").update`` ``plain``
 ``backpack``       ``plain`` inside ``with backpack(BatchL2Grad())`` + norms       ``plain``
 ``opacus``         ``GradSampleModule`` forward/backward (``grad_sample``) + norms  ``plain``
@@ -82,7 +86,7 @@ from torch import nn
 Step = Callable[[], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
 PLAIN_BASELINE = {"per_example", "backpack", "opacus", "vmap", "naive"}
-ALL_METHODS = ("plain", "accum", "microbatch", "per_example", "backpack", "opacus", "vmap", "naive")
+ALL_METHODS = ("plain", "accum", "microbatch", "reads", "per_example", "backpack", "opacus", "vmap", "naive")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -252,6 +256,36 @@ def _microbatch(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) 
     return _accum(spec, model, batch, opts, GradientNoiseScale(model, method="microbatch"))
 
 
+class _ReadsOnly:
+    """The memory reads exact per-micro-batch norms cannot avoid, and nothing else.
+
+    A tensor hook per parameter takes the squared norm of each backward's gradient
+    (one BLAS dot, :func:`noisescale.collect.squared_norm`); :meth:`update` takes those
+    of the accumulated ``.grad`` and drops them all. Its time over ``accum`` is the
+    floor any exact ``microbatch`` implementation pays on this machine.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from noisescale.collect import squared_norm
+
+        self.norm = squared_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.norms: list[torch.Tensor] = []
+        for p in self.params:
+            p.register_hook(lambda g: self.norms.append(self.norm(g)))
+
+    def update(self, batch_size: int) -> None:
+        """Norm every ``.grad`` (the big batch) and drop all the norms."""
+        for p in self.params:
+            if p.grad is not None:
+                self.norm(p.grad)
+        self.norms.clear()
+
+
+def _reads(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
+    return _accum(spec, model, batch, opts, _ReadsOnly(model))
+
+
 def _per_example(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
     try:
         from noisescale.per_example import PerExampleNorms  # noqa: F401
@@ -360,6 +394,7 @@ METHODS: dict[str, Callable[[ModelSpec, nn.Module, Batch, Options], Step]] = {
     "plain": _plain,
     "accum": _accum,
     "microbatch": _microbatch,
+    "reads": _reads,
     "per_example": _per_example,
     "backpack": _backpack,
     "opacus": _opacus,
@@ -370,7 +405,7 @@ METHODS: dict[str, Callable[[ModelSpec, nn.Module, Batch, Options], Step]] = {
 
 def baseline_of(method: str) -> str:
     """The method whose time divides this one's: same loop without the measurement."""
-    if method == "microbatch":
+    if method in ("microbatch", "reads"):
         return "accum"
     return "plain" if method in PLAIN_BASELINE else method
 
@@ -505,7 +540,7 @@ def summarise(
             "model_label": spec.label,
             "method": m,
             "batch_size": spec.batch_size,
-            "k": opts.k if m in ("accum", "microbatch") else None,
+            "k": opts.k if m in ("accum", "microbatch", "reads") else None,
             "examples_run": min(opts.naive_examples, spec.batch_size) if m == "naive" else spec.batch_size,
             "baseline": baseline_of(m),
             "status": status,
