@@ -80,10 +80,10 @@ def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through
     :func:`squared_norm`; the others through one fused norm kernel (:func:`_square_small`).
     """
-    return _squared(_pending(t) for t in tensors)
+    return _squared(_norm_or_hold(t) for t in tensors)
 
 
-def _pending(tensor: torch.Tensor | None) -> torch.Tensor | None:
+def _norm_or_hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """A gradient's 0-d squared norm if it is large (:func:`_eager`), else itself, at least 1-D.
 
     What a record holds per parameter: :func:`_squared` takes the held small ones
@@ -98,7 +98,10 @@ def _pending(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _squared(values: Iterable[torch.Tensor | None]) -> torch.Tensor:
-    """``[n]`` float64 from :func:`_pending` values: squared norms kept, held gradients normed at once."""
+    """``[n]`` float64 squared norms from :func:`_norm_or_hold` values.
+
+    The 0-d values are squared norms already; the held gradients are normed together.
+    """
     values = list(values)
     _square_small(values)
     return _stack_float64(values)
@@ -236,7 +239,7 @@ class GradientRecorder:
         if self.per_example is None:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
-            held[i] = _pending(grad)
+            held[i] = _norm_or_hold(grad)
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
@@ -323,7 +326,7 @@ class GradientRecorder:
         if big and snapshot is None:
             if all(p.grad is None for p in self.params):
                 raise RuntimeError(_NO_GRAD)
-            values += [_pending(p.grad) for p in self.params]
+            values += [_norm_or_hold(p.grad) for p in self.params]
             scales.append(self._grad_scale())
         rows = [_squared(values).view(len(scales), -1)] if values else []
         if snapshot is not None:
