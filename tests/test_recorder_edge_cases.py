@@ -402,3 +402,52 @@ def test_casting_the_model_after_creating_the_meter() -> None:
         estimates.append(meter.compute())
     assert estimates[0].grad_norm_sq == estimates[1].grad_norm_sq
     assert estimates[0].trace_sigma == estimates[1].trace_sigma
+
+
+class _WorkspaceBiasAdd(torch.autograd.Function):
+    """``x + b`` whose backward returns ``b``'s gradient in one persistent buffer (fused-kernel style)."""
+
+    workspace = torch.empty(4, dtype=torch.float64)
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return x + b
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.sum(g, 0, out=_WorkspaceBiasAdd.workspace)  # overwritten by every backward
+        return g, _WorkspaceBiasAdd.workspace
+
+
+@pytest.mark.parametrize("source", ["workspace", "backward(gradient)"])
+def test_gradient_buffers_reused_after_the_backward_keep_their_norms(source: str) -> None:
+    """A hook's gradient may be a buffer that is overwritten later: its norm is taken at once."""
+    torch.manual_seed(0)
+    b = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    recorder = GradientRecorder([b])
+    buffer = torch.empty(4, dtype=torch.float64)
+    expected = []
+    for _ in range(3):
+        if source == "workspace":
+            w = torch.randn(5, 4, dtype=torch.float64)
+            (_WorkspaceBiasAdd.apply(torch.randn(5, 4, dtype=torch.float64), b) * w).sum().backward()
+            expected.append(w.sum(0).square().sum())
+        else:  # pipeline style: a receive buffer reused by every micro-batch, reaching b unchanged
+            buffer.copy_(torch.randn(4, dtype=torch.float64))
+            (torch.randn(4, dtype=torch.float64) + b).backward(buffer)
+            expected.append(buffer.square().sum())
+    buffer.zero_()
+    expected.append(b.grad.square().sum())
+    got = recorder.sq_norms(recorder.pop(), big=True)[:, 0]
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-12, atol=0.0)
+
+
+def test_records_hold_no_gradient() -> None:
+    """Memory stays flat however many backward passes run before update(): only 0-d norms are kept."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+    recorder = GradientRecorder(list(model.parameters()))
+    for _ in range(5):
+        model(torch.randn(3, 16)).sum().backward()
+    records = recorder.pop()
+    assert len(records) == 5
+    assert all(v is None or v.dim() == 0 for r in records for v in r.values)  # type: ignore[union-attr]

@@ -61,6 +61,9 @@ def test_folding_many_steps_at_once_equals_one_at_a_time() -> None:
     assert torch.cat([ok_first, ok_rest]).tolist() == ok_one == [t != 5 for t in range(12)]
     with pytest.raises(ValueError, match="2 decays for 12 steps"):
         ema_fold(many, stats, [0.9, 0.9])
+    for bad in (stats[:0], stats[0], stats[:, :, :2]):  # no step; one step's [2, P]; wrong P
+        with pytest.raises(ValueError, match="expected stats of shape"):
+            ema_fold(many, bad, [0.9] * len(bad))
 
 
 def test_decay_in_examples() -> None:

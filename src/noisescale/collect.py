@@ -1,14 +1,15 @@
 """Squared gradient norms recorded during the user's own backward passes.
 
 A tensor hook on every trainable parameter sees the gradient each backward pass
-computed for it, BEFORE it is added into ``.grad``, and takes its squared norm (large
-parameters) or holds it (small ones), unless the backward is a
-``torch.autograd.grad`` call, which never reaches ``.grad``. When the backward has
-finished, its record is filed (no host synchronisation, no tensor operation). Once
-per optimiser step :meth:`GradientRecorder.sq_norms` turns the step's records and the
-accumulated ``.grad`` (the big batch) into one ``[k + 1, P]`` tensor of squared norms
-(:func:`squared_norms`: a BLAS dot per large tensor, ONE fused norm kernel for every
-small gradient of the step; the meter sums parameters into groups). With per-example
+computed for it, BEFORE it is added into ``.grad``, and takes its squared norm at
+once (the tensor may be a buffer that is reused later, e.g. by a fused kernel's
+autograd Function), unless the backward is a ``torch.autograd.grad`` call, which never
+reaches ``.grad``. When the backward has finished, its record is filed (no host
+synchronisation, no tensor operation). Once per optimiser step
+:meth:`GradientRecorder.sq_norms` turns the step's records and the accumulated
+``.grad`` (the big batch) into one ``[k + 1, P]`` tensor of squared norms
+(:func:`squared_norms` for ``.grad``: a BLAS dot per large tensor, one fused norm
+kernel for the small ones; the meter sums parameters into groups). With per-example
 kernels attached, a record holds their ``[N, G]`` per-example squared norms per group
 instead.
 
@@ -46,9 +47,7 @@ class MicrobatchRecord:
     """What one backward pass contributed.
 
     ``values`` (``microbatch``): per parameter, the 0-d squared norm of this backward's
-    gradient (a large parameter), the gradient itself (a small one: at least 1-D,
-    normed with the step's other small gradients by :meth:`GradientRecorder.sq_norms`)
-    or None (it had none), loss-scaled under AMP. ``per_example``: ``[N, G]``
+    gradient, or None (it had none), loss-scaled under AMP. ``per_example``: ``[N, G]``
     squared norms of each example's contribution, already divided by the AMP scale squared.
     """
 
@@ -86,9 +85,8 @@ def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
 def _norm_or_hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """A gradient's 0-d squared norm if it is large (:func:`_eager`), else itself, at least 1-D.
 
-    What a record holds per parameter: :func:`_squared` takes the held small ones
-    together. A 0-d gradient (a scalar parameter) becomes 1-D, since 0-d entries are
-    squared norms already.
+    :func:`_squared` norms the held small ones together. A 0-d gradient (a scalar
+    parameter) becomes 1-D, since 0-d entries are squared norms already.
     """
     if tensor is None:
         return None
@@ -100,7 +98,7 @@ def _norm_or_hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def _squared(values: Iterable[torch.Tensor | None]) -> torch.Tensor:
     """``[n]`` float64 squared norms from :func:`_norm_or_hold` values.
 
-    The 0-d values are squared norms already; the held gradients are normed together.
+    The 0-d values are squared norms already; the others are normed together.
     """
     values = list(values)
     _square_small(values)
@@ -178,13 +176,14 @@ class GradientRecorder:
     ``EAGER_NUMEL`` elements) the hook takes its norm and lets go of it: autograd can
     then move the gradient into an empty ``.grad`` instead of copying it (holding the
     gradients until all have arrived, as ``register_multi_grad_hook`` does, costs a
-    full copy of them on every step's first backward). Small parameters' gradients are
-    held until :meth:`sq_norms`, which norms all of a step's small gradients (every
-    backward's, and those in ``.grad``) in ONE fused kernel: per-call overhead, not
-    bandwidth, is their cost. The first hook of a backward queues the callback that
-    runs at its end and files the record, with no tensor operation. One hook per
-    parameter and no Python work per step beyond it: on a small model each hook call
-    and each tensor operation is a visible part of a step.
+    full copy of them on every step's first backward). Small gradients are normed in
+    their hooks too: holding them until later would be wrong when autograd hands a
+    hook a buffer that is overwritten afterwards (a fused kernel's workspace, a reused
+    ``backward(gradient)`` tensor), and would keep k copies of them until
+    :meth:`sq_norms`. The first hook of a backward queues the callback that runs at
+    its end and files the record, with no tensor operation. One hook per parameter and
+    no Python work per step beyond it: on a small model each hook call and each tensor
+    operation is a visible part of a step.
 
     Which backward passes make a record: exactly the calls that add into ``.grad``
     (``loss.backward()``, ``torch.autograd.backward``), one record per call.
@@ -239,7 +238,7 @@ class GradientRecorder:
         if self.per_example is None:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
-            held[i] = _norm_or_hold(grad)
+            held[i] = squared_norm(grad)
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
@@ -278,8 +277,8 @@ class GradientRecorder:
     def _on_backward(self, task: int) -> None:
         """End of graph task ``task``: add its values to its backward call's record, filed once.
 
-        Only the AMP scale in force is taken now; the small gradients' norms and the
-        stacking wait for :meth:`sq_norms`, once per optimiser step.
+        Only the AMP scale in force is taken now; stacking the values into a tensor waits
+        for :meth:`sq_norms`, once per optimiser step.
         """
         held = self._held.pop(task)
         record = self._record_of.pop(task)
@@ -310,9 +309,8 @@ class GradientRecorder:
         """``[k, P]`` float64 squared norms of each record's gradient per parameter, AMP scale removed.
 
         With ``big``, one more row last: the accumulated ``.grad`` (the big batch), or the
-        :attr:`snapshot` taken after the last backward when there is one. One fused norm
-        kernel for all the small gradients and one stack for the whole step; zero where a
-        backward gave a parameter no gradient.
+        :attr:`snapshot` taken after the last backward when there is one. One stack for
+        the whole step; zero where a backward gave a parameter no gradient.
 
         Raises:
             ValueError: if a record holds per-example norms only (``per_example`` recorder).

@@ -111,8 +111,14 @@ def ema_fold(
         synchronised) telling which steps were used.
 
     Raises:
-        ValueError: if ``len(betas)`` is not ``N``.
+        ValueError: if ``stats`` is not ``[N, 2, P]`` with ``N >= 1`` and the state's ``P``,
+            or ``len(betas)`` is not ``N``.
     """
+    if stats.dim() != 3 or stats.shape[0] < 1 or stats.shape[1:] != (2, state.shape[1]):
+        raise ValueError(
+            f"expected stats of shape [N >= 1, 2, {state.shape[1]}] (steps, (|G|^2, tr Sigma), series) "
+            f"but got {list(stats.shape)}"
+        )
     if len(betas) != stats.shape[0]:
         raise ValueError(f"{len(betas)} decays for {stats.shape[0]} steps")
     x = stats.to(torch.float64)
