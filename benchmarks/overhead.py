@@ -222,6 +222,7 @@ class Options:
 
     k: int = 4  # micro-batches per step of accum / microbatch
     naive_examples: int = 16  # examples the naive loop really runs (its time is scaled to the batch)
+    device: str = "cpu"  # where the models, batches and tools run
 
 
 def _plain(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
@@ -418,8 +419,9 @@ def time_scale(spec: ModelSpec, method: str, opts: Options) -> float:
 def build(spec: ModelSpec, method: str, opts: Options, seed: int = 0) -> Step:
     """A fresh model (same weights for every method), a fixed batch, and the method's step."""
     torch.manual_seed(seed)
-    model = spec.build()
-    batch = spec.data(spec.batch_size, torch.Generator().manual_seed(seed))
+    model = spec.build().to(opts.device)
+    x, y = spec.data(spec.batch_size, torch.Generator().manual_seed(seed))
+    batch = (x.to(opts.device), y.to(opts.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus/BackPACK construction chatter
         return METHODS[method](spec, model, batch, opts)
@@ -480,11 +482,13 @@ def peak_mb(spec: ModelSpec, method: str, opts: Options, steps: int) -> float | 
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def _time_block(step: Step, n: int) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds per step over ``n`` steps."""
+def _time_block(step: Step, n: int, device: str) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per step over ``n`` steps (the device's queue drained)."""
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - w0) / n, (time.process_time() - c0) / n
 
 
@@ -507,15 +511,15 @@ def time_model(
             status[m] = f"unsupported: {err}"
         except Exception as err:
             status[m] = f"error: {type(err).__name__}: {err}"
-    n_steps = {m: max(1, round(block_s / _time_block(s, 1)[0])) for m, s in steps.items()}
+    n_steps = {m: max(1, round(block_s / _time_block(s, 1, opts.device)[0])) for m, s in steps.items()}
     for m, s in steps.items():
-        _time_block(s, min(n_steps[m], 3))  # warm-up
+        _time_block(s, min(n_steps[m], 3), opts.device)  # warm-up
     wall: dict[str, list[float]] = {m: [] for m in steps}
     cpu: dict[str, list[float]] = {m: [] for m in steps}
     order = list(steps)
     for r in range(repeats):
         for m in order[r % len(order) :] + order[: r % len(order)]:
-            w, c = _time_block(steps[m], n_steps[m])
+            w, c = _time_block(steps[m], n_steps[m], opts.device)
             wall[m].append(w * time_scale(spec, m, opts))
             cpu[m].append(c * time_scale(spec, m, opts))
     return {"wall": wall, "cpu": cpu, "status": status, "n_steps": n_steps}
@@ -589,6 +593,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "loadavg_start": os.getloadavg(),
     }
 
@@ -637,13 +642,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-examples", type=int, default=16, help="examples the naive loop runs (scaled)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cuda (peak memory is then not measured)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the records here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here")
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 21)
     block_s = args.block_s or (0.1 if args.quick else 0.25)
     torch.set_num_threads(args.threads)
-    opts = Options(k=args.k, naive_examples=args.naive_examples)
+    opts = Options(k=args.k, naive_examples=args.naive_examples, device=args.device)
+    no_memory = args.no_memory or torch.device(args.device).type != "cpu"  # peak RSS is host memory
     methods = [m for m in ALL_METHODS if m in args.methods or m in {baseline_of(x) for x in args.methods}]
 
     t_start = time.perf_counter()
@@ -652,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     # Memory first: the children are forked before this process runs any parallel region.
     peaks: dict[str, dict[str, float | str]] = {}
     for name in args.models:
-        peaks[name] = {} if args.no_memory else {m: peak_mb(SPECS[name], m, opts, 2) for m in methods}
+        peaks[name] = {} if no_memory else {m: peak_mb(SPECS[name], m, opts, 2) for m in methods}
     records: list[dict[str, Any]] = []
     for name in args.models:
         spec = SPECS[name]
