@@ -441,9 +441,8 @@ class GradientNoiseScale:
             )
         self._check_syncs(len(records))
         if self.method == "per_example":
-            self._per_example(
-                records, batch_size, self._recorder.sq_norms([], big=True)[0] @ self._param_cells
-            )
+            big_sq = self._recorder.sq_norms([], big=True)[0]  # [P]: .grad, or its snapshot
+            self._per_example(records, batch_size, big_sq @ self._param_cells)
         else:
             sizes = self._microbatch_sizes(len(records), batch_size, microbatch_sizes)
             self._microbatch(records, sizes)
@@ -615,7 +614,9 @@ class GradientNoiseScale:
                     weight, weight2 = torch.ones_like(total), 1.0 / total
                 stats = per_example_stats(sum_sq / total, x / weight.square(), weight.square() / weight2)
             steps.append(torch.stack(stats) @ self._series.T)
-            examples.append(round(float(total)))
+            examples.append(total)
+        if self._sync is not None:  # the examples every rank saw, counted on the device: one sync
+            examples = [round(e) for e in torch.stack(examples).tolist()]
         betas = [
             decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=e)
             for e in examples

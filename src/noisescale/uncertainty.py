@@ -58,7 +58,7 @@ def b_simple_interval(state: torch.Tensor, confidence: float = 0.95) -> BSimpleI
     """Point estimate, standard error and Fieller interval of B_simple per series.
 
     Args:
-        state: ``[9, P]`` averaging state (:func:`noisescale.smoothing.ema_update`).
+        state: ``[9, P]`` averaging state (:func:`noisescale.smoothing.ema_fold`).
         confidence: two-sided level of the interval, in (0, 1).
 
     Returns:

@@ -141,11 +141,11 @@ class PerExampleNorms:
     def pop(self, task: int | None = None) -> Tensor | None:
         """The ``[N, G]`` squared norms of one backward pass, or of all since the last call.
 
-        Call it once after each backward (e.g. from a
-        ``torch.autograd.graph.register_multi_grad_hook`` on the trainable
-        parameters, passing ``torch._C._current_graph_task_id()``; a backward that
-        raised halfway then leaves its parts under its own task, which the next
-        ``pop()`` without a task drops). Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
+        Call it at the end of each backward with its graph task id
+        (``torch._C._current_graph_task_id()``; :class:`noisescale.collect.GradientRecorder`
+        does, from its end-of-backward callback); a backward that raised halfway then
+        leaves its parts under its own task, which the next ``pop()`` without a task drops.
+        Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
         contribution to the gradient this backward added to group ``j``
         (``|g_n|^2 / N^2`` with a mean-reduced loss). Columns of groups that got
         nothing are zero.
