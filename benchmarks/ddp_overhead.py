@@ -1,12 +1,14 @@
 """What measuring the noise scale adds to a DDP training step (2 gloo processes, CPU).
 
-Each process holds three identical DDP replicas of the network: one trained plainly, one
+Each process holds four identical DDP replicas of the network: one trained plainly; one
 with a ``GradientNoiseScale(method="ddp")`` attached (its per-backward norms, its read of
-the all-reduced ``.grad`` and the one asynchronous all-gather per step), and ``reads``:
-only the two reads of the gradient that the estimate cannot avoid (each backward's local
-gradient and the all-reduced ``.grad``, squared-normed and dropped), the floor of any
-exact implementation on this machine. Blocks of steps run in turn (the order rotated
-every repeat), so drifting machine load hits all alike; the table reports the median
+the all-reduced ``.grad`` and one asynchronous all-gather every ``sync_every`` = 16
+steps); ``every_step``: the same meter with ``sync_every=1`` (an all-gather per step);
+and ``reads``: only the two reads of the gradient that the estimate cannot avoid (each
+backward's local gradient and the all-reduced ``.grad``, squared-normed and dropped),
+the floor of any exact implementation on this machine. Blocks of steps (16 by default,
+so that each holds one exchange of the default meter) run in turn, the order rotated
+every repeat, so drifting machine load hits all alike; the table reports the median
 block time per step of the plain replica, each other's ratio of medians to it, and the
 median of the per-repeat ratios of the meter.
 
@@ -37,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from noisescale import GradientNoiseScale
 from noisescale.collect import squared_norm
 
-VARIANTS = ("plain", "reads", "noisescale")
+VARIANTS = ("plain", "reads", "noisescale", "every_step")
+COMPARED = VARIANTS[1:]
 
 
 def _model(kind: str, width: int, depth: int) -> nn.Module:
@@ -112,7 +115,12 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     }
     opts = {name: torch.optim.SGD(model.parameters(), lr=1e-3) for name, model in replicas.items()}
     meter = GradientNoiseScale(replicas["noisescale"], method="ddp")
-    meters = {"plain": None, "reads": _ReadsOnly(replicas["reads"]), "noisescale": meter}
+    meters = {
+        "plain": None,
+        "reads": _ReadsOnly(replicas["reads"]),
+        "noisescale": meter,
+        "every_step": GradientNoiseScale(replicas["every_step"], method="ddp", sync_every=1),
+    }
     gen = torch.Generator().manual_seed(rank)
     n = args.steps * args.microbatches
     data = [
@@ -125,10 +133,11 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for r in range(args.repeats):
-        for name in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:  # order rotated every repeat
+        for name in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:  # order rotated
             wall, used = _block(replicas[name], opts[name], meters[name], data, args.microbatches)
             times[name].append(wall)
             cpu[name].append(used)
+    meter.sync()  # every rank
     est = meter.compute()
     if rank == 0:
         torch.save({"times": times, "cpu": cpu, "steps": est.steps}, Path(out) / "times.pt")
@@ -142,7 +151,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help="hidden layers")
     parser.add_argument("--batch", type=int, default=128, help="examples per micro-batch per process")
     parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per process and step")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per timed block")
     parser.add_argument("--repeats", type=int, default=30, help="timed blocks per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -165,23 +174,25 @@ def main() -> None:
     )
     print(
         f"{'clock':<6}{'plain ms/step':>15}{'reads ratio':>13}{'noisescale ratio':>18}{'median paired':>15}"
+        f"{'every_step ratio':>18}"
     )
     for clock in ("times", "cpu"):
         t = res[clock]
         med = {k: statistics.median(v) for k, v in t.items()}
         paired = statistics.median(b / a for a, b in zip(t["plain"], t["noisescale"], strict=True))
-        ratio = {k: med[k] / med["plain"] for k in ("reads", "noisescale")}
+        ratio = {k: med[k] / med["plain"] for k in COMPARED}
         name = "wall" if clock == "times" else "cpu"
         result[name] = {
             "median_step_s": med,
             "ratio_of_medians": ratio["noisescale"],
             "reads_ratio_of_medians": ratio["reads"],
+            "every_step_ratio_of_medians": ratio["every_step"],
             "median_paired_ratio": paired,
             "blocks_s": t,
         }
         print(
             f"{name:<6}{med['plain'] * 1e3:>15.2f}{ratio['reads']:>13.4f}"
-            f"{ratio['noisescale']:>18.4f}{paired:>15.4f}"
+            f"{ratio['noisescale']:>18.4f}{paired:>15.4f}{ratio['every_step']:>18.4f}"
         )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

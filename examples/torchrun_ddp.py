@@ -3,9 +3,10 @@
 Run: ``torchrun --standalone --nproc_per_node=2 examples/torchrun_ddp.py``
 (``python examples/torchrun_ddp.py`` runs the same loop in one process).
 
-Each of the W replicas accumulates m = 2 micro-batches under ``no_sync``; the meter's
-comm hook reads the all-reduced gradient, and one small collective per step gathers
-the W x m micro-batch norms: the k-way estimator with k = W m. The estimate equals
+Each of the W replicas accumulates m = 2 micro-batches under ``no_sync``; the meter
+reads the averaged gradient DDP's all-reduce leaves in ``.grad``, and one small
+collective every ``sync_every`` (16) steps gathers the W x m micro-batch norms of each
+step: the k-way estimator with k = W m. The estimate equals
 the one-process ``microbatch`` estimate on the same micro-batches, on every rank.
 """
 
@@ -48,6 +49,7 @@ def main(*, steps: int = 60, batch: int = 128, m: int = 2) -> GradientNoiseScale
 
 if __name__ == "__main__":
     meter = main()
+    meter.sync()  # on every rank: exchange the steps since the last exchange (every 16 steps)
     est = meter.compute()  # every rank holds the same estimate
     if nsdist.is_rank_zero():
         b = "not resolved" if est.b_simple is None else f"{est.b_simple:.1f} examples"

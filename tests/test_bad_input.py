@@ -80,11 +80,29 @@ def test_update_twice_after_one_step_raises() -> None:
         ({"ema_examples": 0.0}, "ema_examples"),
         ({"accumulation": "none"}, "accumulation"),
         ({"read_grad": "never"}, "read_grad"),
+        ({"sync_every": 0}, "sync_every"),
+        ({"sync_every": 2.5}, "sync_every"),
     ],
 )
 def test_bad_constructor_values(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         GradientNoiseScale(mlp(), method="microbatch", **kwargs)
+
+
+def test_sync_in_one_process_folds_in_and_changes_nothing() -> None:
+    """sync() is a collective only under DDP; in one process it folds in the pending steps."""
+    model = mlp()
+    meter = GradientNoiseScale(model, method="microbatch", sync_every=1)
+    for step in range(3):
+        accumulate(model)
+        meter.update(16)
+        model.zero_grad()
+        if step == 1:
+            meter.sync()
+    synced = meter.compute()
+    assert synced.steps == 3 and synced.examples == 48
+    meter.sync()
+    assert meter.compute() == synced
 
 
 def test_no_trainable_parameters() -> None:

@@ -22,8 +22,9 @@ Example:
 Data-parallel training (:mod:`noisescale.distributed`): wrap the model in
 DistributedDataParallel first and the meter measures over all replicas
 (``method="ddp"``, chosen for ``"microbatch"`` too), ``k = W x micro-batches``, with
-one small asynchronous collective per step; ``method="per_example"`` combines every
-rank's per-example norms the same way. Every rank ends with the same estimate.
+one small asynchronous collective every ``sync_every`` steps; ``method="per_example"``
+combines every rank's per-example norms the same way. After :meth:`GradientNoiseScale.sync`
+on every rank, every rank holds the same estimate of every step.
 
 Per-layer values: the estimate has one entry per module (``groups``) and, given the
 optimizer, per optimizer parameter group (``param_groups``); both partitions are sums
@@ -63,7 +64,8 @@ __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate"]
 
 Method = Literal["microbatch", "per_example", "ddp"]
 DEFAULT_EMA_DECAY = 0.99
-_MAX_PENDING = 32  # steps whose collective may be in flight before update() settles them
+_MAX_PENDING = 32  # one process: steps whose estimates update() keeps before folding them in
+DEFAULT_SYNC_EVERY = 16  # DDP: steps whose rows one collective exchanges
 
 
 def _opt(x: torch.Tensor) -> float | None:
@@ -203,6 +205,18 @@ def _weighted_microbatch(
     return microbatch_stats(small, sizes, big_sq / weight.sum().square(), b_big)
 
 
+class _Exchange(NamedTuple):
+    """One collective over several DDP steps' local rows, started on every rank."""
+
+    work: Any  # wait on it before reading ``outputs``
+    outputs: list[
+        torch.Tensor
+    ]  # microbatch: every rank's ``[M, C + 2]`` rows; per_example: ``[N, C + 3]`` sums
+    backward_passes: list[int]  # m of each of the N steps (the same on every rank)
+    big: torch.Tensor  # ``[N, C]`` each step's big-batch squared norms
+    skip: int  # leading steps exchanged only so that every rank's collective has the same shape
+
+
 class GradientNoiseScale:
     """Online gradient noise scale B_simple = tr(Sigma)/|G|^2 of a training run.
 
@@ -213,15 +227,22 @@ class GradientNoiseScale:
     Call :meth:`update` once per optimiser step, after the step's last backward and
     before gradient clipping, ``optimizer.step()`` and ``zero_grad()`` (it reads the
     accumulated ``.grad`` as the big batch; with a GradScaler, before or after
-    ``scaler.unscale_`` both work). It never synchronises with the device;
-    :meth:`compute` does, once.
+    ``scaler.unscale_`` both work). In one process it never synchronises with the
+    device; :meth:`compute` does, once.
 
     Under DDP (a model wrapped in DistributedDataParallel, process group initialised)
     call :meth:`update` on every rank every step, with the same number of backward
     passes on every rank (sizes may differ); the big gradient is the mean DDP's own
     all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
-    after it, so clipping before :meth:`update` does no harm). :meth:`compute` needs
-    no collective: rank 0 may call it alone.
+    after it, so clipping before :meth:`update` does no harm). The ranks exchange their
+    rows in one small asynchronous collective every ``sync_every`` steps, not every
+    step (a collective per step cost 3-6% of a DDP step on CPU in
+    ``benchmarks/ddp_overhead.py``); folding in the exchange before reads every rank's
+    micro-batch sizes on the host, one synchronisation per exchange.
+    :meth:`compute` needs no collective: rank 0 may call it alone, and then gets the
+    steps exchanged so far (``steps`` says how many); :meth:`sync`, called on every
+    rank, exchanges the rest first (the integrations and the CLI do this before they
+    log).
 
     Args:
         model: the module being trained, or its DistributedDataParallel wrapper. Only
@@ -260,11 +281,13 @@ class GradientNoiseScale:
             end of every backward, under DDP after its all-reduce has reached ``.grad``:
             right even if the gradients are clipped before :meth:`update`; one more
             fused norm per backward).
+        sync_every: under DDP, the optimiser steps whose rows one collective exchanges
+            (1 = every step); ignored in one process. The same on every rank.
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
-            when the model has no trainable parameter, or ``method="ddp"`` without a
-            DistributedDataParallel model.
+            when the model has no trainable parameter, ``method="ddp"`` without a
+            DistributedDataParallel model, or ``sync_every`` below 1.
         noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model.
         noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
             layer that has no kernel (and ``fallback=False``); the message names it.
@@ -285,6 +308,7 @@ class GradientNoiseScale:
         fallback: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
         read_grad: Literal["at_update", "after_backward"] = "at_update",
+        sync_every: int = DEFAULT_SYNC_EVERY,
     ) -> None:
         for arg, value, allowed in (
             ("method", method, ("microbatch", "per_example", "ddp")),
@@ -299,6 +323,7 @@ class GradientNoiseScale:
         decay_for_step(ema_decay=ema_decay, ema_examples=ema_examples, examples=1.0)  # validates
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"Expected `confidence` in (0, 1) but got {confidence}")
+        _check_count("sync_every", sync_every)
         module = nsdist.unwrap_model(model)
         nsdist.check_supported_parallelism(module)
         ddp = model if isinstance(model, DistributedDataParallel) else None
@@ -346,13 +371,17 @@ class GradientNoiseScale:
             self._sync = nsdist.SyncCounter(ddp)
             self._process_group = ddp.process_group
             self.world_size = self._sync.world_size
-        self._pending: list[tuple[str, Any, list[torch.Tensor], Any]] = []  # see _settle
+        self.sync_every = int(sync_every)
+        self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [2, S] stats, examples
+        self._unsent: list[tuple[torch.Tensor, torch.Tensor]] = []  # DDP: each step's local rows, big norms
+        self._unsent_skip = 0  # leading unsent steps dropped by reset() or load_state_dict() here
+        self._exchanges: list[_Exchange] = []  # DDP: collectives started, not folded in yet
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every step so far (hooks stay attached)."""
-        self._settle()
+        """Forget every step so far (hooks stay attached). Needs no collective."""
+        self._drop_pending()
         self._state = ema_init(self._series.shape[0], self._device)  # [9, S]
         self._steps = 0
         self._examples = 0
@@ -362,7 +391,11 @@ class GradientNoiseScale:
             self._sync.pop()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume with identical results (the same on every DDP rank)."""
+        """Everything needed to resume with identical results (the same on every DDP rank).
+
+        Under DDP it holds the steps exchanged so far: call :meth:`sync` on every rank
+        first to include the latest.
+        """
         self._settle()
         return {
             "ema": {k: v.clone() for k, v in zip(FIELDS, self._state, strict=True)},
@@ -383,7 +416,7 @@ class GradientNoiseScale:
             theirs = list(state_dict.get(key, []))
             if theirs != mine:
                 raise ValueError(f"state_dict was saved for {key} {theirs} but this meter has {mine}")
-        self._settle()
+        self._drop_pending()
         self._state = torch.stack([torch.as_tensor(state_dict["ema"][k]) for k in FIELDS]).to(self._device)
         self._steps = int(state_dict["steps"])
         self._examples = int(state_dict["examples"])
@@ -401,8 +434,20 @@ class GradientNoiseScale:
             self._sync.pop()
 
     def remove(self) -> None:
-        """Detach every hook from the model (DDP's own all-reduce is untouched)."""
+        """Detach every hook from the model (DDP's own all-reduce is untouched).
+
+        Needs no collective; under DDP, steps not exchanged yet are dropped with a
+        warning (call :meth:`sync` on every rank first).
+        """
         self._settle()
+        dropped = len(self._unsent) - self._unsent_skip
+        if dropped:
+            warnings.warn(
+                f"meter.remove() dropped the last {dropped} DDP step(s), not exchanged between the ranks "
+                "yet: call meter.sync() on every rank before remove() (or compute()) to count them.",
+                stacklevel=2,
+            )
+        self._unsent, self._unsent_skip = [], 0
         self._recorder.remove()
         if self._sync is not None:
             self._sync.remove()
@@ -448,6 +493,19 @@ class GradientNoiseScale:
             self._microbatch(records, sizes)
         if len(self._pending) >= _MAX_PENDING:
             self._settle()
+        if len(self._unsent) >= self.sync_every:
+            self._start_exchange()
+
+    def sync(self) -> None:
+        """Exchange every step so far between the DDP ranks and fold them in.
+
+        A collective under DDP: call it on every rank at the same step (e.g. before
+        logging or checkpointing), or some rank waits forever. In one process it only
+        folds in the pending steps.
+        """
+        if self._sync is not None:
+            self._start_exchange()
+        self._settle()
 
     def _check_syncs(self, backward_passes: int) -> None:
         """Under DDP: raise if no all-reduce ran this step, warn if more than one did."""
@@ -507,9 +565,7 @@ class GradientNoiseScale:
         key = (tuple(sizes), tuple(factors))
         sq = self._recorder.sq_norms(records, big=True)  # [k + 1, P]: the micro-batches, then .grad
         if self._sync is None:  # the estimator and the sums into series are linear: one product each
-            self._pending.append(
-                ("stats", None, [self._coefficients(*key) @ sq @ self._param_series], sum(sizes))
-            )
+            self._pending.append((self._coefficients(*key) @ sq @ self._param_series, sum(sizes)))
             return
         if k * self.world_size < 2:  # raise now, not when the step settles
             raise SingleMicrobatchError(
@@ -517,9 +573,9 @@ class GradientNoiseScale:
                 ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
             )
         cells = sq @ self._param_cells  # [k + 1, C]
-        rows = torch.cat([cells[:k], self._sizes_factors(*key)], dim=1)  # [m, C + 2]
-        work, outputs = nsdist.gather_rows(rows, self._process_group)
-        self._pending.append(("microbatch", work, outputs, cells[k]))
+        self._unsent.append(
+            (torch.cat([cells[:k], self._sizes_factors(*key)], dim=1), cells[k])
+        )  # [m, C + 2]
 
     def _make_sizes_factors(self, sizes: tuple[int, ...], factors: tuple[float, ...]) -> torch.Tensor:
         """``[k, 2]`` float64: each micro-batch's size and loss factor, as gathered under DDP."""
@@ -529,13 +585,15 @@ class GradientNoiseScale:
         """``[2, k + 1]``: the step's (|G|^2, tr Sigma) estimates are this times its ``k + 1`` squared norms.
 
         The k-way estimator is linear in the recorded squared norms (k micro-batches, then
-        the big batch), so its values on the unit vectors are its matrix.
+        the big batch), so its values on the unit vectors are its matrix. Under DDP the
+        k = W m micro-batches are every rank's, rank-major, and DDP's all-reduce divides
+        the big gradient by W.
         """
         k = len(sizes)
         unit = torch.eye(k + 1, dtype=torch.float64, device=self._device)
         c = torch.tensor(factors, dtype=torch.float64, device=self._device)
         b = torch.tensor(sizes, dtype=torch.float64, device=self._device)
-        return torch.stack(_weighted_microbatch(unit[:k], b, c, unit[k], c))
+        return torch.stack(_weighted_microbatch(unit[:k], b, c, unit[k], c / self.world_size))
 
     def _per_example(
         self, records: list[MicrobatchRecord], batch_size: int | None, big_sq: torch.Tensor
@@ -571,57 +629,114 @@ class GradientNoiseScale:
         if self._sync is None:
             total = sum(sizes)
             stats = per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2)
-            self._pending.append(("stats", None, [torch.stack(stats) @ self._series.T], total))
+            self._pending.append((torch.stack(stats) @ self._series.T, total))
             return
         tail = torch.tensor([sum(sizes), weight, weight2], dtype=torch.float64, device=self._device)
-        sums = torch.cat([sum_sq.to(torch.float64), tail])  # [C + 3], additive over ranks
-        work = nsdist.reduce_sums(sums, self._process_group)
-        self._pending.append(("per_example", work, [sums], big_sq))
+        self._unsent.append(
+            (torch.cat([sum_sq.to(torch.float64), tail])[None], big_sq)
+        )  # [1, C + 3], additive
+
+    def _start_exchange(self) -> None:
+        """Start one collective over the unsent DDP steps (every rank calls this at the same step).
+
+        The exchanges started before are folded in first: their collectives have had
+        ``sync_every`` steps to finish.
+        """
+        self._settle()
+        unsent, self._unsent = self._unsent, []
+        skip, self._unsent_skip = self._unsent_skip, 0
+        if not unsent:
+            return
+        rows = torch.cat([r for r, _ in unsent])
+        big = torch.stack([b for _, b in unsent])  # [N, C]
+        if self.method == "per_example":  # [N, C + 3] sums, additive over ranks
+            work, outputs = nsdist.reduce_sums(rows, self._process_group), [rows]
+        else:  # [M, C + 2] rows of every rank
+            work, outputs = nsdist.gather_rows(rows, self._process_group)
+        self._exchanges.append(_Exchange(work, outputs, [len(r) for r, _ in unsent], big, skip))
+
+    def _drop_pending(self) -> None:
+        """Forget the steps not folded in yet; the unsent DDP ones are still sent (shapes match)."""
+        for exchange in self._exchanges:
+            exchange.work.wait()
+        self._pending, self._exchanges = [], []
+        self._unsent_skip = len(self._unsent)
+
+    def _exchanged_stats(self, exchange: _Exchange) -> tuple[torch.Tensor, list[int]]:
+        """The ``[N, 2, C]`` estimates and examples of the ``N`` steps of one exchange.
+
+        Waits for its collective and synchronises with the host once, for every rank's
+        sizes and loss factors (microbatch, ``[W][M][2]``) or the summed examples,
+        weights and squared weights of each step (per_example, ``[N][3]``).
+        """
+        n, w = self._series.shape[1], self.world_size
+        exchange.work.wait()
+        tail = torch.stack(exchange.outputs)[..., n:].tolist()
+        if self.method == "per_example":
+            stats, examples = [], []
+            for sums, big, (total, weight, weight2) in zip(
+                exchange.outputs[0], exchange.big, tail[0], strict=True
+            ):
+                weight, weight2, scale = weight / w, weight2 / w**2, 1.0
+                if self.accumulation == "example_mean":  # each example's factor was W / N_all
+                    weight, weight2, scale = 1.0, 1.0 / total, (total / w) ** 2
+                stats.append(
+                    torch.stack(
+                        per_example_stats(sums[:n] * scale / total, big / weight**2, weight**2 / weight2)
+                    )
+                )
+                examples.append(round(total))
+            return torch.stack(stats), examples
+        m = exchange.backward_passes
+        coefficients, examples, start = [], [], 0
+        for m_t in m:  # each step's k = W m_t micro-batches, rank-major
+            sizes = [round(tail[r][start + i][0]) for r in range(w) for i in range(m_t)]
+            factors = [tail[r][start + i][1] for r in range(w) for i in range(m_t)]
+            if self.accumulation == "example_mean":  # the loss was sum / N_all * W on each rank
+                factors = [b * w / sum(sizes) for b in sizes]
+            coefficients.append(self._coefficients(tuple(sizes), tuple(factors)))  # [2, W m_t + 1]
+            examples.append(sum(sizes))
+            start += m_t
+        ranks = torch.stack(exchange.outputs)[..., :n]  # [W, M, C]
+        if len(set(m)) == 1:  # one product: [N, 2, W m + 1] @ [N, W m + 1, C]
+            small = ranks.unflatten(1, (len(m), m[0])).transpose(0, 1).flatten(1, 2)
+            return torch.stack(coefficients) @ torch.cat([small, exchange.big[:, None]], 1), examples
+        parts = ranks.split(m, dim=1)  # steps with different numbers of backward passes
+        stats = [
+            c @ torch.cat([part.flatten(0, 1), big[None]])
+            for c, part, big in zip(coefficients, parts, exchange.big, strict=True)
+        ]
+        return torch.stack(stats), examples
 
     def _settle(self) -> None:
-        """Fold in the steps since the last fold, in order, at once (waiting for their collectives).
+        """Fold in the steps since the last fold, in order, at once.
 
-        A step is pending as ``(kind, work, outputs, x)``: ``"stats"``, its ``[2, S]``
-        estimates and examples ``x`` (one process); ``"microbatch"`` or ``"per_example"``,
-        a DDP collective already started on every rank and the step's ``[C]`` big-batch
-        squared norms ``x``.
+        One process: the pending ``[2, S]`` estimates. DDP: the exchanges started, less
+        the steps dropped before they were sent.
         """
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        n, w = self._series.shape[1], float(self.world_size)
-        steps, examples = [], []
-        for kind, work, outputs, x in pending:
-            if kind == "stats":
-                steps.append(outputs[0])
-                examples.append(x)
-                continue
-            work.wait()
-            if kind == "microbatch":
-                rows = torch.cat(outputs)  # [W m, C + 2], rank-major
-                sizes = rows[:, n]
-                total = sizes.sum()
-                c = rows[:, n + 1]
-                if self.accumulation == "example_mean":  # the loss was sum / N_all * W on each rank
-                    c = sizes * w / total
-                stats = _weighted_microbatch(rows[:, :n], sizes, c, x, c / w)
-            else:
-                sums = outputs[0]  # [C + 3]
-                total, weight, weight2 = sums[n], sums[n + 1] / w, sums[n + 2] / w**2
-                sum_sq = sums[:n]
-                if self.accumulation == "example_mean":  # each example's factor was W / N_all
-                    sum_sq = sum_sq * (total / w).square()
-                    weight, weight2 = torch.ones_like(total), 1.0 / total
-                stats = per_example_stats(sum_sq / total, x / weight.square(), weight.square() / weight2)
-            steps.append(torch.stack(stats) @ self._series.T)
-            examples.append(total)
-        if self._sync is not None:  # the examples every rank saw, counted on the device: one sync
-            examples = [round(e) for e in torch.stack(examples).tolist()]
+        if self._sync is None:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            steps = torch.stack([stats for stats, _ in pending])
+            examples = [e for _, e in pending]
+        else:
+            exchanges, self._exchanges = self._exchanges, []
+            if not exchanges:
+                return
+            parts, examples = [], []
+            for exchange in exchanges:  # usually one: each exchange folds in the one before
+                stats, counts = self._exchanged_stats(exchange)
+                parts.append(stats[exchange.skip :])
+                examples += counts[exchange.skip :]
+            if not examples:
+                return
+            steps = torch.cat(parts) @ self._series.T  # [N, 2, S]
         betas = [
             decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=e)
             for e in examples
         ]
-        self._state, finite = ema_fold(self._state, torch.stack(steps), betas)
+        self._state, finite = ema_fold(self._state, steps, betas)
         self._skipped += (~finite).sum()
         self._steps += len(steps)
         self._examples += sum(examples)

@@ -341,12 +341,19 @@ class Trainer:
             lr=lr,
             batch_size=cfg.batch_size,
             wall_time=time.perf_counter() - self._start,
-            estimate=self.meter.compute() if measuring else None,
+            estimate=self.estimate() if measuring else None,
         )
 
     def estimate(self) -> Any:
-        """The meter's current estimate (None without a meter)."""
-        return None if self.meter is None else self.meter.compute()
+        """The meter's estimate of every step so far (None without a meter).
+
+        Under DDP a collective (:meth:`~noisescale.meter.GradientNoiseScale.sync`): call it
+        on every rank.
+        """
+        if self.meter is None:
+            return None
+        self.meter.sync()
+        return self.meter.compute()
 
     def close(self) -> None:
         """Detach the meter's hooks from the model."""

@@ -28,14 +28,22 @@ PER_EXAMPLE_AVAILABLE = importlib.util.find_spec("noisescale.per_example") is no
 # name -> (global batch per step, micro-batches per rank, options)
 SCENARIOS: dict[str, dict[str, Any]] = {
     "one-microbatch": {"batch": 16, "m": 1},
-    "accumulation": {"batch": 24, "m": 3},
+    "accumulation": {"batch": 24, "m": 3, "sync_every": 1},
     "grad-scaler": {"batch": 16, "m": 2, "scaler": True},
-    "uneven-final-batch": {"batch": 29, "m": 2, "sizes": [32, 32, 29]},
+    "uneven-final-batch": {"batch": 29, "m": 2, "sizes": [32, 32, 29], "sync_every": 3},
     "sum-reduction": {"batch": 29, "m": 2, "reduction": "sum"},
     # DDP divides by W, one process does not: with lr = 0 both measure at the same weights.
     "sum-accumulation": {"batch": 29, "m": 2, "reduction": "sum", "accumulation": "sum", "lr": 0.0},
     # Losses summed over examples / all examples of the step (x W under DDP): HF Trainer's tokens.
-    "example-mean": {"batch": 29, "m": 2, "accumulation": "example_mean", "sizes": [29, 31, 16]},
+    "example-mean": {
+        "batch": 29,
+        "m": 2,
+        "accumulation": "example_mean",
+        "sizes": [29, 31, 16],
+        "sync_every": 4,
+    },
+    # One collective over steps of 1, 3 and 2 backward passes per rank.
+    "varying-accumulation": {"batch": 24, "m": 1, "m_per_step": [1, 3, 2], "sync_every": 4},
     "param-groups": {"batch": 16, "m": 2, "optimizer_groups": True},
     "clip-before-update": {"batch": 16, "m": 2, "clip": True},
     "inner-hook": {"batch": 16, "m": 2, "inner_hook": True},
@@ -43,7 +51,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 if PER_EXAMPLE_AVAILABLE:
     SCENARIOS["per-example"] = {"batch": 16, "m": 1, "method": "per_example"}
-    SCENARIOS["per-example-accumulation"] = {"batch": 18, "m": 2, "method": "per_example"}
+    SCENARIOS["per-example-accumulation"] = {"batch": 18, "m": 2, "method": "per_example", "sync_every": 3}
     SCENARIOS["per-example-example-mean"] = {
         "batch": 29,
         "m": 2,
@@ -91,8 +99,7 @@ def _optimizer(model: nn.Module, grouped: bool, lr: float) -> torch.optim.Optimi
 
 def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str, Any]:
     """Train STEPS steps; ``ranks`` = [rank] under DDP, all ranks in one process."""
-    m_local = spec["m"]
-    k = m_local * len(ranks)  # backward passes per step in this process
+    m_per_step = spec.get("m_per_step", [spec["m"]])
     reduction, accumulation = spec.get("reduction", "mean"), spec.get("accumulation", "mean")
     opt = _optimizer(model, spec.get("optimizer_groups", False), spec.get("lr", 0.01))
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -111,11 +118,14 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
         optimizer=opt if spec.get("optimizer_groups") else None,
         # Clipping before update() needs the end-of-backward snapshot (under DDP: after the all-reduce).
         read_grad="after_backward" if spec.get("clip") else "at_update",
+        sync_every=spec.get("sync_every", 16),  # 16 > STEPS: only the sync() below exchanges
     )
     sizes_per_step = spec.get("sizes", [spec["batch"]] * STEPS)
     caught: list[str] = []
     for step in range(STEPS):
         global_batch = sizes_per_step[step % len(sizes_per_step)]
+        m_local = m_per_step[step % len(m_per_step)]
+        k = m_local * len(ranks)  # backward passes per step in this process
         mbs = microbatches(step, global_batch, ranks, m_local)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
@@ -123,7 +133,7 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
                 last = i == len(mbs) - 1
 
                 def forward(
-                    xb: torch.Tensor = xb, yb: torch.Tensor = yb, n: int = global_batch
+                    xb: torch.Tensor = xb, yb: torch.Tensor = yb, n: int = global_batch, k: int = k
                 ) -> torch.Tensor:
                     if accumulation == "example_mean":  # sum / all examples of the step, x W for DDP
                         return _loss(model, xb, yb, "sum") * (WORLD if ddp else 1) / n
@@ -150,6 +160,7 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
+    meter.sync()  # every rank (a no-op fold in one process)
     return {"estimate": meter.compute().to_dict(), "method": meter.method, "warnings": caught}
 
 
@@ -183,6 +194,46 @@ def _fully_sharded() -> str:
     return _expect_error(lambda: GradientNoiseScale(model, method="microbatch"))
 
 
+def _rank_zero_alone(info: nsdist.DistInfo) -> dict[str, Any]:
+    """sync_every=4 over 10 steps; rank 0 alone computes and resets after step 5 (no collective).
+
+    A second meter, made on every rank after step 5, sees the steps 6-9 that rank 0's
+    reset meter keeps.
+    """
+    model = nsdist.wrap_ddp(make_model(), info)
+    meter = GradientNoiseScale(model, method="ddp", sync_every=4, ema_decay=1.0)
+    fresh = None
+    out: dict[str, Any] = {}
+    for step in range(10):
+        for i, (xb, yb) in enumerate(microbatches(step, 16, [info.rank], 2)):
+            with nsdist.grad_sync(model, last=i == 1):
+                (_loss(model, xb, yb, "mean") / 2).backward()
+        for m in (meter, fresh):
+            if m is not None:
+                m.update(microbatch_sizes=[4, 4])
+        model.zero_grad(set_to_none=True)
+        if step == 5:
+            if info.rank == 0:
+                out["alone"] = meter.compute().steps
+                meter.reset()
+            fresh = GradientNoiseScale(model, method="ddp", sync_every=4, ema_decay=1.0)
+    assert fresh is not None
+    out["before_sync"] = meter.compute().steps
+    meter.sync()
+    fresh.sync()
+    out["after_sync"] = meter.compute().to_dict()
+    out["fresh"] = fresh.compute().to_dict()
+    fresh.remove()
+    for xb, yb in microbatches(10, 8, [info.rank], 1):  # one more step, never exchanged
+        _loss(model, xb, yb, "mean").backward()
+    meter.update(microbatch_sizes=[4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meter.remove()
+    out["remove_warnings"] = [str(w.message) for w in caught]
+    return out
+
+
 def worker() -> dict[str, Any]:
     """Every scenario on this rank, under DDP; plus the misuse checks."""
     info = nsdist.init_from_env()
@@ -191,6 +242,7 @@ def worker() -> dict[str, Any]:
     for name, spec in SCENARIOS.items():
         out[name] = train(spec, nsdist.wrap_ddp(make_model(), info), [info.rank])
     out["all-no-sync"] = _all_no_sync(info)
+    out["rank-zero-alone"] = _rank_zero_alone(info)
     out["fully-shard"] = _fully_sharded()
     dist.barrier()
     dist.destroy_process_group()

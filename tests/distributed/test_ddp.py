@@ -85,3 +85,21 @@ def test_modules_and_param_groups_are_both_mediants(ranks: list[dict[str, Any]])
         s = sum(v["trace_sigma"] for v in est[part].values())
         assert est["grad_norm_sq"] == pytest.approx(g, rel=1e-12)
         assert est["trace_sigma"] == pytest.approx(s, rel=1e-12)
+
+
+def test_rank_zero_computes_alone_without_a_collective(ranks: list[dict[str, Any]]) -> None:
+    """compute() and reset() on rank 0 alone: the steps exchanged so far, no hang, no lost step."""
+    r0, r1 = ranks[0]["rank-zero-alone"], ranks[1]["rank-zero-alone"]
+    assert r0["alone"] == 4  # steps 0-3 exchanged at step 3; steps 4 and 5 not yet
+    assert r0["before_sync"] == 2  # rank 0 reset after step 5: the exchange at step 7 brings 6 and 7
+    assert r1["before_sync"] == 8
+    assert r1["after_sync"]["steps"] == 10
+    assert r0["after_sync"]["steps"] == 4
+    assert r0["fresh"] == r1["fresh"]
+    _close(r0["after_sync"], r0["fresh"])  # the reset meter kept exactly steps 6-9
+
+
+def test_remove_warns_about_steps_never_exchanged(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        (message,) = r["rank-zero-alone"]["remove_warnings"]
+        assert "dropped the last 1 DDP step" in message and "meter.sync()" in message

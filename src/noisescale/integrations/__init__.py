@@ -124,7 +124,9 @@ class MeterCallback:
             self.meter.update(microbatch_sizes=sizes)
 
     def _log_scalars(self) -> dict[str, float]:
-        """Compute the estimate (one host synchronisation), keep it, and name its scalars."""
+        """Exchange the steps so far, compute the estimate (one host synchronisation), keep it,
+        and name its scalars. Under DDP a collective: the frameworks call it on every rank."""
         assert self.meter is not None, "the meter is created when training starts"
+        self.meter.sync()
         self.last_estimate = self.meter.compute()
         return estimate_scalars(self.last_estimate, self.prefix, groups=self.log_groups)

@@ -174,9 +174,10 @@ class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type:
         self.trainer.log(self._log_scalars())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Detach the hooks; the meter keeps its estimate."""
+        """Fold in every step (on every rank) and detach the hooks; the meter keeps its estimate."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         if self.meter is not None:
+            self.meter.sync()
             self.meter.remove()

@@ -119,8 +119,9 @@ class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
         pl_module.log_dict(self._log_scalars(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        """Detach the hooks; the meter keeps its estimate."""
+        """Fold in every step (on every rank) and detach the hooks; the meter keeps its estimate."""
         if self.meter is not None:
+            self.meter.sync()
             self.meter.remove()
 
     def state_dict(self) -> dict[str, Any]:
