@@ -73,10 +73,10 @@ def _opt(x: torch.Tensor) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _check_count(name: str, value: object) -> None:
-    """Raise unless ``value`` is a positive integer (a number of examples)."""
+def _check_count(name: str, value: object, unit: str = "examples") -> None:
+    """Raise unless ``value`` is a positive integer (a number of ``unit``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer (examples) but got {value!r}")
+        raise ValueError(f"Expected `{name}` to be a positive integer ({unit}) but got {value!r}")
 
 
 class GroupEstimate(NamedTuple):
@@ -211,9 +211,9 @@ class _Exchange(NamedTuple):
     work: Any  # wait on it before reading ``outputs``
     outputs: list[
         torch.Tensor
-    ]  # microbatch: every rank's ``[M, C + 2]`` rows; per_example: ``[N, C + 3]`` sums
-    backward_passes: list[int]  # m of each of the N steps (the same on every rank)
-    big: torch.Tensor  # ``[N, C]`` each step's big-batch squared norms
+    ]  # every rank's [M, C + 3] rows (microbatch), or the summed [N, C + 3] (per_example)
+    backward_passes: list[int]  # this rank's backward passes in each of the N steps
+    big: torch.Tensor  # [N, C]: each step's big-batch squared norms
     skip: int  # leading steps exchanged only so that every rank's collective has the same shape
 
 
@@ -227,8 +227,8 @@ class GradientNoiseScale:
     Call :meth:`update` once per optimiser step, after the step's last backward and
     before gradient clipping, ``optimizer.step()`` and ``zero_grad()`` (it reads the
     accumulated ``.grad`` as the big batch; with a GradScaler, before or after
-    ``scaler.unscale_`` both work). In one process it never synchronises with the
-    device; :meth:`compute` does, once.
+    ``scaler.unscale_`` both work). In one process it never reads from the device (a
+    step with new micro-batch sizes sends it one small matrix); :meth:`compute` reads, once.
 
     Under DDP (a model wrapped in DistributedDataParallel, process group initialised)
     call :meth:`update` on every rank every step, with the same number of backward
@@ -237,8 +237,9 @@ class GradientNoiseScale:
     after it, so clipping before :meth:`update` does no harm). The ranks exchange their
     rows in one small asynchronous collective every ``sync_every`` steps, not every
     step (a collective per step cost 3-6% of a DDP step on CPU in
-    ``benchmarks/ddp_overhead.py``); folding in the exchange before reads every rank's
-    micro-batch sizes on the host, one synchronisation per exchange.
+    ``benchmarks/ddp_overhead.py``); an exchange costs a few host synchronisations
+    (its sizes sent, every rank's sizes read back, the estimators' small matrices sent),
+    the steps in between none.
     :meth:`compute` needs no collective: rank 0 may call it alone, and then gets the
     steps exchanged so far (``steps`` says how many); :meth:`sync`, called on every
     rank, exchanges the rest first (the integrations and the CLI do this before they
@@ -323,7 +324,7 @@ class GradientNoiseScale:
         decay_for_step(ema_decay=ema_decay, ema_examples=ema_examples, examples=1.0)  # validates
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"Expected `confidence` in (0, 1) but got {confidence}")
-        _check_count("sync_every", sync_every)
+        _check_count("sync_every", sync_every, "optimizer steps")
         module = nsdist.unwrap_model(model)
         nsdist.check_supported_parallelism(module)
         ddp = model if isinstance(model, DistributedDataParallel) else None
@@ -353,9 +354,9 @@ class GradientNoiseScale:
         cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
         self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
         self._param_series = self._param_cells @ self._series.T  # [P, S]
-        # Per-step constant tensors, made once per distinct (sizes, loss factors) of a step.
+        # The estimators as matrices, made once per distinct (sizes, loss factors) and device.
         self._coefficients = functools.lru_cache(maxsize=64)(self._make_coefficients)
-        self._sizes_factors = functools.lru_cache(maxsize=64)(self._make_sizes_factors)
+        self._per_example_coefficients = functools.lru_cache(maxsize=64)(self._make_per_example_coefficients)
         per_example = None
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
@@ -373,9 +374,11 @@ class GradientNoiseScale:
             self.world_size = self._sync.world_size
         self.sync_every = int(sync_every)
         self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [2, S] stats, examples
-        self._unsent: list[tuple[torch.Tensor, torch.Tensor]] = []  # DDP: each step's local rows, big norms
-        self._unsent_skip = 0  # leading unsent steps dropped by reset() or load_state_dict() here
-        self._exchanges: list[_Exchange] = []  # DDP: collectives started, not folded in yet
+        # DDP, per step not exchanged yet: local [m, C] norms (per_example: [1, C] sums), [C] big
+        # norms, and each row's (size, loss factor, m) (per_example: examples, weight, weight^2).
+        self._unsent: list[tuple[torch.Tensor, torch.Tensor, list[tuple[float, float, float]]]] = []
+        self._unsent_skip = 0  # leading unsent steps dropped on this rank (reset, load, remove)
+        self._exchange: _Exchange | None = None  # DDP: the collective started, not folded in yet
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -391,10 +394,11 @@ class GradientNoiseScale:
             self._sync.pop()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume with identical results (the same on every DDP rank).
+        """Everything needed to resume with identical results.
 
-        Under DDP it holds the steps exchanged so far: call :meth:`sync` on every rank
-        first to include the latest.
+        Under DDP it holds the steps exchanged so far (the same on every rank): call
+        :meth:`sync` on every rank first to include the latest, or a resumed run misses
+        up to ``sync_every - 1`` steps.
         """
         self._settle()
         return {
@@ -447,7 +451,7 @@ class GradientNoiseScale:
                 "yet: call meter.sync() on every rank before remove() (or compute()) to count them.",
                 stacklevel=2,
             )
-        self._unsent, self._unsent_skip = [], 0
+        self._unsent_skip = len(self._unsent)  # still sent at a later sync(): every rank's shapes match
         self._recorder.remove()
         if self._sync is not None:
             self._sync.remove()
@@ -565,7 +569,8 @@ class GradientNoiseScale:
         key = (tuple(sizes), tuple(factors))
         sq = self._recorder.sq_norms(records, big=True)  # [k + 1, P]: the micro-batches, then .grad
         if self._sync is None:  # the estimator and the sums into series are linear: one product each
-            self._pending.append((self._coefficients(*key) @ sq @ self._param_series, sum(sizes)))
+            coefficients = self._coefficients(*key, self._device)
+            self._pending.append((coefficients @ sq @ self._param_series, sum(sizes)))
             return
         if k * self.world_size < 2:  # raise now, not when the step settles
             raise SingleMicrobatchError(
@@ -573,15 +578,11 @@ class GradientNoiseScale:
                 ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
             )
         cells = sq @ self._param_cells  # [k + 1, C]
-        self._unsent.append(
-            (torch.cat([cells[:k], self._sizes_factors(*key)], dim=1), cells[k])
-        )  # [m, C + 2]
+        self._unsent.append((cells[:k], cells[k], [(b, c, k) for b, c in zip(sizes, factors, strict=True)]))
 
-    def _make_sizes_factors(self, sizes: tuple[int, ...], factors: tuple[float, ...]) -> torch.Tensor:
-        """``[k, 2]`` float64: each micro-batch's size and loss factor, as gathered under DDP."""
-        return torch.tensor([sizes, factors], dtype=torch.float64, device=self._device).T
-
-    def _make_coefficients(self, sizes: tuple[int, ...], factors: tuple[float, ...]) -> torch.Tensor:
+    def _make_coefficients(
+        self, sizes: tuple[int, ...], factors: tuple[float, ...], device: torch.device
+    ) -> torch.Tensor:
         """``[2, k + 1]``: the step's (|G|^2, tr Sigma) estimates are this times its ``k + 1`` squared norms.
 
         The k-way estimator is linear in the recorded squared norms (k micro-batches, then
@@ -590,10 +591,19 @@ class GradientNoiseScale:
         the big gradient by W.
         """
         k = len(sizes)
-        unit = torch.eye(k + 1, dtype=torch.float64, device=self._device)
-        c = torch.tensor(factors, dtype=torch.float64, device=self._device)
-        b = torch.tensor(sizes, dtype=torch.float64, device=self._device)
-        return torch.stack(_weighted_microbatch(unit[:k], b, c, unit[k], c / self.world_size))
+        unit = torch.eye(k + 1, dtype=torch.float64)
+        c = torch.tensor(factors, dtype=torch.float64)
+        b = torch.tensor(sizes, dtype=torch.float64)
+        return torch.stack(_weighted_microbatch(unit[:k], b, c, unit[k], c / self.world_size)).to(device)
+
+    def _make_per_example_coefficients(
+        self, small: float, big: float, b_big: float, device: torch.device
+    ) -> torch.Tensor:
+        """``[2, 2]``: the (|G|^2, tr Sigma) estimates are this times (summed per-example squared
+        norms, big-batch squared norm): :func:`per_example_stats` of ``small`` times the first and
+        ``big`` times the second over ``b_big`` examples."""
+        x = torch.tensor([[small, 0.0], [0.0, big]], dtype=torch.float64)
+        return torch.stack(per_example_stats(x[0], x[1], b_big)).to(device)
 
     def _per_example(
         self, records: list[MicrobatchRecord], batch_size: int | None, big_sq: torch.Tensor
@@ -628,18 +638,18 @@ class GradientNoiseScale:
         weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
         if self._sync is None:
             total = sum(sizes)
-            stats = per_example_stats(sum_sq / total, big_sq / weight**2, weight**2 / weight2)
-            self._pending.append((torch.stack(stats) @ self._series.T, total))
+            coefficients = self._per_example_coefficients(
+                1 / total, 1 / weight**2, weight**2 / weight2, self._device
+            )
+            stats = coefficients @ torch.stack([sum_sq.to(torch.float64), big_sq])
+            self._pending.append((stats @ self._series.T, total))
             return
-        tail = torch.tensor([sum(sizes), weight, weight2], dtype=torch.float64, device=self._device)
-        self._unsent.append(
-            (torch.cat([sum_sq.to(torch.float64), tail])[None], big_sq)
-        )  # [1, C + 3], additive
+        self._unsent.append((sum_sq.to(torch.float64)[None], big_sq, [(sum(sizes), weight, weight2)]))
 
     def _start_exchange(self) -> None:
         """Start one collective over the unsent DDP steps (every rank calls this at the same step).
 
-        The exchanges started before are folded in first: their collectives have had
+        The exchange started before is folded in first: its collective has had
         ``sync_every`` steps to finish.
         """
         self._settle()
@@ -647,72 +657,83 @@ class GradientNoiseScale:
         skip, self._unsent_skip = self._unsent_skip, 0
         if not unsent:
             return
-        rows = torch.cat([r for r, _ in unsent])
-        big = torch.stack([b for _, b in unsent])  # [N, C]
+        meta = torch.tensor([row for _, _, rows in unsent for row in rows], dtype=torch.float64)
+        rows = torch.cat([torch.cat([x for x, _, _ in unsent]), meta.to(self._device)], dim=1)  # one copy
+        big = torch.stack([b for _, b, _ in unsent])  # [N, C]
         if self.method == "per_example":  # [N, C + 3] sums, additive over ranks
             work, outputs = nsdist.reduce_sums(rows, self._process_group), [rows]
-        else:  # [M, C + 2] rows of every rank
+        else:  # [M, C + 3] rows of every rank
             work, outputs = nsdist.gather_rows(rows, self._process_group)
-        self._exchanges.append(_Exchange(work, outputs, [len(r) for r, _ in unsent], big, skip))
+        self._exchange = _Exchange(work, outputs, [len(x) for x, _, _ in unsent], big, skip)
 
     def _drop_pending(self) -> None:
         """Forget the steps not folded in yet; the unsent DDP ones are still sent (shapes match)."""
-        for exchange in self._exchanges:
-            exchange.work.wait()
-        self._pending, self._exchanges = [], []
+        if self._exchange is not None:
+            self._exchange.work.wait()
+        self._pending, self._exchange = [], None
         self._unsent_skip = len(self._unsent)
 
     def _exchanged_stats(self, exchange: _Exchange) -> tuple[torch.Tensor, list[int]]:
         """The ``[N, 2, C]`` estimates and examples of the ``N`` steps of one exchange.
 
-        Waits for its collective and synchronises with the host once, for every rank's
-        sizes and loss factors (microbatch, ``[W][M][2]``) or the summed examples,
-        weights and squared weights of each step (per_example, ``[N][3]``).
+        Waits for its collective and reads back its last three columns (one host
+        synchronisation): every rank's micro-batch sizes, loss factors and backward passes per step
+        (microbatch, ``[W][M][3]``), or each step's summed examples, weights and squared
+        weights (per_example, ``[1][N][3]``); the estimators' matrices, made on the host,
+        reach the device in one copy.
+
+        Raises:
+            noisescale.distributed.DistributedSetupError: if the ranks ran different
+                numbers of backward passes in a step.
         """
-        n, w = self._series.shape[1], self.world_size
+        n, w, cpu = self._series.shape[1], self.world_size, torch.device("cpu")
         exchange.work.wait()
-        tail = torch.stack(exchange.outputs)[..., n:].tolist()
+        gathered = torch.stack(exchange.outputs)  # [W, M, C + 3], or [1, N, C + 3]
+        tail = gathered[..., n:].tolist()
+        coefficients, examples, start = [], [], 0
         if self.method == "per_example":
-            stats, examples = [], []
-            for sums, big, (total, weight, weight2) in zip(
-                exchange.outputs[0], exchange.big, tail[0], strict=True
-            ):
+            for total, weight, weight2 in tail[0]:
                 weight, weight2, scale = weight / w, weight2 / w**2, 1.0
                 if self.accumulation == "example_mean":  # each example's factor was W / N_all
                     weight, weight2, scale = 1.0, 1.0 / total, (total / w) ** 2
-                stats.append(
-                    torch.stack(
-                        per_example_stats(sums[:n] * scale / total, big / weight**2, weight**2 / weight2)
-                    )
+                coefficients.append(
+                    self._per_example_coefficients(scale / total, 1 / weight**2, weight**2 / weight2, cpu)
                 )
                 examples.append(round(total))
-            return torch.stack(stats), examples
+            x = torch.stack([gathered[0, :, :n], exchange.big], dim=1)  # [N, 2, C]
+            return torch.stack(coefficients).to(self._device) @ x, examples
         m = exchange.backward_passes
-        coefficients, examples, start = [], [], 0
         for m_t in m:  # each step's k = W m_t micro-batches, rank-major
-            sizes = [round(tail[r][start + i][0]) for r in range(w) for i in range(m_t)]
-            factors = [tail[r][start + i][1] for r in range(w) for i in range(m_t)]
+            step = [row for rank in tail for row in rank[start : start + m_t]]
+            if any(row[2] != m_t for row in step):
+                raise nsdist.DistributedSetupError(
+                    f"the ranks ran different numbers of backward passes in one step ({m_t} here, "
+                    f"{sorted({round(row[2]) for row in step})} in all): call update() on every rank "
+                    "after the same number of micro-steps"
+                )
+            sizes = [round(row[0]) for row in step]
+            factors = [row[1] for row in step]
             if self.accumulation == "example_mean":  # the loss was sum / N_all * W on each rank
                 factors = [b * w / sum(sizes) for b in sizes]
-            coefficients.append(self._coefficients(tuple(sizes), tuple(factors)))  # [2, W m_t + 1]
+            coefficients.append(self._coefficients(tuple(sizes), tuple(factors), cpu))  # [2, W m_t + 1]
             examples.append(sum(sizes))
             start += m_t
-        ranks = torch.stack(exchange.outputs)[..., :n]  # [W, M, C]
+        ranks = gathered[..., :n]  # [W, M, C]
         if len(set(m)) == 1:  # one product: [N, 2, W m + 1] @ [N, W m + 1, C]
             small = ranks.unflatten(1, (len(m), m[0])).transpose(0, 1).flatten(1, 2)
-            return torch.stack(coefficients) @ torch.cat([small, exchange.big[:, None]], 1), examples
-        parts = ranks.split(m, dim=1)  # steps with different numbers of backward passes
-        stats = [
-            c @ torch.cat([part.flatten(0, 1), big[None]])
-            for c, part, big in zip(coefficients, parts, exchange.big, strict=True)
+            x = torch.cat([small, exchange.big[:, None]], 1)
+            return torch.stack(coefficients).to(self._device) @ x, examples
+        stats = [  # steps with different numbers of backward passes
+            c.to(self._device) @ torch.cat([part.flatten(0, 1), big[None]])
+            for c, part, big in zip(coefficients, ranks.split(m, dim=1), exchange.big, strict=True)
         ]
         return torch.stack(stats), examples
 
     def _settle(self) -> None:
         """Fold in the steps since the last fold, in order, at once.
 
-        One process: the pending ``[2, S]`` estimates. DDP: the exchanges started, less
-        the steps dropped before they were sent.
+        One process: the pending ``[2, S]`` estimates. DDP: the exchange started, less
+        the steps dropped before it was sent.
         """
         if self._sync is None:
             pending, self._pending = self._pending, []
@@ -721,17 +742,14 @@ class GradientNoiseScale:
             steps = torch.stack([stats for stats, _ in pending])
             examples = [e for _, e in pending]
         else:
-            exchanges, self._exchanges = self._exchanges, []
-            if not exchanges:
+            exchange, self._exchange = self._exchange, None
+            if exchange is None or exchange.skip >= len(exchange.backward_passes):
+                if exchange is not None:
+                    exchange.work.wait()
                 return
-            parts, examples = [], []
-            for exchange in exchanges:  # usually one: each exchange folds in the one before
-                stats, counts = self._exchanged_stats(exchange)
-                parts.append(stats[exchange.skip :])
-                examples += counts[exchange.skip :]
-            if not examples:
-                return
-            steps = torch.cat(parts) @ self._series.T  # [N, 2, S]
+            stats, counts = self._exchanged_stats(exchange)
+            steps = stats[exchange.skip :] @ self._series.T  # [N, 2, S]
+            examples = counts[exchange.skip :]
         betas = [
             decay_for_step(ema_decay=self.ema_decay, ema_examples=self.ema_examples, examples=e)
             for e in examples

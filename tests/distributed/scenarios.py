@@ -234,6 +234,37 @@ def _rank_zero_alone(info: nsdist.DistInfo) -> dict[str, Any]:
     return out
 
 
+def _steps(model: nn.Module, meter: GradientNoiseScale, rank: int, ms: list[int]) -> None:
+    """One optimizer step per entry of ``ms``, of that many micro-batches of 4 examples on this rank."""
+    for step, m in enumerate(ms):
+        for i, (xb, yb) in enumerate(microbatches(step, 8 * m, [rank], m)):
+            with nsdist.grad_sync(model, last=i == m - 1):
+                (_loss(model, xb, yb, "mean") / m).backward()
+        meter.update(microbatch_sizes=[4] * m)
+        model.zero_grad(set_to_none=True)
+
+
+def _remove_alone(info: nsdist.DistInfo) -> int:
+    """remove() on rank 0 alone between exchanges, then sync() on every rank: no hang."""
+    model = nsdist.wrap_ddp(make_model(), info)
+    meter = GradientNoiseScale(model, method="ddp")
+    _steps(model, meter, info.rank, [2, 2, 2])
+    if info.rank == 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meter.remove()
+    meter.sync()
+    return meter.compute().steps
+
+
+def _different_backward_passes(info: nsdist.DistInfo) -> str:
+    """Rank 0 runs 1 then 3 micro-steps, rank 1 runs 2 and 2: the same rows in all, silently paired."""
+    model = nsdist.wrap_ddp(make_model(), info)
+    meter = GradientNoiseScale(model, method="ddp", sync_every=2)
+    _steps(model, meter, info.rank, [1, 3] if info.rank == 0 else [2, 2])
+    return _expect_error(meter.sync)
+
+
 def worker() -> dict[str, Any]:
     """Every scenario on this rank, under DDP; plus the misuse checks."""
     info = nsdist.init_from_env()
@@ -243,6 +274,8 @@ def worker() -> dict[str, Any]:
         out[name] = train(spec, nsdist.wrap_ddp(make_model(), info), [info.rank])
     out["all-no-sync"] = _all_no_sync(info)
     out["rank-zero-alone"] = _rank_zero_alone(info)
+    out["remove-alone"] = _remove_alone(info)
+    out["different-backward-passes"] = _different_backward_passes(info)
     out["fully-shard"] = _fully_sharded()
     dist.barrier()
     dist.destroy_process_group()

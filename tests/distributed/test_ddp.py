@@ -103,3 +103,12 @@ def test_remove_warns_about_steps_never_exchanged(ranks: list[dict[str, Any]]) -
     for r in ranks:
         (message,) = r["rank-zero-alone"]["remove_warnings"]
         assert "dropped the last 1 DDP step" in message and "meter.sync()" in message
+
+
+def test_remove_on_one_rank_keeps_the_collectives_matched(ranks: list[dict[str, Any]]) -> None:
+    assert [r["remove-alone"] for r in ranks] == [0, 3]  # rank 0 dropped its 3 unsent steps; no hang
+
+
+def test_ranks_with_different_backward_passes_are_an_error(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        assert "different numbers of backward passes" in r["different-backward-passes"]

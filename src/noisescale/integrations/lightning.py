@@ -44,7 +44,8 @@ class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
     Args:
         method: force ``"microbatch"``, ``"per_example"`` or ``"ddp"`` (default: from the run).
         log_every_n_steps: optimizer steps between logs (default: the Trainer's); each log
-            is one host synchronisation.
+            is one host synchronisation (under DDP also one small collective:
+            ``meter.sync()``).
         prefix: name prefix of the logged scalars.
         log_groups: also log per module and per optimizer parameter group.
         **meter_kwargs: passed to :class:`noisescale.GradientNoiseScale` (``reduction``,
@@ -125,8 +126,15 @@ class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
             self.meter.remove()
 
     def state_dict(self) -> dict[str, Any]:
-        """The meter's averages, saved in Lightning checkpoints."""
-        return {} if self.meter is None else self.meter.state_dict()
+        """The meter's averages of every step so far, saved in Lightning checkpoints.
+
+        Lightning asks every rank for it (``dump_checkpoint``), so under DDP the steps
+        since the last exchange are exchanged first (``meter.sync()``).
+        """
+        if self.meter is None:
+            return {}
+        self.meter.sync()
+        return self.meter.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the averages (applied when the meter is created)."""

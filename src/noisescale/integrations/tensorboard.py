@@ -12,7 +12,9 @@ Usage::
         if step % 50 == 0:
             writer.write(meter.compute(), step)      # one host synchronisation
 
-Only rank 0 writes under DDP. Scalars: :func:`noisescale.integrations.estimate_scalars`.
+Under DDP call ``meter.sync()`` on every rank before ``meter.compute()`` (it exchanges the
+steps since the last exchange); only rank 0 writes. Scalars:
+:func:`noisescale.integrations.estimate_scalars`.
 
 Requires the ``tensorboard`` extra: ``pip install 'noisescale[tensorboard]'``.
 """
