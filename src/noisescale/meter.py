@@ -209,9 +209,8 @@ class _Exchange(NamedTuple):
     """One collective over several DDP steps' local rows, started on every rank."""
 
     work: Any  # wait on it before reading ``outputs``
-    outputs: list[
-        torch.Tensor
-    ]  # every rank's [M, C + 3] rows (microbatch), or the summed [N, C + 3] (per_example)
+    # every rank's [M, C + 3] rows (microbatch), or the summed [N, C + 3] (per_example)
+    outputs: list[torch.Tensor]
     backward_passes: list[int]  # this rank's backward passes in each of the N steps
     big: torch.Tensor  # [N, C]: each step's big-batch squared norms
     skip: int  # leading steps exchanged only so that every rank's collective has the same shape
@@ -560,16 +559,15 @@ class GradientNoiseScale:
         """Undo the loss conventions: record i holds |c_i g_i|^2, .grad holds sum_i c_i g_i (/ W)."""
         k = len(records)
         if self.accumulation == "example_mean":  # sum over the examples / all examples of the step
-            factors = [b / sum(sizes) for b in sizes]  # under DDP: fixed in _settle from every rank's sizes
+            factors = [b / sum(sizes) for b in sizes]  # under DDP: redone from every rank's sizes
         else:
             factors = [
                 (b if self.reduction == "sum" else 1.0) / (k if self.accumulation == "mean" else 1.0)
                 for b in sizes
             ]
-        key = (tuple(sizes), tuple(factors))
         sq = self._recorder.sq_norms(records, big=True)  # [k + 1, P]: the micro-batches, then .grad
         if self._sync is None:  # the estimator and the sums into series are linear: one product each
-            coefficients = self._coefficients(*key, self._device)
+            coefficients = self._coefficients(tuple(sizes), tuple(factors), self._device)
             self._pending.append((coefficients @ sq @ self._param_series, sum(sizes)))
             return
         if k * self.world_size < 2:  # raise now, not when the step settles
@@ -624,7 +622,7 @@ class GradientNoiseScale:
                 f"(dim 0 of the layer inputs) in {len(records)} backward pass(es)"
             )
         k = len(records)
-        if self.accumulation == "example_mean":  # under DDP: rescaled in _settle by every rank's count
+        if self.accumulation == "example_mean":  # under DDP: rescaled by every rank's count
             a = [1.0 / sum(sizes)] * k
         else:
             a = [
