@@ -235,14 +235,14 @@ class GradientNoiseScale:
     all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
     after it, so clipping before :meth:`update` does no harm). The ranks exchange their
     rows in one small asynchronous collective every ``sync_every`` steps, not every
-    step (a collective per step cost 3-6% of a DDP step on CPU in
+    step (a collective per step cost up to 6% of a DDP step on CPU in
     ``benchmarks/ddp_overhead.py``); an exchange costs a few host synchronisations
     (its sizes sent, every rank's sizes read back, the estimators' small matrices sent),
-    the steps in between none.
-    :meth:`compute` needs no collective: rank 0 may call it alone, and then gets the
-    steps exchanged so far (``steps`` says how many); :meth:`sync`, called on every
-    rank, exchanges the rest first (the integrations and the CLI do this before they
-    log).
+    the steps in between none. :meth:`compute` needs no collective (rank 0 may call it
+    alone) and covers the steps exchanged so far, on every rank: up to
+    ``sync_every - 1`` steps behind, and nothing before the first exchange
+    (``compute().steps`` says how many). :meth:`sync`, called on every rank, exchanges
+    the rest first (the integrations do this before they log, the CLI at the end).
 
     Args:
         model: the module being trained, or its DistributedDataParallel wrapper. Only
@@ -250,7 +250,8 @@ class GradientNoiseScale:
         method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
             batch (the usual gradient-accumulation loop; no extra cost).
             ``"per_example"``: exact per-example squared norms from layer hooks
-            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``);
+            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``,
+            ``nn.RMSNorm``, ``nn.GroupNorm``);
             lowest variance, works with one backward per step.
             ``"ddp"``: the k-way estimator over ``W`` replicas x ``m`` micro-batches
             (``m >= 1``); selected automatically when a DDP model is given with
@@ -502,9 +503,10 @@ class GradientNoiseScale:
     def sync(self) -> None:
         """Exchange every step so far between the DDP ranks and fold them in.
 
-        A collective under DDP: call it on every rank at the same step (e.g. before
-        logging or checkpointing), or some rank waits forever. In one process it only
-        folds in the pending steps.
+        Without it, :meth:`compute` lags up to ``sync_every - 1`` steps behind. A
+        collective under DDP: call it on every rank at the same step (e.g. before logging
+        or checkpointing), or some rank waits forever; calling it every step costs what
+        ``sync_every=1`` costs. In one process it only folds in the pending steps.
         """
         if self._sync is not None:
             self._start_exchange()
@@ -759,7 +761,11 @@ class GradientNoiseScale:
 
     # -- results -------------------------------------------------------------------------------
     def compute(self) -> NoiseScaleEstimate:
-        """B_simple with its interval, total and per group (one host synchronisation)."""
+        """B_simple with its interval, total and per group (one host synchronisation).
+
+        Under DDP it covers the steps exchanged so far (every ``sync_every`` steps, or at
+        :meth:`sync`) and waits for the last exchange's collective; no collective of its own.
+        """
         self._settle()
         iv = b_simple_interval(self._state, self.confidence)
 

@@ -114,7 +114,8 @@ class TrainConfig:
         ema_decay: per-step decay of the meter's averages (1: plain mean), or None.
         ema_examples: averaging time constant in examples, or None (exactly one of the two).
         confidence: level of the interval of B_simple.
-        measure_every: compute the estimate every this many steps (a host sync each time).
+        measure_every: compute the estimate every this many steps (a host sync each time;
+            under DDP it covers the steps the ranks have exchanged, every ``sync_every``).
         threads: ``torch.set_num_threads`` value, or None to leave it as is.
         device: where the model and the batches live (``"cpu"``, ``"cuda"``...); the data
             is sampled on the CPU (reproducible) and each batch is copied over.
@@ -215,7 +216,8 @@ class StepRecord:
         batch_size: B, examples in this step.
         wall_time: seconds since the run started.
         estimate: the meter's :class:`~noisescale.meter.NoiseScaleEstimate` after this step,
-            or None (no meter, or not a measuring step).
+            or None (no meter, or not a measuring step). Under DDP it covers the steps
+            exchanged so far (its ``steps`` says how many): up to ``sync_every - 1`` behind.
     """
 
     step: int
@@ -341,7 +343,7 @@ class Trainer:
             lr=lr,
             batch_size=cfg.batch_size,
             wall_time=time.perf_counter() - self._start,
-            estimate=self.estimate() if measuring else None,
+            estimate=self.meter.compute() if measuring else None,  # no collective: DDP exchanges every 16
         )
 
     def estimate(self) -> Any:
@@ -420,8 +422,7 @@ def train(
             if stop is not None and stop(record, trainer):
                 stopped = True
                 break
-        last = records[-1].estimate if records else None
-        estimate = last if last is not None else trainer.estimate()
+        estimate = trainer.estimate()  # every step (under DDP a collective, on every rank)
         model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
     return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped)
 

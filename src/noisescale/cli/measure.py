@@ -28,6 +28,7 @@ dataset or a bad option prints one line saying what to do and exits with status 
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -231,7 +232,12 @@ def measure(
     ema_examples: Annotated[
         float | None, typer.Option(help="Averaging time constant in examples (instead of --ema-decay).")
     ] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch CPU threads (default: 2; under torchrun, the cores per rank on this machine)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<task>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -243,6 +249,9 @@ def measure(
     info = nsdist.init_from_env()  # torchrun with >= 2 processes: DDP over gloo (CPU) or nccl
     chosen = method.value if method is not None else ("ddp" if info is not None else "per-example")
     try:
+        if threads is None:  # torchrun leaves OMP_NUM_THREADS=1; W ranks x 2 threads would oversubscribe
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            threads = 2 if info is None else max(1, (os.cpu_count() or 2) // ranks_here)
         torch.set_num_threads(threads)
         the_task = get_task(task.value)
         config = TrainConfig.for_task(
