@@ -365,13 +365,13 @@ class GradientNoiseScale:
         self._recorder = GradientRecorder(
             params, scaler=scaler, per_example=per_example, snapshot=read_grad == "after_backward"
         )
-        self._sync: nsdist.SyncCounter | None = None
+        self._sync_counter: nsdist.SyncCounter | None = None
         self._process_group = None
         self.world_size = 1
         if ddp is not None:
-            self._sync = nsdist.SyncCounter(ddp)
+            self._sync_counter = nsdist.SyncCounter(ddp)
             self._process_group = ddp.process_group
-            self.world_size = self._sync.world_size
+            self.world_size = self._sync_counter.world_size
         self.sync_every = int(sync_every)
         self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [2, S] stats, examples
         # DDP, per step not exchanged yet: local [m, C] norms (per_example: [1, C] sums), [C] big
@@ -390,8 +390,8 @@ class GradientNoiseScale:
         self._examples = 0
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._recorder.pop()
-        if self._sync is not None:
-            self._sync.pop()
+        if self._sync_counter is not None:
+            self._sync_counter.pop()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume with identical results.
@@ -434,8 +434,8 @@ class GradientNoiseScale:
         number of micro-batches. Under DDP call it on every rank.
         """
         self._recorder.pop()
-        if self._sync is not None:
-            self._sync.pop()
+        if self._sync_counter is not None:
+            self._sync_counter.pop()
 
     def remove(self) -> None:
         """Detach every hook from the model (DDP's own all-reduce is untouched).
@@ -453,8 +453,8 @@ class GradientNoiseScale:
             )
         self._unsent_skip = len(self._unsent)  # still sent at a later sync(): every rank's shapes match
         self._recorder.remove()
-        if self._sync is not None:
-            self._sync.remove()
+        if self._sync_counter is not None:
+            self._sync_counter.remove()
 
     # -- per step ------------------------------------------------------------------------------
     def update(self, batch_size: int | None = None, *, microbatch_sizes: Iterable[int] | None = None) -> None:
@@ -480,8 +480,8 @@ class GradientNoiseScale:
         problem = self._recorder.problem()
         records = self._recorder.pop()
         if problem is not None:
-            if self._sync is not None:
-                self._sync.pop()
+            if self._sync_counter is not None:
+                self._sync_counter.pop()
             raise RuntimeError(problem)
         if not records:
             raise RuntimeError(
@@ -508,15 +508,15 @@ class GradientNoiseScale:
         or checkpointing), or some rank waits forever; calling it every step costs what
         ``sync_every=1`` costs. In one process it only folds in the pending steps.
         """
-        if self._sync is not None:
+        if self._sync_counter is not None:
             self._start_exchange()
         self._settle()
 
     def _check_syncs(self, backward_passes: int) -> None:
         """Under DDP: raise if no all-reduce ran this step, warn if more than one did."""
-        if self._sync is None:
+        if self._sync_counter is None:
             return
-        syncs = self._sync.pop()
+        syncs = self._sync_counter.pop()
         if not syncs:
             raise nsdist.DistributedSetupError(
                 "no DDP gradient all-reduce ran since the last update(): every micro-step was "
@@ -568,7 +568,7 @@ class GradientNoiseScale:
                 for b in sizes
             ]
         sq = self._recorder.sq_norms(records, big=True)  # [k + 1, P]: the micro-batches, then .grad
-        if self._sync is None:  # the estimator and the sums into series are linear: one product each
+        if self._sync_counter is None:  # the estimator and the sums into series are linear: one product each
             coefficients = self._coefficients(tuple(sizes), tuple(factors), self._device)
             self._pending.append((coefficients @ sq @ self._param_series, sum(sizes)))
             return
@@ -631,12 +631,12 @@ class GradientNoiseScale:
                 (1.0 / n if self.reduction == "mean" else 1.0) / (k if self.accumulation == "mean" else 1.0)
                 for n in sizes
             ]
-        if self._sync is not None and self.accumulation == "example_mean":
+        if self._sync_counter is not None and self.accumulation == "example_mean":
             a = [1.0] * k  # raw sums: the factor W / N_all is known once every rank's count is in
         sum_sq = sum(r.per_example.sum(0) / ai**2 for r, ai in zip(records, a, strict=True))  # type: ignore[union-attr]
         weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
         weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
-        if self._sync is None:
+        if self._sync_counter is None:
             total = sum(sizes)
             coefficients = self._per_example_coefficients(
                 1 / total, 1 / weight**2, weight**2 / weight2, self._device
@@ -735,7 +735,7 @@ class GradientNoiseScale:
         One process: the pending ``[2, S]`` estimates. DDP: the exchange started, less
         the steps dropped before it was sent.
         """
-        if self._sync is None:
+        if self._sync_counter is None:
             pending, self._pending = self._pending, []
             if not pending:
                 return
