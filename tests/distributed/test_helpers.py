@@ -33,6 +33,19 @@ def test_grad_sync_is_a_no_op_without_ddp() -> None:
     assert nsdist.unwrap_model(model) is model
 
 
+def test_wrap_ddp_without_torchrun_says_how_to_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's DDP snippet run with plain ``python``: init_from_env() is None."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = nsdist.init_from_env()
+    with pytest.raises(
+        nsdist.DistributedSetupError, match=r"torchrun --nproc_per_node=N .*init_process_group"
+    ):
+        nsdist.wrap_ddp(nn.Linear(2, 1), info)
+    stale = nsdist.DistInfo(0, 0, 2, "gloo", torch.device("cpu"))  # e.g. after close(): no group
+    with pytest.raises(nsdist.DistributedSetupError, match="there is none"):
+        nsdist.wrap_ddp(nn.Linear(2, 1), stale)
+
+
 def test_ddp_method_needs_a_ddp_model() -> None:
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         GradientNoiseScale(nn.Linear(2, 1), method="ddp")

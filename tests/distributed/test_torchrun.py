@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integrations.examples import B_SIMPLE
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +29,7 @@ def test_torchrun_example_uses_the_ddp_method() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("method=")]
     assert len(lines) == 1  # rank 0 only
-    assert lines[0].startswith("method=ddp world_size=2 B_simple=")
+    assert re.fullmatch(rf"method=ddp world_size=2: {B_SIMPLE} after 60 steps", lines[0])
 
 
 def test_ddp_overhead_benchmark_runs(tmp_path: Path) -> None:

@@ -171,7 +171,9 @@ class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type:
             every = math.ceil(state.max_steps * every)
         if self.meter is None or state.global_step % max(1, int(every)):
             return
+        should_log = control.should_log  # Trainer.log clears it: keep the Trainer's own log of this step
         self.trainer.log(self._log_scalars())
+        control.should_log = should_log
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Fold in every step (on every rank) and detach the hooks; the meter keeps its estimate."""
