@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from noisescale import data
+from noisescale.experiments import data
 from noisescale.cli.measure import measure
 
 SUMMARY_KEYS = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from noisescale import data
+from noisescale.experiments import data
 from noisescale.errors import DatasetNotFoundError
 
 # (loader, training examples, test examples, input shape without the batch dimension)

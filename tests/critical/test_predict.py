@@ -7,7 +7,7 @@ import pytest
 from scipy import optimize
 
 from noisescale.errors import SweepDataError
-from noisescale.predict import (
+from noisescale.critical.predict import (
     BCritPowerLaw,
     b_crit_at_loss,
     compute_min,
