@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from noisescale.errors import SweepDataError
 from noisescale.critical.report import FitSettings, fit_sweep
 from noisescale.critical.sweepdata import COLUMNS, load_sweep
+from noisescale.errors import SweepDataError
 
 RUNS = [(16, 32000), (64, 9000), (256, 3000), (1024, 1500)]
 
