@@ -33,11 +33,9 @@ B_crit 0.99/0.95/0.95/0.95 and S_min 0.98/0.93/0.94/0.94 for 5/8/12/20 batch siz
 resample is fitted at once: a grid over ``log B_crit`` with ``log S_min`` solved exactly
 (variable projection), a finer grid, a parabolic step and a few Gauss-Newton steps.
 
-Steps read off a logged curve are only known to lie between two logged steps (an
-interval-censored observation, :mod:`noisescale.critical.goals`). Given that bracket
-(``steps_low``, ``steps_high``), each resample also draws the crossing uniformly within it
-(added to the resampled log-steps as ``log u - log S_i``), so the interval carries the
-logging interval: coarse logging widens it instead of biasing the fit.
+Steps read off a logged curve lie between two logged steps (interval-censored,
+:mod:`noisescale.critical.goals`); given that bracket, each resample also draws the crossing
+uniformly within it (``+ log u - log S_i``): coarse logging widens the interval, never biases it.
 
 ``B_crit`` is *bracketed* when the estimate lies within ``[B_lo, B_hi]`` and its interval
 within ``[B_lo/2, 2 B_hi]``. Otherwise the result carries no value but a one-sided bound
@@ -455,11 +453,9 @@ def _wild_resamples(
 def _bracket_draws(
     s: np.ndarray, lo: np.ndarray, hi: np.ndarray, ok: np.ndarray, n_bootstrap: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """``[R, N]`` log-offsets ``log u - log s`` of crossings drawn uniformly in their brackets.
+    """``[R, N]`` offsets ``log u - log s``, ``u`` uniform in each bracket (from at least 1 step).
 
-    Zero for censored runs and for runs whose crossing is known exactly (``lo == hi``). A crossing
-    is at least one step in: a bracket from step 0 is drawn from ``[min(1, hi), hi]``.
-    """
+    Zero for censored runs and for crossings known exactly (``lo == hi``)."""
     out = np.zeros((n_bootstrap, s.size))
     wide = ok & (hi > lo)
     if wide.any():

@@ -300,11 +300,8 @@ class Trainer:
         self._start = time.perf_counter()
 
     def step(self) -> StepRecord:
-        """Run one optimizer step (k micro-batches, meter update, SGD step) and measure.
-
-        Returns:
-            The step's record; its estimate is set every ``measure_every`` steps.
-        """
+        """One optimizer step (k micro-batches, meter update, SGD); its record's estimate is set
+        every ``measure_every`` steps."""
         cfg, k = self.config, self.config.microbatches
         x, y = self.task.sample_batch(cfg.batch_size, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
@@ -490,27 +487,13 @@ class Probe:
 def evaluate(task: Task, model: nn.Module, *, batch_size: int = _EVAL_CHUNK) -> tuple[float, float | None]:
     """Test loss and test error of ``model`` on the task's whole test set.
 
-    Args:
-        task: the task (its ``x_test``, ``y_test`` and ``loss_fn``).
-        model: the model to evaluate (left in its train/eval mode).
-        batch_size: examples per forward pass (memory only; the result does not depend on it).
-
     Returns:
-        ``(test_loss, test_error)``: mean loss per example, and the fraction of
-        misclassified examples (None for regression tasks).
+        ``(test_loss, test_error)``: mean loss per example, and the fraction misclassified
+        (None for regression tasks). ``batch_size`` only bounds the memory of a forward pass.
     """
     return _mean_loss_and_error(task, model, task.x_test, task.y_test, batch_size)
 
 
 def train_loss(task: Task, model: nn.Module, *, size: int = _TRAIN_SUBSET_SIZE) -> float:
-    """Mean training loss on the fixed training subset of :class:`Probe` (the same for every run).
-
-    Args:
-        task: the task.
-        model: the model to evaluate.
-        size: examples in the subset (all of them if the training set is smaller).
-
-    Returns:
-        Mean loss per example.
-    """
+    """Mean loss per example on the fixed training subset of :class:`Probe` of ``size`` examples."""
     return Probe(task, size, test_examples=0).train_loss(model)
