@@ -84,7 +84,7 @@ class Problem:
 # -- the oracle -----------------------------------------------------------------------------------
 def oracle_problem() -> Problem:
     """Linear regression with Gaussian inputs at the SCIENCE.md test vector."""
-    from noisescale.tasks import LINREG_DELTA, LINREG_LAMBDA, LINREG_SIGMA, linreg_truth
+    from noisescale.experiments.tasks import LINREG_DELTA, LINREG_LAMBDA, LINREG_SIGMA, linreg_truth
 
     lam = torch.tensor(LINREG_LAMBDA, dtype=torch.float64)
     model = nn.Linear(len(LINREG_LAMBDA), 1, bias=False, dtype=torch.float64)
@@ -214,7 +214,7 @@ def cached_truth(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, train_s
 
 def mnist_problem(train_steps: int) -> Problem:
     """The MNIST MLP after ``train_steps`` seeded SGD steps, with its exact noise scale."""
-    from noisescale.data import load_mnist
+    from noisescale.experiments.data import load_mnist
 
     data = load_mnist()
     x, y = data.x_train, data.y_train

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
+    "package_version",
     "read_jsonl",
     "save_figure",
     "to_jsonable",
@@ -140,6 +141,19 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist") and callable(obj.tolist):
         return to_jsonable(obj.tolist())
     raise TypeError(f"cannot write a {type(obj).__name__} as JSON: convert it to numbers or strings first")
+
+
+def package_version() -> str:
+    """The installed version of noisescale, for the records a run writes ("unknown" when not installed).
+
+    Read from the package metadata, so that no module imports the package root for it.
+    """
+    from importlib import metadata
+
+    try:
+        return metadata.version("noisescale")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:

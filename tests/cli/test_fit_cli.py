@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from noisescale.cli.fit import fit
 from noisescale.cli.predict import predict
-from noisescale.predict import fit_b_crit_power_law
+from noisescale.critical.predict import fit_b_crit_power_law
 
 app = typer.Typer()
 app.command()(fit)
@@ -77,7 +77,9 @@ def test_fit_json_golden_noise_free(tmp_path: Path) -> None:
     path = per_run_csv(tmp_path / "sweep.csv")
     res = invoke("fit", path, "--json", "--no-plots", "--bootstrap", "200")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
+    report = json.loads(res.stdout)
+    assert report["unit"] == "examples" and report["power_law"] is None
+    (out,) = report["goals"]  # one schema: a list of goals, even for one
     for key in ("b_crit", "b_crit_ci", "s_min", "e_min", "n_points", "bracketed"):
         assert key in out
     # Steps written with 6 decimals (relative rounding <= 1e-9): the fit is exact to ~1e-7.
@@ -85,14 +87,14 @@ def test_fit_json_golden_noise_free(tmp_path: Path) -> None:
     assert out["s_min"] == pytest.approx(S_MIN, rel=1e-6)
     assert out["e_min"] == pytest.approx(S_MIN * B_CRIT, rel=1e-6)
     assert out["n_points"] == 10 and out["bracketed"] is True and out["bound"] is None
-    assert out["unit"] == "examples" and out["plots"] == []
+    assert out["metric"] == "loss" and out["goal"] is None
 
 
 def test_fit_unbracketed_json_has_bound_not_value(tmp_path: Path) -> None:
     path = per_run_csv(tmp_path / "sweep.csv", noise=0.05, b_crit=1e6)
     res = invoke("fit", path, "--json", "--no-plots", "--bootstrap", "300")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
+    (out,) = json.loads(res.stdout)["goals"]
     assert out["b_crit"] is None and out["bracketed"] is False
     assert out["bound"] == "B_crit > 8192"
     assert out["b_crit_ci"] == [8192, None]
@@ -109,14 +111,16 @@ def test_fit_loss_curves_several_goals(tmp_path: Path) -> None:
     out = json.loads(res.stdout)
     assert [g["goal"] for g in out["goals"]] == goals
     for g in out["goals"]:
-        # Logging every 10 steps rounds steps-to-goal up by < 10 (1.2% of the fewest, 861 steps),
-        # which moves B_crit by about 1%; 3% leaves room.
+        # Logging every 10 steps brackets each crossing within 10 steps (1.2% of the fewest,
+        # 861); interpolation leaves far less, and 3% leaves room for the curves' own shape.
         assert g["b_crit"] == pytest.approx(b_crit_appendix_d(g["goal"]), rel=0.03)
         assert g["bracketed"] and g["n_censored"] == 0
     # B_crit(L) from 137 (L = 3) to 515 (L = 1.2); the exact values give alpha_B = 0.694.
     exact = fit_b_crit_power_law(goals, [b_crit_appendix_d(x) for x in goals])
     assert out["power_law"]["alpha_b"] == pytest.approx(exact.alpha_b, rel=0.05)
-    assert sorted(Path(p).name for p in out["plots"]) == ["curves.b_crit.png", "curves.pareto.png"]
+    assert out["power_law"]["metric"] == "loss" and out["power_law"]["goals"] == goals
+    assert "plots" not in out  # the same JSON as a sweep's fit.json; the paths go to stderr
+    assert "curves.b_crit" in res.stderr.replace("\n", "")
     assert (tmp_path / "plots" / "curves.pareto.png").stat().st_size > 1000
 
 
@@ -126,7 +130,7 @@ def test_fit_partial_goal_failure_is_reported(tmp_path: Path) -> None:
     path.write_text("goal,batch_size,steps\n" + "\n".join(rows) + "\n")
     res = invoke("fit", path, "--no-plots", "--bootstrap", "200")
     assert res.exit_code == 0, res.output
-    assert "goal 1: the goal was reached at 2 batch size(s) (1024, 4096)" in res.output
+    assert "loss 1: the goal was reached at 2 batch size(s) (1024, 4096)" in res.output
     out = json.loads(invoke("fit", path, "--no-plots", "--bootstrap", "200", "--json").stdout)
     assert out["goals"][0]["b_crit"] == pytest.approx(B_CRIT, rel=1e-6)
     assert "at least 3" in out["goals"][1]["error"]

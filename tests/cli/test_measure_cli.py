@@ -15,8 +15,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from noisescale import data
 from noisescale.cli.measure import measure
+from noisescale.experiments import data
 
 SUMMARY_KEYS = {
     "task", "method", "batch_size", "steps", "examples", "b_simple", "b_simple_ci", "grad_norm_sq",

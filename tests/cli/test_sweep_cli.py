@@ -158,8 +158,9 @@ def test_subcommands_share_the_option_choices() -> None:
 @pytest.mark.slow
 def test_classification_sweep_has_test_error_goal_plots(tmp_path: Path) -> None:
     args = ["sweep", "--task", "digits", "--batch-size", "16", "--batch-size", "64", "--batch-size", "256",
-            "--loss-goal", "0.5", "--error-goal", "0.12", "--lr-points", "1", "--max-steps", "300",
-            "--jobs", "1", "--bootstrap", "200", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+            "--loss-goal", "0.5", "--loss-goal", "0.3", "--error-goal", "0.12", "--lr-points", "1",
+            "--max-steps", "300", "--jobs", "1", "--bootstrap", "200", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     for name in ("pareto.png", "b_crit.png", "pareto_test_error.png", "b_crit_test_error.png"):
@@ -167,3 +168,19 @@ def test_classification_sweep_has_test_error_goal_plots(tmp_path: Path) -> None:
     table = pd.read_csv(tmp_path / "results.csv")
     assert set(table["metric"]) == {"train_loss", "test_error"}
     assert "test error 0.12" in result.stdout
+
+    # Issue 12, done when: `noisescale fit <dir>/results.csv --json` reproduces the sweep's own
+    # fit.json exactly, every goal with its metric, B_crit, interval, S_min, power law and unit.
+    args = ["fit", str(tmp_path / "results.csv"), "--json", "--no-plots", "--bootstrap", "200"]
+    fit = runner.invoke(app, args)
+    assert fit.exit_code == 0, fit.stderr
+    assert fit.stdout == (tmp_path / "fit.json").read_text()
+    report = json.loads(fit.stdout)
+    # Issue 13 #7: the metric column is respected, the unit is the task's, and B_crit(L) is never
+    # fitted across metrics (two loss goals: too few for the law; the error goal is not counted).
+    assert report["unit"] == "images" and set(table["unit"]) == {"images"}
+    assert [(g["metric"], g["goal"]) for g in report["goals"]] == [
+        ("train_loss", 0.5), ("train_loss", 0.3), ("test_error", 0.12)
+    ]  # fmt: skip
+    bracketed = sum(g["metric"] == "train_loss" and g.get("b_crit") is not None for g in report["goals"])
+    assert report["power_law"] is None and f"got {bracketed}" in report["power_law_note"]

@@ -12,10 +12,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from noisescale.critical import MIN_BOOTSTRAP
-from noisescale.sweep import SWEEP_METHODS
-from noisescale.tasks import TASK_NAMES
-from noisescale.training import METHODS
+from noisescale.critical.fit import MIN_BOOTSTRAP
+from noisescale.experiments.tasks import TASK_NAMES
+from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
 
 __all__ = [
     "DEFAULT_TASK",
@@ -39,7 +38,7 @@ def _choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
 TaskName = _choices("TaskName", TASK_NAMES)  # every built-in task
 DEFAULT_TASK = TaskName("mnist")
 MethodName = _choices("MethodName", METHODS)  # estimators of `measure` (ddp under torchrun)
-SweepMethodName = _choices("SweepMethodName", SWEEP_METHODS)  # a sweep's runs are single processes
+SweepMethodName = _choices("SweepMethodName", SINGLE_PROCESS_METHODS)  # a sweep's runs are single processes
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -2,7 +2,8 @@
 
 Usage::
 
-    noisescale fit runs.csv                     # one row per run: batch_size, steps [, goal, reached]
+    noisescale fit runs.csv                     # one row per run: batch_size, steps [, goal, metric, reached]
+    noisescale fit runs/sweep-digits/results.csv --json   # prints the sweep's own fit.json
     noisescale fit curves.jsonl --goal 3.5 --goal 3.0 --goal 2.8   # batch_size, step, loss [, run, lr]
     noisescale fit runs.csv --json > fit.json   # then: noisescale predict --from fit.json
 
@@ -10,9 +11,14 @@ For every goal it fits ``S(B) = S_min (1 + B_crit/B)`` in log space (McCandlish 
 eqs. 2.11-2.12, appendix A.3) with bootstrap intervals, prints a table (or JSON with
 ``--json``) and writes two plots next to FILE (or into ``--out``): ``<stem>.pareto.png``, the
 steps-examples front with the fitted hyperbolas, and ``<stem>.b_crit.png``, B_crit per goal
-next to the B_simple logged by the runs (a ``b_simple`` column). A sweep that does not bracket
-B_crit gets a bound ("B_crit > 4096"), not a number. Bad files exit with status 2 and one line
-saying what is wrong and where.
+next to the B_simple logged by the runs (a ``b_simple`` column), one pair per metric. Goals of
+different metrics (a ``metric`` column: ``train_loss``, ``test_error``...) are fitted apart, and
+``B_crit(L)`` is fitted across the goals of one loss metric only. Batch sizes are in the file's
+``unit`` column, else in ``--unit`` (default examples). The JSON is that of
+:mod:`noisescale.critical.report`, the schema of a sweep's ``fit.json``: on a sweep's
+``results.csv`` with the sweep's ``--bootstrap`` and ``--confidence`` it reproduces that file
+exactly. A sweep that does not bracket B_crit gets a bound ("B_crit > 4096"), not a number. Bad
+files exit with status 2 and one line saying what is wrong and where.
 """
 
 from __future__ import annotations
@@ -20,39 +26,38 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from noisescale._format import format_batch, format_interval, short_number
 from noisescale.cli.common import BootstrapOption, ConfidenceOption, check_writable, fail
-from noisescale.critical import format_batch
+from noisescale.critical.plotting import plot_report
+from noisescale.critical.predict import BCritPowerLaw
+from noisescale.critical.report import FitReport, FitSettings, GoalFit, report_from_file
 from noisescale.errors import SweepDataError
 from noisescale.io import to_jsonable
-from noisescale.plotting_critical import plot_b_crit_by_goal, plot_pareto_front
-from noisescale.predict import BCritPowerLaw, fit_b_crit_power_law
-from noisescale.sweepdata import GoalFit, b_simple_by_goal, fit_sweep, load_sweep
 
-__all__ = ["Unit", "fit", "fit_json", "law_sentence", "output_console", "power_law_of", "short_number"]
+__all__ = ["Unit", "fit", "goal_name", "law_sentence", "output_console", "report_notes", "report_table"]
 
 
 class Unit(str, enum.Enum):
     """What a batch size counts."""
 
     examples = "examples"
+    images = "images"
     tokens = "tokens"
+    observations = "observations"
 
 
-def power_law_of(goal_fits: list[GoalFit]) -> tuple[BCritPowerLaw | None, str | None]:
-    """``B_crit(L)`` across the bracketed goals (Kaplan et al. 2020, eq. 5.3), or why there is none."""
-    pairs = [(g.goal, g.fit.b_crit) for g in goal_fits if g.fit and g.fit.b_crit and g.goal and g.goal > 0]
-    if len(goal_fits) < 2:
-        return None, None
-    try:
-        return fit_b_crit_power_law([p[0] for p in pairs], [p[1] for p in pairs]), None
-    except SweepDataError as exc:
-        return None, str(exc)
+def goal_name(metric: str, goal: float | None) -> str:
+    """A goal for people: ``"train loss 0.2"``, ``"test error 0.05"``, ``"loss 3.5"``, ``"goal"``."""
+    if goal is None:
+        return "goal"
+    words = metric.replace("_", " ")
+    return f"{words} {goal:.3g}" if metric.endswith("error") else f"{words} {goal:g}"
 
 
 def law_sentence(law: BCritPowerLaw, unit: str) -> str:
@@ -75,110 +80,69 @@ def output_console() -> Console:
     return console
 
 
-def _goal_json(g: GoalFit, b_simple: dict) -> dict[str, Any]:
-    if g.fit is None:
-        return {"goal": g.goal, "error": g.error}
-    med = b_simple.get(g.goal)
-    bs = None if med is None else {"median": med[0], "min": med[1], "max": med[2]}
-    return {"goal": g.goal, **g.fit.to_dict(), "b_simple": bs}
+def _b_crit_text(g: GoalFit) -> str:
+    f = g.fit
+    if f is None:
+        return "no fit"
+    if f.bracketed:
+        return f"{short_number(f.b_crit_fit)} {format_interval(*f.b_crit_ci)}"
+    return f"{(f.bound or 'unconstrained').replace('B_crit ', '')} (not bracketed)"
 
 
-def fit_json(
-    goal_fits: list[GoalFit], *, unit: str, b_simple: dict | None = None, plots: list[Path] | None = None
-) -> dict[str, Any]:
-    """The ``--json`` object: flat for one goal, ``{"goals": [...], "power_law": ...}`` for several.
-
-    Args:
-        goal_fits: results of :func:`noisescale.sweepdata.fit_sweep`.
-        unit: batch-size unit ("examples" or "tokens").
-        b_simple: ``{goal: (median, min, max)}`` of B_simple logged by the runs.
-        plots: paths of the plots written.
-
-    Returns:
-        A JSON-ready dict (non-finite floats still to be mapped by ``to_jsonable``).
-    """
-    b_simple = b_simple or {}
-    extra = {"unit": unit, "plots": [str(p) for p in plots or []]}
-    if len(goal_fits) == 1:
-        return {**_goal_json(goal_fits[0], b_simple), **extra}
-    law, why = power_law_of(goal_fits)
-    power = None if law is None else {"b_star": law.b_star, "alpha_b": law.alpha_b}
-    return {
-        "goals": [_goal_json(g, b_simple) for g in goal_fits],
-        "power_law": power,
-        "power_law_note": why,
-        **extra,
-    }
-
-
-def short_number(value: float) -> str:
-    """Three significant figures with a k/M/G/T suffix: ``549000 -> '549k'``, ``2.84e6 -> '2.84M'``."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale * 0.9995:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def _ci(lo: float, hi: float) -> str:
-    return f"[{short_number(lo)}, {short_number(hi)}]"
-
-
-def _table(goal_fits: list[GoalFit], unit: str, b_simple: dict, confidence: float) -> Table:
-    table = Table(title=f"critical batch size (batch sizes in {unit}, {confidence:.0%} intervals)")
-    for col in ("goal", "B_crit", "S_min (steps)", f"E_min ({unit})", "runs (censored)", "scatter"):
+def report_table(report: FitReport, title: str = "critical batch size") -> Table:
+    """The table of a report: per goal B_crit [CI] or bound, S_min, E_min, runs, scatter, B_simple."""
+    unit = report.unit
+    table = Table(title=f"{title} (batch sizes in {unit}, {report.settings.confidence:.0%} intervals)")
+    columns = ["goal", "B_crit", "S_min (steps)", f"E_min ({unit})", "runs (censored)", "scatter"]
+    has_b = any(g.b_simple is not None for g in report.goals)
+    if has_b:
+        columns += ["B_simple, run average (median [range])", "B_simple/B_crit"]
+    for col in columns:
         table.add_column(col, justify="right")
-    if b_simple:
-        table.add_column("B_simple (runs)", justify="right")
-    for g in goal_fits:
-        name = "-" if g.goal is None else f"{g.goal:g}"
+    for g in report.goals:
         f = g.fit
+        row = [goal_name(g.metric, g.goal), _b_crit_text(g)]
         if f is None:
-            table.add_row(name, "no fit", "", "", str(len(g.points)), "", *([""] if b_simple else []))
-            continue
-        if f.bracketed:
-            b_text = f"{short_number(f.b_crit_fit)} {_ci(*f.b_crit_ci)}"
+            row += ["", "", str(len(g.points)), ""]
         else:
-            b_text = f"{(f.bound or 'unconstrained').replace('B_crit ', '')} (not bracketed)"
-        row = [
-            name,
-            b_text,
-            f"{short_number(f.s_min)} {_ci(*f.s_min_ci)}",
-            f"{short_number(f.e_min)} {_ci(*f.e_min_ci)}",
-            f"{f.n_points} ({f.n_censored})",
-            f"{f.residual_sd:.1%}",
-        ]
-        if b_simple:
-            med = b_simple.get(g.goal)
-            row.append("-" if med is None else f"{short_number(med[0])} {_ci(med[1], med[2])}")
+            row += [
+                f"{short_number(f.s_min)} {format_interval(*f.s_min_ci)}",
+                f"{short_number(f.e_min)} {format_interval(*f.e_min_ci)}",
+                f"{f.n_points} ({f.n_censored})",
+                f"{f.residual_sd:.1%}",
+            ]
+        if has_b:
+            bs, ratio = g.b_simple, g.ratio
+            row.append("-" if bs is None else f"{short_number(bs.median)} {format_interval(bs.min, bs.max)}")
+            row.append("-" if ratio is None else f"{ratio:.2g}")
         table.add_row(*row)
     return table
 
 
-def _notes(goal_fits: list[GoalFit]) -> list[str]:
+def report_notes(report: FitReport) -> list[str]:
+    """Goals without a fit or bracket, censored batch sizes, and B_crit(L) across the loss goals."""
     lines = []
-    for g in goal_fits:
-        name = "goal" if g.goal is None else f"goal {g.goal:g}"
-        f = g.fit
+    for g in report.goals:
+        name, f = goal_name(g.metric, g.goal), g.fit
         if f is None:
             lines.append(f"{name}: {g.error}")
             continue
         lo, hi = (format_batch(v) for v in f.batch_range)
-        if not f.bracketed and f.bound and ">" in f.bound:
+        if not f.bracketed and f.bound:
+            side = "larger" if ">" in f.bound else "smaller"
             lines.append(
                 f"{name}: the sweep ({lo} to {hi}) does not bracket B_crit: {f.bound} "
-                f"({f.confidence:.0%} one-sided); add larger batch sizes"
-            )
-        elif not f.bracketed and f.bound:
-            lines.append(
-                f"{name}: the sweep ({lo} to {hi}) does not bracket B_crit: {f.bound} "
-                f"({f.confidence:.0%} one-sided); add smaller batch sizes"
+                f"({f.confidence:.0%} one-sided); add {side} batch sizes"
             )
         elif not f.bracketed:
             lines.append(f"{name}: these runs do not constrain B_crit; add batch sizes and repeat runs")
         if f.n_censored:
             lines.append(
-                f"{name}: {f.n_censored} run(s) did not reach the goal; their steps count as lower bounds"
+                f"{name}: {f.n_censored} batch size(s) did not reach the goal; "
+                "their steps count as lower bounds"
             )
+    if report.power_law is not None:
+        lines.append(f"across {report.power_law_metric} goals: {law_sentence(report.power_law, report.unit)}")
     return lines
 
 
@@ -186,7 +150,7 @@ def fit(
     file: Annotated[
         Path,
         typer.Argument(
-            help="CSV or JSON Lines: batch_size,steps[,goal,reached] or batch_size,step,loss[,run,lr]."
+            help="CSV or JSON Lines: batch_size,steps[,goal,metric,reached] or batch_size,step,loss[,run,lr]."
         ),
     ],
     goal: Annotated[
@@ -196,7 +160,10 @@ def fit(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON object instead of a table.")
     ] = False,
-    unit: Annotated[Unit, typer.Option(help="What a batch size counts.")] = Unit.examples,
+    unit: Annotated[
+        Unit | None,
+        typer.Option(help="What a batch size counts (default: the file's unit column, else examples)."),
+    ] = None,
     bootstrap: BootstrapOption = 1000,
     confidence: ConfidenceOption = 0.95,
     max_increase: Annotated[
@@ -215,41 +182,22 @@ def fit(
     Example: noisescale fit curves.csv --goal 3.5 --goal 3.0 --json
     """
     folder = out if out is not None else file.parent
+    settings = FitSettings(n_bootstrap=bootstrap, confidence=confidence, max_increase=max_increase, seed=seed)
     try:
-        table = load_sweep(file, goal)
+        report = report_from_file(file, goal, unit=None if unit is None else unit.value, settings=settings)
         if plots:
             check_writable(folder)
-        goal_fits = fit_sweep(
-            table, n_bootstrap=bootstrap, confidence=confidence, max_increase=max_increase, seed=seed
-        )
     except (SweepDataError, ValueError) as exc:
         raise fail(str(exc)) from None
-    if all(g.fit is None for g in goal_fits):
-        msg = "; ".join(_notes(goal_fits))
-        raise fail(f"{file}: {msg}")
-    b_simple = b_simple_by_goal(table)
-    law, _ = power_law_of(goal_fits)
-    written: list[Path] = []
-    if plots:
-        written.append(plot_pareto_front(goal_fits, folder / f"{file.stem}.pareto.png", unit=unit.value))
-        written.append(
-            plot_b_crit_by_goal(
-                goal_fits,
-                folder / f"{file.stem}.b_crit.png",
-                b_simple=b_simple,
-                power_law=law,
-                unit=unit.value,
-            )
-        )
+    if all(g.fit is None for g in report.goals):
+        raise fail(f"{file}: " + "; ".join(report_notes(report)))
+    written = plot_report(report, folder, f"{file.stem}.") if plots else []
     if json_output:
-        obj = fit_json(goal_fits, unit=unit.value, b_simple=b_simple, plots=written)
-        typer.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
-        return
-    console = output_console()
-    console.print(_table(goal_fits, unit.value, b_simple, confidence))
-    for line in _notes(goal_fits):
-        console.print(line)
-    if law is not None:
-        console.print(f"across goals: {law_sentence(law, unit.value)}")
+        typer.echo(json.dumps(to_jsonable(report.to_json()), indent=2, allow_nan=False))
+    else:
+        console = output_console()
+        console.print(report_table(report))
+        for line in report_notes(report):
+            console.print(line)
     if written:
         Console(stderr=True, highlight=False, markup=False).print("wrote " + ", ".join(map(str, written)))

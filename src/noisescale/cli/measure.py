@@ -40,15 +40,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-import noisescale
-from noisescale import distributed as nsdist
+import noisescale.distributed as nsdist
 from noisescale.cli.common import DEFAULT_TASK, MethodName, TaskName, check_writable, fail
+from noisescale.critical.goals import run_mean
 from noisescale.errors import NoiseScaleError
-from noisescale.io import write_json, write_jsonl
-from noisescale.plotting import plot_run
-from noisescale.smoothing import decay_for_step
-from noisescale.tasks import Task, get_task
-from noisescale.training import StepRecord, TrainConfig, TrainResult, evaluate, train, train_loss
+from noisescale.experiments.plotting import plot_run
+from noisescale.experiments.tasks import Task, get_task
+from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, evaluate, train, train_loss
+from noisescale.io import package_version, write_json, write_jsonl
 
 __all__ = ["measure"]
 
@@ -86,10 +85,13 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
     """The summary.json content: settings, final estimate, losses and (linreg) the truth."""
     est = result.estimate
     test_loss, test_error = evaluate(task, result.model)
-    # McCandlish et al. (2018), Table 1 reports B_simple averaged over the run: the mean of
-    # the resolved per-step (EMA) values here, a rough comparison, not an estimate of B_crit.
-    resolved = [r.estimate.b_simple for r in result.records if r.estimate is not None and r.estimate.resolved]
-    run_mean = sum(resolved) / len(resolved) if resolved else None
+    # McCandlish et al. (2018), Table 1 reports B_simple averaged over the run: the step-weighted
+    # mean of the resolved smoothed values, the run average of a sweep (critical.goals.run_mean);
+    # a rough comparison, not an estimate of B_crit.
+    measured = [r for r in result.records if r.estimate is not None]
+    values = [r.estimate.b_simple for r in measured]  # the meter's: None unless resolved
+    mean = run_mean([r.step for r in measured], values, upto=measured[-1].step) if measured else None
+    resolved = sum(v is not None for v in values)
     summary: dict[str, Any] = {
         "task": task.name,
         "unit": task.unit,
@@ -107,17 +109,17 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "ema_examples": config.ema_examples,
         "confidence": config.confidence,
         "threads": torch.get_num_threads(),
-        # Not resolved: null, never a number (the parts |G|^2 and tr Sigma are still reported).
-        "b_simple": est.b_simple if est.resolved else None,
-        "b_simple_ci": list(est.b_simple_ci) if est.resolved and est.b_simple_ci is not None else None,
-        "b_simple_se": est.b_simple_se if est.resolved else None,
+        # The meter's: null unless resolved (the parts |G|^2 and tr Sigma are still reported).
+        "b_simple": est.b_simple,
+        "b_simple_ci": None if est.b_simple_ci is None else list(est.b_simple_ci),
+        "b_simple_se": est.b_simple_se,
         "grad_norm_sq": est.grad_norm_sq,
         "trace_sigma": est.trace_sigma,
         "resolved": est.resolved,
         "n_eff": est.n_eff,
         "skipped_steps": est.skipped_steps,  # non-finite gradients (e.g. divergence): never averaged in
-        "b_simple_run_mean": run_mean,
-        "resolved_steps": len(resolved),
+        "b_simple_run_mean": mean,
+        "resolved_steps": resolved,
         "loss": train_loss(task, result.model),
         "test_loss": test_loss,
         "test_error": test_error,
@@ -125,7 +127,7 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "train_time_s": result.wall_time,
         "groups": {name: g.to_dict() for name, g in est.groups.items()},
         "versions": {
-            "noisescale": noisescale.__version__,
+            "noisescale": package_version(),
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
@@ -272,7 +274,6 @@ def measure(
             raise ValueError(
                 "--method ddp needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 ...)"
             )
-        decay_for_step(ema_decay=config.ema_decay, ema_examples=config.ema_examples, examples=1.0)
         out_dir = out if out is not None else Path("runs") / the_task.name
         if nsdist.is_rank_zero():  # fail now, not after training
             check_writable(out_dir)

@@ -30,19 +30,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noisescale._format import format_batch, short_number
 from noisescale.cli.common import fail
-from noisescale.cli.fit import Unit, law_sentence, output_console, power_law_of, short_number
-from noisescale.critical import format_batch
-from noisescale.errors import SweepDataError
-from noisescale.io import to_jsonable
-from noisescale.predict import (
+from noisescale.cli.fit import Unit, law_sentence, output_console
+from noisescale.critical.predict import (
     BCritPowerLaw,
     b_crit_at_loss,
     optimal_batch_for_exchange_rate,
     predict_batches,
     tradeoff_sentence,
 )
-from noisescale.sweepdata import fit_sweep, load_sweep
+from noisescale.critical.report import report_from_file
+from noisescale.errors import SweepDataError
+from noisescale.io import to_jsonable
 
 __all__ = ["predict"]
 
@@ -94,8 +94,10 @@ def _entries_from_fit_json(obj: dict, path: Path) -> tuple[list[dict], BCritPowe
     return entries, BCritPowerLaw(float(law["b_star"]), float(law["alpha_b"]))
 
 
-def _load_entries(path: Path, goals: list[float] | None) -> tuple[list[dict], BCritPowerLaw | None]:
-    """From a fit JSON file (selecting ``goals``) or a sweep file (fitted here)."""
+def _load_entries(
+    path: Path, goals: list[float] | None
+) -> tuple[list[dict], BCritPowerLaw | None, str | None]:
+    """From a fit JSON file (selecting ``goals``) or a sweep file (fitted here), with its unit."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -108,8 +110,9 @@ def _load_entries(path: Path, goals: list[float] | None) -> tuple[list[dict], BC
                 if not any(h is not None and np.isclose(h, g) for h in have):
                     raise SweepDataError(f"{path}: goal {g:g} is not in this fit (goals: {have})")
             entries = [e for e in entries if e["goal"] is not None and np.isclose(e["goal"], goals).any()]
-        return entries, law
-    goal_fits = fit_sweep(load_sweep(path, goals))
+        unit = obj.get("unit")
+        return entries, law, unit if isinstance(unit, str) else None
+    report = report_from_file(path, goals)
     entries = [
         {
             "goal": g.goal,
@@ -118,9 +121,9 @@ def _load_entries(path: Path, goals: list[float] | None) -> tuple[list[dict], BC
             "bound": None if g.fit is None else g.fit.bound,
             "error": g.error,
         }
-        for g in goal_fits
+        for g in report.goals
     ]
-    return entries, power_law_of(goal_fits)[0]
+    return entries, report.power_law, report.unit
 
 
 def _default_batches(b_crit: float) -> list[float]:
@@ -224,7 +227,10 @@ def predict(
     alpha_b: Annotated[
         float | None, typer.Option(help="alpha_B of B_crit(L) (Kaplan et al. 2020: 0.21).")
     ] = None,
-    unit: Annotated[Unit, typer.Option(help="What a batch size counts.")] = Unit.examples,
+    unit: Annotated[
+        Unit | None,
+        typer.Option(help="What a batch size counts (default: the unit of --from, else examples)."),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON object instead of tables.")
     ] = False,
@@ -233,12 +239,17 @@ def predict(
 
     Example: noisescale predict --b-crit 835 --s-min 1200 --batch-size 512 --batch-size 1024
     """
+    units = Unit.examples.value if unit is None else unit.value
     try:
         _check(b_crit, s_min, from_file, goal, loss, (b_star, alpha_b))
         law = None if b_star is None else BCritPowerLaw(b_star, alpha_b)  # type: ignore[arg-type]
         entries: list[dict] = []
         if from_file is not None:
-            entries, file_law = _load_entries(from_file, goal)
+            entries, file_law, file_unit = _load_entries(from_file, goal)
+            if unit is not None and file_unit is not None and unit.value != file_unit:
+                msg = f"{from_file} gives batch sizes in {file_unit}, not {unit.value}: drop --unit"
+                raise ValueError(msg)
+            units = file_unit or units
             law = law or file_law
         elif b_crit is not None:
             entries = [{"goal": None, "b_crit": b_crit, "s_min": s_min, "bound": None, "error": None}]
@@ -248,7 +259,7 @@ def predict(
             raise ValueError("--loss needs B_crit(L): --b-star and --alpha-b, or --from with 3 or more goals")
         if (batch_size or exchange_rate is not None) and not entries:
             raise ValueError("--batch-size and --exchange-rate need B_crit: give --b-crit or --from FILE")
-        preds = [_prediction(e, batch_size, exchange_rate, unit.value) for e in entries if e.get("b_crit")]
+        preds = [_prediction(e, batch_size, exchange_rate, units) for e in entries if e.get("b_crit")]
         at_loss = [{"loss": x, "b_crit": b_crit_at_loss(x, *law)} for x in loss or []] if law else []
     except (SweepDataError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -257,7 +268,7 @@ def predict(
         raise fail(f"{from_file}: " + "; ".join(_why(e) for e in skipped))
     if json_output:
         obj = {
-            "unit": unit.value,
+            "unit": units,
             "predictions": preds,
             "skipped": [{"goal": e["goal"], "reason": _why(e)} for e in skipped],
             "power_law": None if law is None else {"b_star": law.b_star, "alpha_b": law.alpha_b},
@@ -267,13 +278,13 @@ def predict(
         return
     console = output_console()
     for pred in preds:
-        _print_prediction(console, pred, unit.value)
+        _print_prediction(console, pred, units)
     for e in skipped:
         console.print(_why(e))
     if law is not None:
-        console.print(law_sentence(law, unit.value))
+        console.print(law_sentence(law, units))
     for row in at_loss:
-        console.print(f"at loss {row['loss']:g}: B_crit = {short_number(row['b_crit'])} {unit.value}")
+        console.print(f"at loss {row['loss']:g}: B_crit = {short_number(row['b_crit'])} {units}")
 
 
 def _why(entry: dict) -> str:

@@ -27,12 +27,11 @@ import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from noisescale.cli.common import (
     DEFAULT_TASK,
@@ -42,10 +41,9 @@ from noisescale.cli.common import (
     TaskName,
     fail,
 )
-from noisescale.cli.fit import output_console, short_number
-from noisescale.critical import format_batch
+from noisescale.cli.fit import output_console, report_notes, report_table
 from noisescale.errors import DatasetNotFoundError, NoiseScaleError
-from noisescale.sweep import RunSpec, SweepConfig, SweepResult, goal_ratio, run_sweep
+from noisescale.experiments.sweep import RunRecord, RunSpec, SweepConfig, SweepResult, run_sweep
 
 __all__ = ["sweep"]
 
@@ -60,58 +58,6 @@ def _default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _goal_name(metric: str, goal: float | None) -> str:
-    return f"test error {goal:.3g}" if metric == "test_error" else f"train loss {goal:g}"
-
-
-def _b_crit_text(fit: Any) -> str:
-    if fit is None:
-        return "no fit"
-    if fit.bracketed:
-        lo, hi = fit.b_crit_ci
-        return f"{format_batch(fit.b_crit)} [{format_batch(lo)}, {format_batch(hi)}]"
-    return f"{(fit.bound or 'unconstrained').replace('B_crit ', '')} (not bracketed)"
-
-
-def _summary_table(result: SweepResult) -> Table:
-    """The final table: goal, B_crit [CI] or bound, S_min, E_min, run-averaged B_simple, ratio."""
-    unit, conf = result.unit, result.config
-    level = next((g.fit.confidence for _, g in result.fits if g.fit is not None), 0.95)
-    table = Table(title=f"critical batch size: {conf.task} (batch sizes in {unit}, {level:.0%} intervals)")
-    b_simple_col = "B_simple, run average (median [range] over batch sizes)"
-    for col in ("goal", "B_crit", "S_min (steps)", f"E_min ({unit})", b_simple_col, "B_simple/B_crit"):
-        table.add_column(col, justify="right")
-    for metric, g in result.fits:
-        bs = result.b_simple.get(g.goal)
-        ratio = goal_ratio(g.fit, bs)
-        b_simple = (
-            "-" if bs is None else f"{short_number(bs[0])} [{short_number(bs[1])}, {short_number(bs[2])}]"
-        )
-        table.add_row(
-            _goal_name(metric, g.goal),
-            _b_crit_text(g.fit),
-            "" if g.fit is None else short_number(g.fit.s_min),
-            "" if g.fit is None else short_number(g.fit.e_min),
-            b_simple,
-            "-" if ratio is None else f"{ratio:.2g}",
-        )
-    return table
-
-
-def _notes(result: SweepResult) -> list[str]:
-    """Goals without a fit, and censored runs."""
-    lines = []
-    for metric, g in result.fits:
-        name = _goal_name(metric, g.goal)
-        if g.fit is None:
-            lines.append(f"{name}: {g.error}")
-        elif g.fit.n_censored:
-            lines.append(
-                f"{name}: {g.fit.n_censored} batch size(s) never reached it (censored, lower bounds)"
-            )
-    return lines
-
-
 def _microbatches(method: str, given: int | None) -> int | None:
     """Micro-batches per step: as given, else 2 for the microbatch method, else the default (1)."""
     if given is not None:
@@ -119,11 +65,11 @@ def _microbatches(method: str, given: int | None) -> int | None:
     return 2 if method == "microbatch" else None
 
 
-def _describe(spec: RunSpec, record: dict[str, Any]) -> str:
-    reached = sum(g["reached"] for g in record["goals"])
+def _describe(spec: RunSpec, record: RunRecord) -> str:
+    reached = sum(g.reached for g in record.goals)
     return (
-        f"B={spec.batch_size} lr={record['lr']:.4g}: {reached}/{len(record['goals'])} goals in "
-        f"{record['steps_run']} steps ({record['stopped']}), {record['wall_time_s']:.0f} s"
+        f"B={spec.batch_size} {record.unit} lr={record.lr:.4g}: {reached}/{len(record.goals)} goals in "
+        f"{record.steps_run} steps ({record.stopped}), {record.wall_time_s:.0f} s"
     )
 
 
@@ -198,8 +144,8 @@ def sweep(
     folder = out if out is not None else Path("runs") / f"sweep-{config.task}"
     result = _run(config, folder, jobs or _default_jobs(), bootstrap, confidence, progress)
     console = output_console()
-    console.print(_summary_table(result))
-    for line in _notes(result):
+    console.print(report_table(result.report, title=f"critical batch size: {config.task}"))
+    for line in report_notes(result.report):
         console.print(line)
     err = Console(stderr=True, highlight=False, markup=False)
     err.print(
@@ -221,7 +167,7 @@ def _run(
             total = bar.tasks[0].total or 0
             bar.update(task_id, total=total + len(specs), description=f"runs ({jobs} jobs)")
 
-        def on_record(spec: RunSpec, record: dict[str, Any]) -> None:
+        def on_record(spec: RunSpec, record: RunRecord) -> None:
             bar.advance(task_id)
             if show:
                 bar.console.print(_describe(spec, record))

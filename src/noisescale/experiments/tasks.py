@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisescale.data import load_dataset
+from noisescale.experiments.data import load_dataset
 
 __all__ = [
     "CLASSIFICATION_TASKS",

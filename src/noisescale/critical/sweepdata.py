@@ -3,17 +3,21 @@
 Two layouts, in CSV or JSON Lines (detected from the content, not the extension):
 
 * one row per run: ``batch_size, steps`` (steps to reach the goal), optional ``goal`` (several
-  goals in one file), ``reached`` (false: the run stopped after ``steps`` without reaching the
-  goal, a censored run), ``run``, ``lr`` and ``b_simple``;
+  goals in one file), ``metric`` (what the goal is a level of: ``train_loss``, ``test_error``...;
+  default ``loss``), ``reached`` (false: the run stopped after ``steps`` without reaching the
+  goal, a censored run), ``steps_low``/``steps_high`` (the logged steps around the crossing),
+  ``run``, ``lr``, ``b_simple`` and ``unit`` (what a batch size counts: ``images``,
+  ``tokens``...). A sweep's ``results.csv`` is such a file;
 * loss curves, one row per logged step: ``batch_size, step, loss``, optional ``run`` (tells
-  apart runs sharing a batch size, e.g. a learning-rate grid), ``lr`` and ``b_simple``.
+  apart runs sharing a batch size, e.g. a learning-rate grid), ``lr``, ``b_simple`` and ``unit``.
 
-For each goal of a loss curve the steps-to-goal of a run is the first logged step whose loss
-is at or below the goal; a run that never gets there is censored at its last logged step.
-Where several runs share a batch size the fastest one that reached the goal is kept, as in
-McCandlish et al. (2018), appendix A.2 (tune the learning rate per batch size, take the best);
-if none reached it, the batch size is censored at the fewest steps any of them ran, since the
-best-tuned run would need more than that.
+Steps-to-goal from a loss curve follow the one rule of :mod:`noisescale.critical.goals`, the
+rule of ``noisescale sweep``: the crossing is interpolated between the logged steps around it
+and keeps them as its bracket; a run that never gets there is censored at its last logged
+step; of the runs sharing a batch size the fastest to the goal is kept (McCandlish et al. 2018,
+appendix A.2), else the batch size is censored at the fewest steps of the runs that did not
+diverge (a curve whose last loss is not finite diverged). Its B_simple is the step-weighted
+mean of the logged ``b_simple`` up to the crossing (:func:`noisescale.critical.goals.run_mean`).
 
 Every problem raises :class:`~noisescale.errors.SweepDataError` naming the line of the file.
 
@@ -28,29 +32,34 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from noisescale.critical import CriticalBatchFit, fit_critical_batch, format_batch
+from noisescale._format import format_batch
+from noisescale.critical.goals import RunOutcome, crossing, fastest, run_mean
 from noisescale.errors import SweepDataError
 
-__all__ = ["GoalFit", "b_simple_by_goal", "fit_sweep", "load_sweep", "read_table", "steps_to_goal"]
+__all__ = ["COLUMNS", "DEFAULT_METRIC", "load_sweep", "read_table", "steps_to_goal", "table_unit"]
 
-COLUMNS = ["goal", "batch_size", "steps", "reached", "run", "lr", "b_simple"]
+# One row per (metric, goal, batch size): the table of a sweep, in files and in memory.
+COLUMNS = [
+    "metric",  # what the goal is a level of: "loss" (a user's file), "train_loss", "test_error"
+    "goal",  # level of the metric; NaN for a file with a single unnamed goal
+    "batch_size",  # in `unit`
+    "steps",  # to the goal (interpolated), or run without reaching it (censored)
+    "steps_low",  # the crossing lies in (steps_low, steps_high]; both equal steps when exact
+    "steps_high",
+    "reached",  # False: censored, the steps to the goal exceed `steps`
+    "run",  # name of the run kept for this batch size (str or None)
+    "lr",  # its learning rate (NaN: not given)
+    "b_simple",  # its run-averaged B_simple to the goal, in `unit` (NaN: not measured)
+    "unit",  # what a batch size counts: images, tokens, observations, examples (None: not given)
+]
+DEFAULT_METRIC = "loss"  # the metric of a file without a `metric` column
 _NAN_WORDS = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
 _TRUE = {"true", "1", "yes", "y", "t", "1.0"}
 _FALSE = {"false", "0", "no", "n", "f", "0.0"}
-
-
-class GoalFit(NamedTuple):
-    """The fit for one goal, or why there is none."""
-
-    goal: float | None  # loss target (None: the file has a single, unnamed goal)
-    fit: CriticalBatchFit | None  # None when `error` is set
-    error: str | None  # the SweepDataError message
-    points: pd.DataFrame  # this goal's rows of the sweep table (COLUMNS)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -213,24 +222,23 @@ def _boolean(df: pd.DataFrame, col: str) -> np.ndarray:
 
 
 def load_sweep(path: str | Path, goals: Sequence[float] | None = None) -> pd.DataFrame:
-    """Read a sweep file into one row per (goal, batch size).
+    """Read a sweep file into one row per (metric, goal, batch size).
 
     Args:
         path: CSV or JSON Lines file, one row per run or loss curves (see the module docstring).
-        goals: loss targets. Required for loss curves; for a per-run file with a ``goal``
+        goals: goal levels. Required for loss curves; for a per-run file with a ``goal``
             column, selects those goals (default: all).
 
     Returns:
-        DataFrame with columns ``goal`` (float, NaN when the file has no goal column),
-        ``batch_size`` (examples or tokens, as in the file), ``steps`` (to the goal, or run
-        without reaching it), ``reached`` (bool; False: censored), ``run`` (str or None),
-        ``lr`` and ``b_simple`` (float, NaN when not given), sorted by goal order then batch size.
+        DataFrame with the columns :data:`COLUMNS`, in the order the goals first appear in the
+        file, then by batch size.
 
     Raises:
         SweepDataError: on a missing or unreadable file, missing columns, empty or
             non-numeric cells (with the line), non-positive batch sizes or steps, a batch size
             listed twice for a goal in a per-run file, no goal for loss curves, a goal not in
-            the file or not finite, or a run that meets a goal at its first logged step 0.
+            the file or not finite, a run that meets a goal at its first logged step 0, or
+            several units in one file.
     """
     if goals is not None and not np.all(np.isfinite(np.asarray(goals, dtype=float))):
         raise SweepDataError(f"goals must be finite numbers, got {list(goals)}")
@@ -240,16 +248,38 @@ def load_sweep(path: str | Path, goals: Sequence[float] | None = None) -> pd.Dat
         if {"batch_size", "step", "loss"} <= cols:
             if not goals:
                 raise SweepDataError("loss curves need at least one goal: pass --goal (e.g. --goal 3.5)")
-            return steps_to_goal(_curves(table), goals)
-        if {"batch_size", "steps"} <= cols:
-            return _runs(table, goals)
+            out = steps_to_goal(_curves(table), goals)
+        elif {"batch_size", "steps"} <= cols:
+            out = _runs(table, goals)
+        else:
+            raise SweepDataError(
+                f"columns {', '.join(sorted(c for c in cols if c != '_line'))}; expected "
+                "`batch_size, steps` (one row per run, optional `goal`, `metric`, `reached`) or "
+                "`batch_size, step, loss` (loss curves, optional `run`, `lr`)"
+            )
+        table_unit(out)
     except SweepDataError as exc:
         raise SweepDataError(f"{path}: {exc}") from None
-    raise SweepDataError(
-        f"{path}: columns {', '.join(sorted(c for c in cols if c != '_line'))}; expected "
-        "`batch_size, steps` (one row per run, optional `goal`, `reached`) or "
-        "`batch_size, step, loss` (loss curves, optional `run`, `lr`)"
-    )
+    return out
+
+
+def table_unit(table: pd.DataFrame) -> str | None:
+    """The one unit of a sweep table's batch sizes, or None when the table does not say.
+
+    Raises:
+        SweepDataError: if rows give different units.
+    """
+    units = sorted({u for u in table["unit"] if isinstance(u, str) and u})
+    if len(units) > 1:
+        raise SweepDataError(f"batch sizes in several units ({', '.join(units)}): give one unit per file")
+    return units[0] if units else None
+
+
+def _text(table: pd.DataFrame, col: str, default: str | None) -> pd.Series:
+    """A text column (stripped, None where blank), or ``default`` everywhere when absent."""
+    if col not in table.columns:
+        return pd.Series([default] * len(table), index=table.index, dtype=object)
+    return table[col].map(lambda v: default if v is None or not str(v).strip() else str(v).strip())
 
 
 def _optional(table: pd.DataFrame, col: str, *, allow_nan: bool = True) -> np.ndarray:
@@ -271,15 +301,21 @@ def _positive(table: pd.DataFrame, values: np.ndarray, col: str) -> None:
 
 
 def _runs(table: pd.DataFrame, goals: Sequence[float] | None) -> pd.DataFrame:
+    steps = _numeric(table, "steps")
+    low, high = _optional(table, "steps_low"), _optional(table, "steps_high")
     out = pd.DataFrame(
         {
+            "metric": _text(table, "metric", DEFAULT_METRIC).to_numpy(),
             "goal": _numeric(table, "goal") if "goal" in table.columns else np.nan,
             "batch_size": _numeric(table, "batch_size"),
-            "steps": _numeric(table, "steps"),
+            "steps": steps,
+            "steps_low": np.where(np.isnan(low), steps, low),  # not given: known exactly
+            "steps_high": np.where(np.isnan(high), steps, high),
             "reached": _boolean(table, "reached") if "reached" in table.columns else True,
-            "run": table["run"].map(lambda v: None if v is None else str(v)) if "run" in table else None,
+            "run": _text(table, "run", None).to_numpy(),
             "lr": _optional(table, "lr"),
             "b_simple": _optional(table, "b_simple"),
+            "unit": _text(table, "unit", None).to_numpy(),
             "_line": table["_line"].to_numpy(),
         }
     )
@@ -292,7 +328,7 @@ def _runs(table: pd.DataFrame, goals: Sequence[float] | None) -> pd.DataFrame:
                 "column or derives them from loss curves (`batch_size, step, loss`)"
             )
         out = out[_select_goals(out["goal"].to_numpy(), goals)]
-    key = out["goal"].fillna(-np.inf)
+    key = out["metric"] + "\0" + out["goal"].fillna(-np.inf).map(repr)
     dup = out[out.assign(_k=key).duplicated(["_k", "batch_size"], keep=False)]
     if len(dup):
         first = dup[(dup["batch_size"] == dup["batch_size"].iloc[0]) & (key[dup.index] == key[dup.index[0]])]
@@ -320,7 +356,7 @@ def _select_goals(values: np.ndarray, goals: Sequence[float]) -> np.ndarray:
 
 
 def _curves(table: pd.DataFrame) -> pd.DataFrame:
-    """Validated loss curves: batch_size, step, loss, run (str), lr, b_simple, _line."""
+    """Validated loss curves: batch_size, step, loss, run (str), lr, b_simple, unit, _line."""
     df = pd.DataFrame(
         {
             "batch_size": _numeric(table, "batch_size"),
@@ -328,6 +364,7 @@ def _curves(table: pd.DataFrame) -> pd.DataFrame:
             "loss": _numeric(table, "loss", allow_nan=True),  # a diverged run logs NaN/inf
             "lr": _optional(table, "lr"),
             "b_simple": _optional(table, "b_simple"),
+            "unit": _text(table, "unit", None).to_numpy(),
             "_line": table["_line"].to_numpy(),
         }
     )
@@ -356,15 +393,16 @@ def _curves(table: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float]) -> pd.DataFrame:
-    """Steps-to-goal per (goal, batch size) from loss curves, fastest run per batch size.
+def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float], metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+    """Steps-to-goal per (goal, batch size) from loss curves, by the rule of :mod:`noisescale.critical.goals`.
 
     Args:
-        curves: rows ``batch_size, step, loss, run`` (optional ``lr``, ``b_simple``, ``_line``).
-        goals: loss targets; a run reaches one at its first logged step with ``loss <= goal``.
+        curves: rows ``batch_size, step, loss, run`` (optional ``lr``, ``b_simple``, ``unit``, ``_line``).
+        goals: loss levels; each crossing is interpolated between the logged steps around it.
+        metric: the name of the curves' metric in the table.
 
     Returns:
-        DataFrame with the columns of :func:`load_sweep`.
+        DataFrame with the columns :data:`COLUMNS`.
 
     Raises:
         SweepDataError: if a run meets a goal at step 0 (no steps to count), or ``goals`` is empty.
@@ -372,69 +410,36 @@ def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float]) -> pd.DataFrame:
     if len(goals) == 0:
         raise SweepDataError("no goal given")
     curves = curves.sort_values(["run", "step"], kind="stable")
-    last = curves.groupby("run", sort=False).tail(1).set_index("run")
+    runs = []  # (batch_size, name, steps, loss, b_simple, lr, unit, stopped), by batch size then name
+    for name, c in curves.groupby("run", sort=True):
+        loss = c["loss"].to_numpy(float)
+        stopped = "end" if np.isfinite(loss[-1]) else "diverged"
+        unit = next((u for u in c.get("unit", []) if u), None)
+        runs.append((float(c["batch_size"].iloc[0]), str(name), c["step"].to_numpy(float), loss,
+                     c["b_simple"].to_numpy(float), float(c["lr"].iloc[0]), unit, stopped))  # fmt: skip
+    runs.sort(key=lambda r: r[0])
     rows = []
     for goal in goals:
-        hit = curves[curves["loss"] <= goal].groupby("run", sort=False).head(1).set_index("run")
-        zero = hit[hit["step"] <= 0]
-        if len(zero):
-            raise SweepDataError(
-                f"{zero.index[0]} meets goal {goal:g} at step 0 (line {zero['_line'].iloc[0]}); "
-                "choose a lower goal"
-            )
-        runs = last.copy()
-        runs["reached"] = runs.index.isin(hit.index)
-        runs.loc[hit.index, "step"] = hit["step"]
-        runs["b_simple"] = np.nan if "b_simple" not in hit else hit["b_simple"].reindex(runs.index)
-        runs = runs.reset_index()
-        # Fastest reached run per batch size; with none, censored at the fewest steps run.
-        runs = runs.sort_values(["batch_size", "reached", "step"], ascending=[True, False, True])
-        best = runs.groupby("batch_size", sort=True).head(1)
-        rows.append(best.assign(goal=float(goal)).rename(columns={"step": "steps"}))
-    out = pd.concat(rows, ignore_index=True)
+        for b in sorted({r[0] for r in runs}):
+            mine = [r for r in runs if r[0] == b]
+            outcomes = []
+            for _, name, steps, loss, _, _, _, stopped in mine:
+                try:
+                    outcomes.append(RunOutcome(crossing(steps, loss.tolist(), float(goal)), stopped))
+                except SweepDataError as exc:
+                    line = curves.loc[(curves["run"] == name) & (curves["step"] == 0), "_line"]
+                    at = f" (line {line.iloc[0]})" if len(line) else ""
+                    msg = f"{name} meets goal {goal:g} at step 0{at}; choose a lower goal"
+                    raise SweepDataError(msg) from exc
+            k = fastest(outcomes)
+            _, name, steps, _, b_simple, lr, unit, _ = mine[k]
+            c = outcomes[k].crossing
+            bs = run_mean(steps.tolist(), [None if np.isnan(v) else float(v) for v in b_simple], c.steps)
+            rows.append({"metric": metric, "goal": float(goal), "batch_size": b, "steps": c.steps,
+                         "steps_low": c.low if c.reached else c.steps,
+                         "steps_high": c.high if c.reached else c.steps, "reached": c.reached,
+                         "run": name, "lr": lr, "b_simple": np.nan if bs is None or not c.reached else bs,
+                         "unit": unit})  # fmt: skip
+    out = pd.DataFrame(rows, columns=COLUMNS)
     out["run"] = out["run"].astype(object)
-    return out[COLUMNS].reset_index(drop=True)
-
-
-def fit_sweep(table: pd.DataFrame, **fit_kwargs: object) -> list[GoalFit]:
-    """Fit the hyperbola for every goal of a sweep table (as returned by :func:`load_sweep`).
-
-    Args:
-        table: rows ``goal, batch_size, steps, reached``.
-        **fit_kwargs: passed to :func:`noisescale.critical.fit_critical_batch`
-            (``n_bootstrap``, ``confidence``, ``max_increase``, ``seed``).
-
-    Returns:
-        One GoalFit per goal, in table order; a goal the data cannot fit carries the message
-        of its SweepDataError instead of a fit.
-    """
-    out = []
-    key = table["goal"].fillna(-np.inf)
-    for k in pd.unique(key):
-        points = table[key == k].reset_index(drop=True)
-        goal = None if np.isinf(k) else float(k)
-        try:
-            fit = fit_critical_batch(
-                points["batch_size"], points["steps"], reached=points["reached"], **fit_kwargs
-            )
-            out.append(GoalFit(goal, fit, None, points))
-        except SweepDataError as exc:
-            out.append(GoalFit(goal, None, str(exc), points))
-    return out
-
-
-def b_simple_by_goal(table: pd.DataFrame) -> dict[float | None, tuple[float, float, float]]:
-    """Median, min and max of the B_simple logged by the runs that reached each goal.
-
-    Args:
-        table: a sweep table with a ``b_simple`` column (NaN where not measured).
-
-    Returns:
-        ``{goal: (median, low, high)}`` for the goals with at least one value.
-    """
-    out: dict[float | None, tuple[float, float, float]] = {}
-    ok = table[table["reached"] & table["b_simple"].notna()]
-    for goal, grp in ok.groupby(ok["goal"].fillna(-np.inf), sort=False):
-        v = grp["b_simple"].to_numpy(float)
-        out[None if np.isinf(goal) else float(goal)] = (float(np.median(v)), float(v.min()), float(v.max()))
     return out

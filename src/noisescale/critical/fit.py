@@ -33,6 +33,10 @@ B_crit 0.99/0.95/0.95/0.95 and S_min 0.98/0.93/0.94/0.94 for 5/8/12/20 batch siz
 resample is fitted at once: a grid over ``log B_crit`` with ``log S_min`` solved exactly
 (variable projection), a finer grid, a parabolic step and a few Gauss-Newton steps.
 
+Steps read off a logged curve lie between two logged steps (interval-censored,
+:mod:`noisescale.critical.goals`); given that bracket, each resample also draws the crossing
+uniformly within it (``+ log u - log S_i``): coarse logging widens the interval, never biases it.
+
 ``B_crit`` is *bracketed* when the estimate lies within ``[B_lo, B_hi]`` and its interval
 within ``[B_lo/2, 2 B_hi]``. Otherwise the result carries no value but a one-sided bound
 from the bootstrap quantile at the confidence level (same expansion), capped at the edge of the grid
@@ -55,9 +59,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import optimize, stats
 
+from noisescale._format import format_batch
 from noisescale.errors import SweepDataError
 
-__all__ = ["MIN_BOOTSTRAP", "CriticalBatchFit", "check_fit_settings", "fit_critical_batch", "format_batch"]
+__all__ = ["MIN_BOOTSTRAP", "CriticalBatchFit", "check_fit_settings", "fit_critical_batch"]
 
 MIN_BOOTSTRAP = 100  # fewest resamples for a percentile interval (2-3 beyond each 95% end)
 
@@ -118,36 +123,13 @@ class CriticalBatchFit(NamedTuple):
         }
 
 
-def format_batch(value: float, rounding: str = "nearest") -> str:
-    """A batch size for people: integers below 10^7 exactly, other values to 3 significant figures.
-
-    Args:
-        value: the number, in examples (or tokens).
-        rounding: ``"nearest"``, or ``"down"``/``"up"`` so that a lower/upper bound stays true.
-
-    Returns:
-        The formatted number.
-
-    Examples:
-        >>> format_batch(4096.0), format_batch(2873.4, "down"), format_batch(37.25), format_batch(2.5e8)
-        ('4096', '2870', '37.2', '2.5e+08')
-    """
-    if value == round(value) and abs(value) < 1e7:
-        return f"{value:.0f}"
-    exp = np.floor(np.log10(abs(value))) - 2 if value else 0.0
-    unit = 10.0**exp
-    rnd = {"nearest": np.round, "down": np.floor, "up": np.ceil}[rounding]
-    rounded = float(rnd(value / unit) * unit)
-    if abs(rounded) >= 1e7:
-        return f"{rounded:.3g}"
-    return f"{rounded:.0f}" if abs(rounded) >= 100 else f"{rounded:.3g}"
-
-
 def fit_critical_batch(
     batch_sizes: Sequence[float] | np.ndarray,
     steps: Sequence[float] | np.ndarray,
     *,
     reached: Sequence[bool] | np.ndarray | None = None,
+    steps_low: Sequence[float] | np.ndarray | None = None,
+    steps_high: Sequence[float] | np.ndarray | None = None,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     max_increase: float = 1.5,
@@ -168,6 +150,11 @@ def fit_critical_batch(
             it ran without reaching it.
         reached: ``[N]`` bool, False for a censored run (its steps-to-goal exceeds ``steps``).
             Default: every run reached the goal.
+        steps_low: ``[N]`` steps; for a reached run read off a logged curve, the last logged
+            step above the goal (its crossing lies in ``(steps_low, steps_high]``, see
+            :func:`noisescale.critical.goals.crossing`). Ignored for censored runs. Default:
+            ``steps`` (the crossing is known exactly).
+        steps_high: ``[N]`` steps; the first logged step at or below the goal. Default: ``steps``.
         n_bootstrap: wild-bootstrap resamples for the intervals (at least ``MIN_BOOTSTRAP``, 100).
         confidence: level of the two-sided intervals and of a one-sided bound, in (0, 1).
         max_increase: largest tolerated ratio between the steps of a run and the fewest steps
@@ -182,7 +169,8 @@ def fit_critical_batch(
     Raises:
         SweepDataError: on empty, non-finite or non-positive values, arrays of different
             lengths, a batch size given twice, fewer than 3 distinct batch sizes reaching the
-            goal, or steps that increase with batch size by more than ``max_increase``.
+            goal, steps that increase with batch size by more than ``max_increase``, or a
+            bracket that does not hold its steps (``steps_low <= steps <= steps_high``).
         ValueError: on a bad setting (see :func:`check_fit_settings`).
 
     Examples:
@@ -196,7 +184,7 @@ def fit_critical_batch(
         McCandlish et al. (2018), arXiv:1812.06162, eqs. (2.11)-(2.12), appendix A.3.
     """
     check_fit_settings(n_bootstrap=n_bootstrap, confidence=confidence, max_increase=max_increase)
-    b, s, ok = _validate(batch_sizes, steps, reached, max_increase)
+    b, s, ok, (s_lo, s_hi) = _validate(batch_sizes, steps, reached, max_increase, (steps_low, steps_high))
     logb, y = np.log(b), np.log(s)
     lo, hi = float(b[ok].min()), float(b[ok].max())
     c_bounds = (np.log(lo / _SEARCH_FACTOR), np.log(hi * _SEARCH_FACTOR))
@@ -208,7 +196,9 @@ def fit_critical_batch(
     dof = max(int(ok.sum()) - 2, 1)
     residual_sd = float(np.sqrt(np.sum(resid**2) / dof))
 
-    y_star = _wild_resamples(y, ok, resid, jac, active, n_bootstrap, seed)
+    rng = np.random.default_rng(seed)
+    y_star = _wild_resamples(y, ok, resid, jac, active, n_bootstrap, rng)
+    y_star += _bracket_draws(s, s_lo, s_hi, ok, n_bootstrap, rng)
     # Chunks of resamples keep the [R, grid, N] work arrays near 16 MB whatever N is.
     chunk = max(1, _CHUNK_CELLS // (_COARSE_GRID * b.size))
     parts = [_profile_fit(y_star[i : i + chunk], logb, ok, c_bounds) for i in range(0, n_bootstrap, chunk)]
@@ -265,14 +255,17 @@ def _validate(
     steps: Sequence[float] | np.ndarray,
     reached: Sequence[bool] | np.ndarray | None,
     max_increase: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    bracket: tuple[Sequence[float] | np.ndarray | None, Sequence[float] | np.ndarray | None],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Arrays sorted by batch size; raises SweepDataError with the offending values."""
     b = np.asarray(batch_sizes, dtype=float).ravel()
     s = np.asarray(steps, dtype=float).ravel()
     ok = np.ones(b.shape, bool) if reached is None else np.asarray(reached, dtype=bool).ravel()
-    if not b.size == s.size == ok.size:
+    lo, hi = (s if v is None else np.asarray(v, dtype=float).ravel() for v in bracket)
+    if not b.size == s.size == ok.size == lo.size == hi.size:
         raise SweepDataError(
-            f"batch_sizes, steps and reached have different lengths ({b.size}, {s.size}, {ok.size})"
+            f"batch_sizes, steps, reached and the bracket have different lengths "
+            f"({b.size}, {s.size}, {ok.size}, {lo.size}, {hi.size})"
         )
     for name, v in (("batch size", b), ("steps", s)):
         bad = ~np.isfinite(v) | (v <= 0)
@@ -285,8 +278,16 @@ def _validate(
             f"batch size given more than once: {dup}; keep one run per batch size, the fastest "
             "to the goal with its tuned learning rate (McCandlish et al. 2018, appendix A.2)"
         )
+    # Comparisons are written so that NaN fails them; a censored run's bracket is not used.
+    held = ~ok | ((lo >= 0) & (lo <= s) & (s <= hi) & np.isfinite(hi))
+    if not held.all():
+        i = int(np.flatnonzero(~held)[0])
+        raise SweepDataError(
+            f"batch {format_batch(b[i])}: steps {s[i]:.6g} are not within their bracket "
+            f"[{lo[i]:.6g}, {hi[i]:.6g}] (expected 0 <= steps_low <= steps <= steps_high < inf)"
+        )
     order = np.argsort(b)
-    b, s, ok = b[order], s[order], ok[order]
+    b, s, ok, lo, hi = b[order], s[order], ok[order], lo[order], hi[order]
     if ok.sum() < 3:
         got = ", ".join(format_batch(v) for v in b[ok]) or "none"
         raise SweepDataError(
@@ -294,7 +295,7 @@ def _validate(
             "B_crit needs at least 3 (runs that did not reach it only give lower bounds)"
         )
     _check_monotone(b, s, ok, max_increase)
-    return b, s, ok
+    return b, s, ok, (lo, hi)
 
 
 def _check_monotone(b: np.ndarray, s: np.ndarray, ok: np.ndarray, max_increase: float) -> None:
@@ -437,7 +438,7 @@ def _wild_resamples(
     jac: np.ndarray,
     active: np.ndarray,
     n_bootstrap: int,
-    seed: int,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """``[R, N]`` log-steps: fitted values plus HC3-scaled residuals with random signs."""
     j = jac[active]
@@ -445,9 +446,23 @@ def _wild_resamples(
     lev[active] = np.einsum("ij,jk,ik->i", j, np.linalg.pinv(j.T @ j), j)
     scaled = resid / (1.0 - np.minimum(lev, _MAX_LEVERAGE))
     fitted = y + resid
-    rng = np.random.default_rng(seed)
     signs = rng.choice(np.array([-1.0, 1.0]), size=(n_bootstrap, y.size))
     return np.where(ok, fitted + signs * scaled, y)
+
+
+def _bracket_draws(
+    s: np.ndarray, lo: np.ndarray, hi: np.ndarray, ok: np.ndarray, n_bootstrap: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``[R, N]`` offsets ``log u - log s``, ``u`` uniform in each bracket (from at least 1 step).
+
+    Zero for censored runs and for crossings known exactly (``lo == hi``)."""
+    out = np.zeros((n_bootstrap, s.size))
+    wide = ok & (hi > lo)
+    if wide.any():
+        low = np.maximum(lo[wide], np.minimum(1.0, hi[wide]))
+        u = rng.uniform(low, hi[wide], size=(n_bootstrap, int(wide.sum())))
+        out[:, wide] = np.log(u) - np.log(s[wide])
+    return out
 
 
 def _interval(est: float, boot: np.ndarray, q: tuple[float, float], expand: float) -> tuple[float, float]:

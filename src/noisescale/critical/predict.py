@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from noisescale.critical import format_batch
+from noisescale._format import format_batch
 from noisescale.errors import SweepDataError
 
 __all__ = [

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from noisescale.errors import SweepDataError
-from noisescale.predict import (
+from noisescale.critical.predict import (
     BCritPowerLaw,
     b_crit_at_loss,
     compute_min,
@@ -20,6 +19,7 @@ from noisescale.predict import (
     steps_min,
     tradeoff_sentence,
 )
+from noisescale.errors import SweepDataError
 
 B = np.geomspace(1, 1e6, 25)
 

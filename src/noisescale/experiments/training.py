@@ -1,6 +1,6 @@
 """Train a built-in task with plain SGD while measuring the gradient noise scale.
 
-One optimizer step draws ``B`` examples (:meth:`noisescale.tasks.Task.sample_batch`),
+One optimizer step draws ``B`` examples (:meth:`noisescale.experiments.tasks.Task.sample_batch`),
 splits them into ``k`` equal micro-batches, back-propagates ``loss_j / k`` for each
 (mean loss per micro-batch, divided by ``k``: the gradient is that of the mean loss
 over all ``B`` examples), lets the meter read the gradients, then steps::
@@ -19,6 +19,10 @@ an optional per-step callback and stop condition. Runs are deterministic given
 
 The noise scale depends on the temperature ``lr / B`` (McCandlish et al. 2018,
 appendix C): every :class:`StepRecord` keeps the learning rate and the batch size.
+
+:class:`Probe` is the one evaluation of a model on fixed subsets (training loss on a subset of
+the training set, loss and error on a subset of the test set), the same for every run of a
+seed: ``noisescale measure`` and every run of a sweep evaluate through it.
 """
 
 from __future__ import annotations
@@ -31,37 +35,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from noisescale import distributed as nsdist
-from noisescale.tasks import Task
+import noisescale.distributed as nsdist
+from noisescale.experiments.tasks import Task
+from noisescale.options import Averaging, parse_method
 
 __all__ = [
-    "METHODS",
+    "Probe",
     "StepRecord",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "evaluate",
     "make_meter",
-    "normalize_method",
     "train",
     "train_loss",
 ]
 
-METHODS = ("per_example", "microbatch", "ddp")
-_TRAIN_SUBSET_SEED = 0  # fixed subset on which train_loss() is computed
+_SUBSET_SEED = 0  # seed of the fixed evaluation subsets, the same for every run
 _TRAIN_SUBSET_SIZE = 10_000
-
-
-def normalize_method(method: str) -> str:
-    """Canonical method name: ``"per-example"`` and ``"per_example"`` both give ``"per_example"``.
-
-    Raises:
-        ValueError: if the method is unknown.
-    """
-    canonical = method.strip().lower().replace("-", "_")
-    if canonical not in METHODS:
-        raise ValueError(f"unknown method {method!r}: expected 'per-example' or 'microbatch'")
-    return canonical
+_EVAL_CHUNK = 2048  # examples per forward pass when evaluating (memory only)
 
 
 def make_meter(
@@ -86,11 +78,11 @@ def make_meter(
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
         micro-batch, micro-batch losses divided by k before backward).
     """
-    from noisescale import GradientNoiseScale
+    from noisescale.meter import GradientNoiseScale
 
     return GradientNoiseScale(
         model,
-        method=normalize_method(method),
+        method=parse_method(method),
         reduction="mean",
         accumulation="mean",
         ema_decay=ema_decay,
@@ -108,11 +100,13 @@ class TrainConfig:
         microbatches: k, equal micro-batches per step (B divisible by k).
         lr: SGD learning rate (0 keeps the weights fixed: a measurement at one point).
         steps: optimizer steps :func:`train` runs (a stop condition may end it sooner).
-        method: ``"per_example"``, ``"microbatch"``, or None to train without measuring.
+        method: ``"per_example"``, ``"microbatch"``, ``"ddp"`` (any spelling of
+            :func:`noisescale.options.parse_method`), or None to train without measuring.
         seed: initial weights and the data stream.
         momentum: SGD momentum (0: plain SGD, the optimizer of the paper's analysis).
         ema_decay: per-step decay of the meter's averages (1: plain mean), or None.
-        ema_examples: averaging time constant in examples, or None (exactly one of the two).
+        ema_examples: averaging time constant in examples, or None (exactly one of the two,
+            validated by :class:`noisescale.options.Averaging`).
         confidence: level of the interval of B_simple.
         measure_every: compute the estimate every this many steps (a host sync each time;
             under DDP it covers the steps the ranks have exchanged, every ``sync_every``).
@@ -138,7 +132,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Validate every field; the messages say what to change."""
         if self.method is not None:
-            object.__setattr__(self, "method", normalize_method(self.method))
+            object.__setattr__(self, "method", parse_method(self.method))
         for name in ("batch_size", "microbatches", "measure_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"expected `{name}` >= 1 but got {getattr(self, name)}")
@@ -161,8 +155,7 @@ class TrainConfig:
             )
         if self.method == "per_example" and self.batch_size < 2:
             raise ValueError("the per-example method needs batches of at least 2 examples")
-        if (self.ema_decay is None) == (self.ema_examples is None):
-            raise ValueError("give exactly one of `ema_decay` (per step) and `ema_examples` (examples)")
+        Averaging(ema_decay=self.ema_decay, ema_examples=self.ema_examples)  # exactly one, in range
 
     @classmethod
     def for_task(cls, task: Task, **overrides: Any) -> TrainConfig:
@@ -185,7 +178,7 @@ class TrainConfig:
             )
         given = {k: v for k, v in overrides.items() if v is not None}
         method = given.get("method", "per_example")
-        per_example = method is not None and normalize_method(method) == "per_example"
+        per_example = method is not None and parse_method(method) == "per_example"
         values: dict[str, Any] = {
             "batch_size": task.batch_size,
             "microbatches": 1 if per_example else task.microbatches,
@@ -231,8 +224,8 @@ class StepRecord:
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-ready record.
 
-        B_simple and its interval are None while the estimate is not resolved (|G|^2 not
-        significantly positive): an unresolved ratio is noise, not a value to plot or report.
+        B_simple and its interval are the meter's: None while the estimate is not resolved
+        (:class:`~noisescale.meter.NoiseScaleEstimate` never gives an unresolved ratio).
         """
         est = self.estimate
         out: dict[str, Any] = {
@@ -247,9 +240,9 @@ class StepRecord:
             out.update(
                 grad_norm_sq=est.grad_norm_sq,
                 trace_sigma=est.trace_sigma,
-                b_simple=est.b_simple if est.resolved else None,
-                b_simple_ci=list(est.b_simple_ci) if est.resolved and est.b_simple_ci is not None else None,
-                b_simple_se=est.b_simple_se if est.resolved else None,
+                b_simple=est.b_simple,
+                b_simple_ci=None if est.b_simple_ci is None else list(est.b_simple_ci),
+                b_simple_se=est.b_simple_se,
                 resolved=est.resolved,
             )
         return out
@@ -265,7 +258,7 @@ class Trainer:
         config: hyperparameters (see :meth:`TrainConfig.for_task`).
 
     Example:
-        >>> from noisescale.tasks import get_task
+        >>> from noisescale.experiments.tasks import get_task
         >>> task = get_task("linreg")
         >>> cfg = TrainConfig.for_task(task, steps=3, method=None)
         >>> with Trainer(task, cfg) as trainer:
@@ -307,11 +300,8 @@ class Trainer:
         self._start = time.perf_counter()
 
     def step(self) -> StepRecord:
-        """Run one optimizer step (k micro-batches, meter update, SGD step) and measure.
-
-        Returns:
-            The step's record; its estimate is set every ``measure_every`` steps.
-        """
+        """One optimizer step (k micro-batches, meter update, SGD); its record's estimate is set
+        every ``measure_every`` steps."""
         cfg, k = self.config, self.config.microbatches
         x, y = self.task.sample_batch(cfg.batch_size, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
@@ -429,7 +419,7 @@ def train(
 
 @torch.no_grad()
 def _mean_loss_and_error(
-    task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+    task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = _EVAL_CHUNK
 ) -> tuple[float, float | None]:
     """Mean loss and error fraction of ``model`` over ``(x, y)``, in chunks of ``batch_size``."""
     was_training = model.training
@@ -449,39 +439,61 @@ def _mean_loss_and_error(
     return loss_total / n, (wrong / n if task.classification else None)
 
 
-def evaluate(task: Task, model: nn.Module, *, batch_size: int = 2048) -> tuple[float, float | None]:
-    """Test loss and test error of ``model`` on the task's test set.
+class Probe:
+    """Fixed evaluation subsets of a task, the same for every run: training loss, test loss and error.
+
+    The subsets are drawn once from a generator seeded with ``seed``: the training subset first
+    (a random permutation of the training set, or fresh draws of an infinite task), then the test
+    subset from the same generator.
 
     Args:
-        task: the task (its ``x_test``, ``y_test`` and ``loss_fn``).
-        model: the model to evaluate (left in its train/eval mode).
-        batch_size: examples per forward pass (memory only; the result does not depend on it).
+        task: the task.
+        train_examples: examples in the training subset (all of them if the set is smaller).
+        test_examples: examples in the test subset; None for the whole test set.
+        seed: seed of the subsets.
+
+    Example:
+        >>> from noisescale.experiments.tasks import get_task
+        >>> probe = Probe(get_task("linreg"), train_examples=64, test_examples=32)
+        >>> len(probe.y), len(probe.y_test)
+        (64, 32)
+    """
+
+    def __init__(
+        self, task: Task, train_examples: int, test_examples: int | None = None, *, seed: int = _SUBSET_SEED
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        if task.x_train is None or task.y_train is None:
+            self.x, self.y = task.sample_batch(train_examples, gen)
+        else:
+            idx = torch.randperm(len(task.x_train), generator=gen)[:train_examples]
+            self.x, self.y = task.x_train[idx], task.y_train[idx]
+        if test_examples is None:
+            self.x_test, self.y_test = task.x_test, task.y_test
+        else:
+            idx = torch.randperm(len(task.x_test), generator=gen)[:test_examples]
+            self.x_test, self.y_test = task.x_test[idx], task.y_test[idx]
+        self.task = task
+
+    def train_loss(self, model: nn.Module) -> float:
+        """Mean loss per example on the training subset."""
+        return _mean_loss_and_error(self.task, model, self.x, self.y)[0]
+
+    def test(self, model: nn.Module) -> tuple[float, float | None]:
+        """``(test_loss, test_error)`` on the test subset; the error is None for regression tasks."""
+        return _mean_loss_and_error(self.task, model, self.x_test, self.y_test)
+
+
+def evaluate(task: Task, model: nn.Module, *, batch_size: int = _EVAL_CHUNK) -> tuple[float, float | None]:
+    """Test loss and test error of ``model`` on the task's whole test set.
 
     Returns:
-        ``(test_loss, test_error)``: mean loss per example, and the fraction of
-        misclassified examples (None for regression tasks).
+        ``(test_loss, test_error)``: mean loss per example, and the fraction misclassified
+        (None for regression tasks). ``batch_size`` only bounds the memory of a forward pass.
     """
     return _mean_loss_and_error(task, model, task.x_test, task.y_test, batch_size)
 
 
-def train_loss(
-    task: Task, model: nn.Module, *, size: int = _TRAIN_SUBSET_SIZE, batch_size: int = 2048
-) -> float:
-    """Mean training loss on a fixed subset of the training data (the same for every run).
-
-    Args:
-        task: the task.
-        model: the model to evaluate.
-        size: examples in the subset (all of them if the training set is smaller).
-        batch_size: examples per forward pass.
-
-    Returns:
-        Mean loss per example.
-    """
-    generator = torch.Generator().manual_seed(_TRAIN_SUBSET_SEED)
-    if task.x_train is None or task.y_train is None:
-        x, y = task.sample_batch(size, generator)
-    else:
-        idx = torch.randperm(len(task.x_train), generator=generator)[:size]
-        x, y = task.x_train[idx], task.y_train[idx]
-    return _mean_loss_and_error(task, model, x, y, batch_size)[0]
+def train_loss(task: Task, model: nn.Module, *, size: int = _TRAIN_SUBSET_SIZE) -> float:
+    """Mean loss per example on the fixed training subset of :class:`Probe` of ``size`` examples."""
+    return Probe(task, size, test_examples=0).train_loss(model)

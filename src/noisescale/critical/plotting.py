@@ -11,19 +11,21 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from noisescale.critical import format_batch
+from noisescale._format import format_batch
+from noisescale.critical.predict import BCritPowerLaw, b_crit_at_loss
+from noisescale.critical.report import FitReport, GoalFit, is_loss_metric
 from noisescale.io import save_figure
-from noisescale.predict import BCritPowerLaw, b_crit_at_loss
-from noisescale.sweepdata import GoalFit
 
-__all__ = ["plot_b_crit_by_goal", "plot_pareto_front"]
+__all__ = ["plot_b_crit_by_goal", "plot_pareto_front", "plot_report"]
+
+GOAL_LABELS = {"train_loss": "training loss", "test_error": "test error, fraction", "loss": "loss"}
 
 
 def _label(g: GoalFit) -> str:
@@ -45,9 +47,9 @@ def plot_pareto_front(goal_fits: Sequence[GoalFit], path: str | Path, *, unit: s
     sweep brackets it.
 
     Args:
-        goal_fits: results of :func:`noisescale.sweepdata.fit_sweep`.
+        goal_fits: results of :func:`noisescale.critical.report.fit_sweep`.
         path: image file to write (format from the extension, e.g. ``.png``, ``.pdf``).
-        unit: batch-size unit for the axis label ("examples" or "tokens").
+        unit: batch-size unit for the axis label (images, tokens, observations, examples).
 
     Returns:
         The path written.
@@ -85,7 +87,6 @@ def plot_b_crit_by_goal(
     goal_fits: Sequence[GoalFit],
     path: str | Path,
     *,
-    b_simple: Mapping[float | None, tuple[float, float, float]] | None = None,
     power_law: BCritPowerLaw | None = None,
     unit: str = "examples",
     goal_label: str = "loss target",
@@ -98,10 +99,8 @@ def plot_b_crit_by_goal(
     single unnamed goal gets one position.
 
     Args:
-        goal_fits: results of :func:`noisescale.sweepdata.fit_sweep`.
+        goal_fits: results of :func:`noisescale.critical.report.fit_sweep`, goals of one metric.
         path: image file to write.
-        b_simple: ``{goal: (median, low, high)}``, e.g. from
-            :func:`noisescale.sweepdata.b_simple_by_goal`.
         power_law: ``B_crit(L)`` fit to draw across the goals (Kaplan et al. 2020, eq. 5.3).
         unit: batch-size unit for the axis label.
         goal_label: what the goals are, for the axis label ``goal (<goal_label>)``, e.g.
@@ -132,8 +131,8 @@ def plot_b_crit_by_goal(
             drawn["B_crit bound"] = True
     first = True
     for x, g in zip(xs, goal_fits, strict=True):
-        if b_simple and g.goal in b_simple:
-            med, lo, hi = b_simple[g.goal]
+        if g.b_simple is not None:
+            med, lo, hi = g.b_simple
             label = "B_simple (median, range of runs)" if first else None
             ax.errorbar(
                 [x], [med], yerr=[[med - lo], [hi - med]], fmt="s", color="C1", capsize=3, label=label
@@ -158,3 +157,28 @@ def plot_b_crit_by_goal(
     path = Path(path)
     save_figure(fig, path, dpi=120)
     return path
+
+
+def plot_report(report: FitReport, folder: Path, stem: str) -> list[Path]:
+    """Pareto front and B_crit per goal, one pair per metric: ``<stem>pareto[_<metric>].png``...
+
+    The plots of the first metric, when it is a loss, carry no suffix (a sweep's ``pareto.png``
+    and ``b_crit.png``); the others are named after their metric (``pareto_test_error.png``).
+    """
+    written: list[Path] = []
+    metrics = list(dict.fromkeys(g.metric for g in report.goals))
+    for i, metric in enumerate(metrics):
+        goal_fits = [g for g in report.goals if g.metric == metric]
+        suffix = "" if i == 0 and is_loss_metric(metric) else f"_{metric}"
+        law = report.power_law if metric == report.power_law_metric else None
+        written.append(plot_pareto_front(goal_fits, folder / f"{stem}pareto{suffix}.png", unit=report.unit))
+        written.append(
+            plot_b_crit_by_goal(
+                goal_fits,
+                folder / f"{stem}b_crit{suffix}.png",
+                power_law=law,
+                unit=report.unit,
+                goal_label=GOAL_LABELS.get(metric, metric.replace("_", " ")),
+            )
+        )
+    return written

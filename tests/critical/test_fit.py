@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from noisescale.critical import CriticalBatchFit, fit_critical_batch, format_batch
+from noisescale._format import format_batch
+from noisescale.critical.fit import CriticalBatchFit, fit_critical_batch
 from noisescale.errors import SweepDataError
 
 S_MIN, B_CRIT = 1000.0, 500.0

@@ -6,6 +6,7 @@ tiny grids, so each run takes a fraction of a second; the slow tests start real 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,9 +20,13 @@ import pandas as pd
 import pytest
 
 from noisescale import io as nsio
-from noisescale import plotting_critical, sweep
+from noisescale.critical import plotting as plotting_critical
+from noisescale.critical.sweepdata import load_sweep
 from noisescale.errors import NoiseScaleError, SweepConfigError
-from noisescale.sweep import (
+from noisescale.experiments.sweep import (
+    CurvePoint,
+    GoalRecord,
+    RunRecord,
     RunSpec,
     SweepConfig,
     best_lr_index,
@@ -33,7 +38,6 @@ from noisescale.sweep import (
     run_sweep,
     write_results,
 )
-from noisescale.sweepdata import load_sweep
 
 # Three batch sizes, two learning rates each (0.5x and 1x the rule), two reachable loss goals
 # (the loss floor of linreg is sigma^2/2 = 0.245): a dozen runs of at most 300 steps.
@@ -56,23 +60,40 @@ def run_files(out: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
 
 
-def without_wall_time(records: dict[RunSpec, dict]) -> dict[RunSpec, dict]:
-    return {k: {f: v for f, v in r.items() if f != "wall_time_s"} for k, r in records.items()}
+def without_wall_time(records: dict[RunSpec, RunRecord]) -> dict[RunSpec, RunRecord]:
+    return {k: dataclasses.replace(r, wall_time_s=0.0) for k, r in records.items()}
 
 
-def fake_record(batch: int, index: int, steps: list[int | None], stopped: str = "goals") -> dict:
-    """A run record with the given steps per goal (None: not reached)."""
-    goals = [{"reached": s is not None, "steps": s, "b_simple": None} for s in steps]
-    return {
-        "batch_size": batch,
-        "lr_index": index,
-        "lr": 0.1 * 2.0**index,
-        "name": f"{batch}_{index}",
-        "goals": goals,
-        "stopped": stopped,
-        "steps_run": 100 if None in steps else max(steps),  # type: ignore[type-var]
-        "final_train_loss": 1.0,
-    }
+LEVELS = (("train_loss", 0.6), ("train_loss", 0.35))
+
+
+def fake_record(
+    batch: int,
+    index: int,
+    steps: list[int | None],
+    stopped: str = "goals",
+    *,
+    steps_run: int | None = None,
+    goals: tuple[tuple[str, float], ...] = LEVELS,
+) -> RunRecord:
+    """A run whose checks meet goal k exactly at steps[k] (None: never), from losses 1.0 / errors 0.9."""
+    run = steps_run or (100 if None in steps else max(s for s in steps if s is not None))
+    values = {"train_loss": 1.0, "test_error": 0.9}
+    curve = [CurvePoint(0, **values)]
+    for step in sorted({s for s in steps if s is not None}):
+        values.update({m: level for (m, level), s in zip(goals, steps, strict=True) if s == step})
+        curve.append(CurvePoint(step, **values))
+    if curve[-1].step < run:
+        curve.append(CurvePoint(run, **values))
+    return RunRecord(
+        name=f"{batch}_{index}", batch_size=batch, lr=0.1 * 2.0**index, lr_index=index, seed=0,
+        unit="examples", steps_budget=run, steps_run=run, examples_run=run * batch, stopped=stopped,
+        goals=tuple(
+            GoalRecord(m, level, s is not None, s, None, None, None)
+            for (m, level), s in zip(goals, steps, strict=True)
+        ),
+        b_simple=None, b_simple_ratio=None, final_train_loss=1.0, curve=tuple(curve), wall_time_s=0.0,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +144,7 @@ def test_config_round_trip_and_goals() -> None:
         pytest.param({"eval_growth": float("nan")}, "eval_growth > 1", id="eval_growth_nan"),
         pytest.param({"batch_sizes": [2, 8, 10**9]}, "above the example budget", id="batch_over_budget"),
         pytest.param({"method": "ddp"}, "one process", id="ddp"),
-        pytest.param({"method": "adam"}, "unknown method", id="unknown_method"),
+        pytest.param({"method": "adam"}, "'per-example', 'microbatch' but got 'adam'", id="unknown_method"),
         pytest.param({"method": "microbatch", "microbatches": 1}, "at least 2 micro-batches", id="k1"),
         pytest.param({"microbatches": 0}, "`microbatches` >= 1", id="k0"),
         pytest.param({"momentum": -0.5}, "momentum >= 0", id="momentum"),
@@ -135,8 +156,7 @@ def test_invalid_configs_say_what_to_change(overrides: dict, message: str) -> No
         SweepConfig.for_task("linreg", **overrides)
 
 
-def test_sweep_config_error_is_a_project_error_exported_by_sweep() -> None:
-    assert sweep.SweepConfigError is SweepConfigError and "SweepConfigError" in sweep.__all__
+def test_sweep_config_error_is_a_project_error() -> None:
     assert issubclass(SweepConfigError, NoiseScaleError) and issubclass(SweepConfigError, ValueError)
 
 
@@ -218,7 +238,7 @@ def test_results_table_takes_the_fastest_run_and_censors_unreached_goals() -> No
         RunSpec(8, 0): fake_record(8, 0, [30, None]),
         RunSpec(32, 0): fake_record(32, 0, [10, 40]),
         RunSpec(128, 0): fake_record(128, 0, [None, None], stopped="diverged"),
-        RunSpec(128, -1): {**fake_record(128, -1, [None, None], stopped="budget"), "steps_run": 300},
+        RunSpec(128, -1): fake_record(128, -1, [None, None], stopped="budget", steps_run=300),
     }
     table = results_table(cfg, records).set_index(["goal", "batch_size"])
     assert table.loc[(0.6, 8), "steps"] == 30 and table.loc[(0.6, 8), "reached"]
@@ -236,7 +256,8 @@ def test_b_crit_plots_label_the_goal_axis_by_metric(tmp_path: Path, monkeypatch:
         "digits", **{**TINY, "batch_sizes": [8, 32, 128], "loss_goals": [0.6]}, error_goals=[0.2]
     )
     steps = {8: 500, 32: 200, 128: 125}  # S_min (1 + B_crit/B) with S_min = 100, B_crit = 32
-    records = {RunSpec(b, 0): fake_record(b, 0, [s, s]) for b, s in steps.items()}
+    goals = (("train_loss", 0.6), ("test_error", 0.2))
+    records = {RunSpec(b, 0): fake_record(b, 0, [s, s], goals=goals) for b, s in steps.items()}
     write_results(cfg, tmp_path, records, n_bootstrap=100)
     assert figures["b_crit.png"].axes[0].get_xlabel() == "goal (training loss)"
     assert figures["b_crit_test_error.png"].axes[0].get_xlabel() == "goal (test error, fraction)"
@@ -269,19 +290,20 @@ def test_sweep_writes_a_self_describing_directory(reference: tuple[Path, Any]) -
     names = sorted(p.name for p in (out / "runs").iterdir())
     assert names == sorted(f"{s.name(tiny())}.json" for s in result.records)  # no temporary files
     for spec, record in result.records.items():
-        assert record["batch_size"] == spec.batch_size and record["lr"] == spec.lr(tiny())
-        assert record["steps_run"] <= tiny().budget(spec.batch_size)
-        for goal in record["goals"]:
-            if goal["reached"]:
-                assert goal["examples"] == goal["steps"] * spec.batch_size
-                assert 1 <= goal["steps"] <= record["steps_run"]
-        assert record["curve"][0]["step"] == 0 and record["curve"][-1]["step"] == record["steps_run"]
+        assert record.batch_size == spec.batch_size and record.lr == spec.lr(tiny())
+        assert record.steps_run <= tiny().budget(spec.batch_size)
+        for goal in record.goals:
+            if goal.reached:
+                assert goal.examples == goal.steps * spec.batch_size
+                assert 1 <= goal.steps <= record.steps_run
+                assert goal.steps_low < goal.steps <= goal.steps_high  # the checks around it
+        assert record.curve[0].step == 0 and record.curve[-1].step == record.steps_run
     table = load_sweep(out / "results.csv")  # readable by `noisescale fit`
     assert len(table) == len(tiny().goals) * len(tiny().batch_sizes)
     assert table["reached"].all()
     fit = json.loads((out / "fit.json").read_text())
     assert [g["goal"] for g in fit["goals"]] == [0.6, 0.35]
-    assert fit["unit"] == "examples" and fit["runs"] == len(result.records)
+    assert fit["unit"] == "examples" and fit == result.report.to_json()
     for png in ("pareto.png", "b_crit.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -290,7 +312,7 @@ def test_run_averaged_b_simple_is_recorded_per_goal(reference: tuple[Path, Any])
     _, result = reference
     # Near the start of linreg B_simple is about 7 examples (SCIENCE.md oracle) and it grows as
     # the loss approaches its floor; a run average to a goal lies in that range.
-    values = [g["b_simple"] for r in result.records.values() for g in r["goals"] if g["b_simple"] is not None]
+    values = [g.b_simple for r in result.records.values() for g in r.goals if g.b_simple is not None]
     assert values and all(1.0 < v < 200.0 for v in values)
 
 
@@ -303,7 +325,7 @@ def test_resume_after_an_interruption_loses_nothing(reference: tuple[Path, Any],
     out = tmp_path / "interrupted"
     finished: list[RunSpec] = []
 
-    def stop_after_five(spec: RunSpec, record: dict) -> None:
+    def stop_after_five(spec: RunSpec, record: RunRecord) -> None:
         finished.append(spec)
         if len(finished) == 5:
             raise Interrupt
@@ -428,13 +450,8 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_same_result(tmp_path: Path) 
     assert (out / "results.csv").read_text() == (fresh / "results.csv").read_text()
     table = pd.read_csv(out / "results.csv")
     assert list(table.columns) == [
-        "goal",
-        "batch_size",
-        "steps",
-        "reached",
-        "run",
-        "lr",
-        "b_simple",
-        "metric",
-    ]
+        "metric", "goal", "batch_size", "steps", "steps_low", "steps_high", "reached", "run", "lr",
+        "b_simple", "unit",
+    ]  # fmt: skip
+    assert (table["unit"] == "examples").all()
     assert not table.loc[table["goal"] == 0.2, "reached"].any()  # below the floor: censored

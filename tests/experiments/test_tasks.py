@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from noisescale.tasks import (
+from noisescale.experiments.tasks import (
     CLASSIFICATION_TASKS,
     LINREG_DELTA,
     LINREG_LAMBDA,
@@ -16,12 +16,12 @@ from noisescale.tasks import (
     get_task,
     linreg_truth,
 )
-from noisescale.training import (
+from noisescale.experiments.training import (
+    Probe,
     StepRecord,
     TrainConfig,
     Trainer,
     evaluate,
-    normalize_method,
     train,
     train_loss,
 )
@@ -152,7 +152,7 @@ def test_config_defaults_follow_the_method() -> None:
     [
         ({"batch_size": 30, "microbatches": 4}, ValueError, "not divisible by 4 micro-batches"),
         ({"method": "microbatch", "microbatches": 1}, ValueError, "at least 2 micro-batches"),
-        ({"method": "adam"}, ValueError, "unknown method 'adam'"),
+        ({"method": "adam"}, ValueError, "one of 'per-example', 'microbatch', 'ddp' but got 'adam'"),
         ({"lr": -1.0}, ValueError, "lr and momentum >= 0"),
         ({"batchsize": 3}, TypeError, "unknown TrainConfig fields"),
         ({"seed": 2**64}, ValueError, "expected `seed` in"),
@@ -164,9 +164,21 @@ def test_config_rejects_bad_settings(overrides: dict, error: type[Exception], ma
         TrainConfig.for_task(get_task("digits"), **overrides)
 
 
-def test_normalize_method() -> None:
-    assert normalize_method("Per-Example") == "per_example"
-    assert normalize_method("microbatch") == "microbatch"
+def test_train_config_takes_every_spelling_of_the_one_method_parser() -> None:
+    task = get_task("digits")
+    assert TrainConfig.for_task(task, method="Per-Example").method == "per_example"
+    assert TrainConfig.for_task(task, method="microbatch").method == "microbatch"
+
+
+def test_probe_subsets_are_fixed_and_shared_by_train_loss() -> None:
+    # One evaluation subset rule: train_loss() evaluates on the Probe's training subset.
+    task = get_task("digits")
+    model = task.make_model(0)
+    a, b = Probe(task, 256, 64), Probe(task, 256, 64)
+    assert torch.equal(a.x, b.x) and torch.equal(a.x_test, b.x_test)
+    assert train_loss(task, model, size=256) == a.train_loss(model)
+    loss, error = a.test(model)
+    assert loss > 0 and 0 <= error <= 1
 
 
 @pytest.mark.parametrize("method", ["per_example", "microbatch"])

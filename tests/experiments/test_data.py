@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from noisescale import data
 from noisescale.errors import DatasetNotFoundError
+from noisescale.experiments import data
 
 # (loader, training examples, test examples, input shape without the batch dimension)
 CASES = [

@@ -4,6 +4,9 @@ Steps where B_simple is not resolved are left out of the upper panel (a gap, nev
 huge number). Both panels share a linear x axis in examples seen; B_simple and
 the loss are on log scales, since B_simple rises by an order of magnitude or more
 as the loss falls (McCandlish et al. 2018, section 3).
+
+The figure is a :class:`matplotlib.figure.Figure` built directly: no pyplot, no backend switch,
+nothing global changes (a notebook keeps its backend).
 """
 
 from __future__ import annotations
@@ -12,13 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed, and safe in worker processes
-
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
+from matplotlib.figure import Figure
 
 from noisescale.io import save_figure
 
@@ -72,7 +71,8 @@ def plot_run(
     low = np.array([np.nan if c[0] is None else c[0] for c in cis], dtype=np.float64)
     high = np.array([np.nan if c[1] is None else c[1] for c in cis], dtype=np.float64)
 
-    fig, (ax_b, ax_l) = plt.subplots(2, 1, sharex=True, figsize=(7.0, 6.0), constrained_layout=True)
+    fig = Figure(figsize=(7.0, 6.0), layout="constrained")
+    ax_b, ax_l = fig.subplots(2, 1, sharex=True)
     ok = np.isfinite(b_simple) & (b_simple > 0)
     band = ok & np.isfinite(low) & np.isfinite(high) & (low > 0)
     ax_b.fill_between(
@@ -108,7 +108,4 @@ def plot_run(
     ax_l.grid(True, which="both", alpha=0.3)
     if title:
         fig.suptitle(title)
-    try:
-        save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)

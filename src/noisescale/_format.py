@@ -1,0 +1,62 @@
+"""Numbers for people: batch sizes, short numbers with a k/M/G suffix, intervals.
+
+One place for the formatting of every table, plot label and sentence of the package, so that
+a batch size reads the same in ``noisescale fit``, ``noisescale sweep`` and the plots.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["format_batch", "format_interval", "short_number"]
+
+
+def format_batch(value: float, rounding: str = "nearest") -> str:
+    """A batch size for people: integers below 10^7 exactly, other values to 3 significant figures.
+
+    Args:
+        value: the number, in the batch-size unit (images, tokens, observations, examples).
+        rounding: ``"nearest"``, or ``"down"``/``"up"`` so that a lower/upper bound stays true.
+
+    Returns:
+        The formatted number.
+
+    Raises:
+        KeyError: if ``rounding`` is not one of the three.
+
+    Examples:
+        >>> format_batch(4096.0), format_batch(2873.4, "down"), format_batch(37.25), format_batch(2.5e8)
+        ('4096', '2870', '37.2', '2.5e+08')
+    """
+    rnd = {"nearest": round, "down": math.floor, "up": math.ceil}[rounding]
+    if value == round(value) and abs(value) < 1e7:
+        return f"{value:.0f}"
+    exp = math.floor(math.log10(abs(value))) - 2 if value else 0
+    unit = 10.0**exp
+    rounded = float(rnd(value / unit) * unit)
+    if abs(rounded) >= 1e7:
+        return f"{rounded:.3g}"
+    return f"{rounded:.0f}" if abs(rounded) >= 100 else f"{rounded:.3g}"
+
+
+def short_number(value: float) -> str:
+    """Three significant figures with a k/M/G/T suffix.
+
+    Examples:
+        >>> short_number(549000), short_number(2.84e6), short_number(37.25)
+        ('549k', '2.84M', '37.2')
+    """
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale * 0.9995:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def format_interval(low: float, high: float) -> str:
+    """``[low, high]`` with :func:`short_number`.
+
+    Examples:
+        >>> format_interval(226.4, 31_900.0)
+        '[226, 31.9k]'
+    """
+    return f"[{short_number(low)}, {short_number(high)}]"
