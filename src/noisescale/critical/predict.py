@@ -22,13 +22,15 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from noisescale._format import format_batch
 from noisescale.errors import SweepDataError
+
+if TYPE_CHECKING:  # the table needs pandas, from the `cli` extra; the rest of the module does not
+    import pandas as pd
 
 __all__ = [
     "BCritPowerLaw",
@@ -346,6 +348,8 @@ def predict_batches(
         0  2000.0    1.000       0.500
         1  1500.0    1.333       0.333
     """
+    import pandas as pd  # the `cli` extra: the core (pip install noisescale) installs without it
+
     b = np.sort(np.atleast_1d(_positive("batch_sizes", batch_sizes)))
     ref = float(b[0]) if reference is None else reference
     nan = np.full(b.shape, np.nan)
