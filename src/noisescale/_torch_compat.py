@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from noisescale.errors import UnsupportedTorchError
 
 __all__ = [
+    "ACCUMULATE_GRAD",
     "REQUIRED_APIS",
     "accumulated_variable",
     "backward_calls_running",
@@ -112,13 +113,27 @@ def queue_callback(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
 
 
-def accumulated_variable(node: Any) -> Tensor | None:
-    """The leaf tensor of an ``AccumulateGrad`` node, or None for any other autograd node.
+def _accumulate_grad_type() -> type:
+    """The accumulator node type, or a type no node has if this torch builds graphs differently."""
+    try:
+        leaf = torch.zeros(1, requires_grad=True)
+        return type(leaf.view(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
+    except Exception:  # check() names the API; importing must not fail
+        return type(None)
 
-    Finds the edges into a parameter's gradient accumulator when walking the graph a
-    layer call built (:mod:`noisescale.per_example.uses`).
-    """
-    return getattr(node, "variable", None) if type(node).__name__ == "AccumulateGrad" else None
+
+ACCUMULATE_GRAD: type = _accumulate_grad_type()
+"""The type of a leaf's gradient accumulator node (``torch._C._functions.AccumulateGrad``).
+
+Its ``.variable`` is the leaf. Walking the graph a layer call built
+(:mod:`noisescale.per_example.uses`) finds the edges into a parameter's accumulator
+by this type; an exact type check, since the walk is on the forward hot path.
+"""
+
+
+def accumulated_variable(node: Any) -> Tensor | None:
+    """The leaf tensor of an ``AccumulateGrad`` node, or None for any other autograd node."""
+    return node.variable if type(node) is ACCUMULATE_GRAD else None
 
 
 def foreach_norm(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -200,7 +215,8 @@ def _missing() -> list[str]:
             obj, parts = nn.Conv2d(1, 1, 1), parts[2:]
         elif name == "torch._C._functions.AccumulateGrad.variable":
             leaf = torch.zeros(1, requires_grad=True)
-            obj, parts = leaf.view(1).grad_fn.next_functions[0][0], ["variable"]  # type: ignore[union-attr]
+            node = leaf.view(1).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+            obj, parts = (node if type(node) is ACCUMULATE_GRAD else None), ["variable"]
         for part in parts:
             if not hasattr(obj, part):
                 missing.append(name)

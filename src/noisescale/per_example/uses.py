@@ -105,31 +105,31 @@ class UseChecker:
             (no gradient of ``params`` flows through this call).
         """
         wanted = {id(p) for p in params if p.requires_grad}
-        stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-        todo = [o.grad_fn for o in outputs if o.grad_fn is not None]
-        seen = set(todo)
-        acc_seen = None
-        visited = 0
+        stops = {t.grad_fn for t in inputs if isinstance(t, Tensor)}  # None among them is harmless
+        todo = [o.grad_fn for o in outputs]
+        seen: set[Any] = set()
+        accumulator = tc.ACCUMULATE_GRAD
+        found = None
         while todo:
             node = todo.pop()
-            visited += 1
-            if visited > _MAX_WALK:
-                self._unchecked |= wanted
-                return acc_seen
-            slots = []
+            if node is None:
+                continue
+            slots: list[tuple[int, int, Any]] = []
             for slot, (child, _) in enumerate(node.next_functions):
-                if child is None or child in seen or child in stops:
-                    continue
-                variable = tc.accumulated_variable(child)
-                if variable is None:
+                if type(child) is accumulator:
+                    key = id(child.variable)
+                    if key in wanted:
+                        slots.append((slot, key, child))
+                        found = child
+                elif child is not None and child not in seen and child not in stops:
                     seen.add(child)
                     todo.append(child)
-                elif id(variable) in wanted:
-                    slots.append((slot, id(variable), child))
-                    acc_seen = child
             if slots:
                 node.register_hook(partial(self._sent, tuple(slots)))
-        return acc_seen
+            if len(seen) > _MAX_WALK:
+                self._unchecked |= wanted
+                break
+        return found
 
     def _sent(
         self, slots: tuple[tuple[int, int, Any], ...], grad_inputs: tuple[Tensor | None, ...], _: Any
@@ -206,4 +206,3 @@ def watched(units: Iterable[Any]) -> tuple[dict[int, str], list[nn.Parameter]]:
 def inputs_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """The positional and keyword values of a call (tensors among them stop the walk)."""
     return [*args, *kwargs.values()]
-
