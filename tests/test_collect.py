@@ -76,3 +76,79 @@ def test_sparse_gradients_have_the_norms_of_their_dense_twins(rows: int) -> None
     torch.testing.assert_close(
         recorders[0].accumulated_sq_norms(), recorders[1].accumulated_sq_norms(), rtol=1e-12, atol=0.0
     )
+
+
+def _scaled_run(method: str, scale: float | None, *, accumulate: int) -> tuple[float, float, int]:
+    """(|G|^2, tr Sigma, skipped steps) of a float32 model, 12 steps at lr 0, with a fixed AMP scale.
+
+    The model is float32 with a large (eagerly normed) first layer and small ones (normed
+    together), so every norm path sees the scale.
+    """
+    from noisescale.meter import GradientNoiseScale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 160), nn.Tanh(), nn.Linear(160, 1))
+    assert model[0].weight.numel() >= EAGER_NUMEL
+    gen = torch.Generator().manual_seed(1)
+    scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**9)
+    meter = GradientNoiseScale(model, method=method, ema_decay=1.0, scaler=scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(12):
+        x = torch.randn(16, 256, generator=gen)
+        y = x[:, :4].sum(1, keepdim=True) + torch.randn(16, 1, generator=gen)
+        for xs, ys in zip(x.chunk(accumulate), y.chunk(accumulate), strict=True):
+            loss = (model(xs) - ys).square().mean() / accumulate
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        meter.update(16)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update(new_scale=scale)  # hold the scale: GradScaler's back-off reaches 2**-70 too
+        opt.zero_grad()
+    est = meter.compute()
+    return est.grad_norm_sq, est.trace_sigma, est.skipped_steps
+
+
+@pytest.mark.parametrize(
+    "scale", [2.0**-70, 2.0**64, 2.0**-20, 2.0**100], ids=["2^-70", "2^64", "2^-20", "2^100"]
+)
+@pytest.mark.parametrize(
+    ("method", "accumulate"), [("microbatch", 4), ("per_example", 1), ("per_example", 2)]
+)
+def test_extreme_grad_scaler_scales_give_the_unscaled_estimates(
+    method: str, accumulate: int, scale: float
+) -> None:
+    """Issue 13 #3: at 2**-70 the squared norms underflowed float32 (per_example 9% low, CI
+    excluding the truth), at 2**64 they overflowed and every step was skipped. A power-of-two
+    scale is exact in floating point and the gradients are unscaled before any square, so the
+    estimates equal the unscaled run's up to the order of float64 operations: 1e-9 relative
+    (an underflow or a lost step changes them by far more)."""
+    truth = _scaled_run(method, None, accumulate=accumulate)
+    got = _scaled_run(method, scale, accumulate=accumulate)
+    assert got[2] == 0, "steps with finite gradients were counted as skipped"
+    assert got[0] == pytest.approx(truth[0], rel=1e-9)
+    assert got[1] == pytest.approx(truth[1], rel=1e-9)
+
+
+def test_squared_norm_unscales_before_squaring() -> None:
+    """Half, strided and contiguous float32 gradients scaled by 2**-70 and 2**64: the unscaled
+    squared norm to float32 round-off (1e-6), never 0 or inf."""
+    from noisescale.collect import inverse_scale, squared_norm, squared_norms
+
+    g = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    truth = g.double().square().sum().item()
+    for scale in (2.0**-70, 2.0**64):
+        s = torch.tensor(scale)
+        inv = inverse_scale(s)
+        for tensor in (g * s, (g * s).to(memory_format=torch.channels_last)):
+            assert squared_norm(tensor, inv).item() == pytest.approx(truth, rel=1e-6)
+        small = [g[0, 0] * s, g[1, 0, 0] * s]
+        expected = (
+            torch.stack([small[0].double().square().sum(), small[1].double().square().sum()]) / scale**2
+        )
+        torch.testing.assert_close(squared_norms(small, inv), expected, rtol=1e-6, atol=0.0)
+    half = (g * 2.0**-10).half()  # a float16 gradient under a small scale: normed in float32 first
+    assert squared_norm(half, inverse_scale(torch.tensor(2.0**-10))).item() == pytest.approx(
+        half.double().square().sum().item() * 2.0**20, rel=1e-6
+    )

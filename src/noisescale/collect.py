@@ -13,26 +13,28 @@ kernel for the small ones; the meter sums parameters into groups). With per-exam
 kernels attached, a record holds their ``[N, G]`` per-example squared norms per group
 instead.
 
-AMP: with a ``torch.amp.GradScaler`` the recorded gradients are scaled by the
-scaler's current scale ``s``; squared norms are divided by ``s**2`` on the device,
-using the scale in force at that backward (GradScaler changes it only in
-``update()``, i.e. between optimiser steps). Overflowing steps produce non-finite
-norms, which the meter skips and counts.
+AMP: with a ``torch.amp.GradScaler`` the gradients backward computes are scaled by
+the scaler's current scale ``s`` (GradScaler changes it only in ``update()``, between
+optimiser steps). They are unscaled (multiplied by ``1/s``, exact for GradScaler's
+powers of two) before any square is taken: squaring first underflows float32 at
+``s = 2**-70`` (a scale GradScaler's own back-off reaches after many overflows) and
+overflows it at ``s >= 2**64``. A squared norm is therefore non-finite only when the
+gradient itself is (an overflowing AMP step), and the meter skips and counts those.
 
 Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a micro-batch.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from noisescale import _torch_compat as tc
 
 if TYPE_CHECKING:
     from noisescale.per_example import PerExampleNorms
@@ -47,42 +49,66 @@ class MicrobatchRecord:
     """What one backward pass contributed.
 
     ``values`` (``microbatch``): per parameter, the 0-d squared norm of this backward's
-    gradient, or None (it had none), loss-scaled under AMP. ``per_example``: ``[N, G]``
-    squared norms of each example's contribution, already divided by the AMP scale squared.
+    gradient, or None (it had none). ``per_example``: ``[N, G]`` squared norms of each
+    example's contribution. Both with the AMP loss scale already removed.
     """
 
     values: list[torch.Tensor | None] | None = None
     per_example: torch.Tensor | None = None
-    scale: torch.Tensor | None = None  # 0-d float64 AMP scale in force at this backward
 
 
-def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """0-d squared L2 norm of one tensor, no host sync.
+_FULL = (torch.float32, torch.float64)  # unscaled before squaring; half types are normed in float32
+
+
+def squared_norm(tensor: torch.Tensor, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """0-d squared L2 norm of ``tensor * inv_scale``, no host sync.
 
     A contiguous float32 or float64 tensor takes one BLAS dot product with itself, in
     its own dtype (about twice as fast as the norm kernel on CPUs); any other (float16,
     bfloat16, strided such as channels_last) a norm taken in float32 (float64 for
     float64), which cannot overflow for half-precision values. A sparse tensor is coalesced first.
+
+    Args:
+        tensor: a gradient, any shape and floating dtype.
+        inv_scale: optional 0-d float32 ``1/s`` (AMP loss scale ``s``, :func:`inverse_scale`).
+            Float32/float64 gradients are multiplied by it before the squares are taken
+            (one elementwise pass): ``(g s)^2`` underflows float32 at ``s = 2**-70``
+            and overflows it at ``s >= 2**64``. A half-precision gradient's norm is taken
+            in float32 first (it cannot under- or overflow there), then multiplied.
+
+    Returns:
+        0-d tensor, float32 (float64 for float64 input) on the tensor's device.
     """
     if tensor.is_sparse:  # nn.Embedding(sparse=True): repeated rows sum first
-        return squared_norm(tensor.coalesce().values())
-    if tensor.is_contiguous() and tensor.dtype in (torch.float32, torch.float64):
+        return squared_norm(tensor.coalesce().values(), inv_scale)
+    if inv_scale is not None and tensor.dtype in _FULL:
+        tensor = tensor * inv_scale.to(tensor.dtype)
+        inv_scale = None
+    if tensor.is_contiguous() and tensor.dtype in _FULL:
         flat = tensor.view(-1)
         return torch.dot(flat, flat)
     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(tensor, dtype=dtype).square()
+    norm = torch.linalg.vector_norm(tensor, dtype=dtype)
+    return (norm if inv_scale is None else norm * inv_scale).square()
 
 
-def squared_norms(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``[P]`` float64 squared L2 norms of ``P`` tensors (zero for None), no host sync.
+def squared_norms(
+    tensors: Sequence[torch.Tensor | None], inv_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[P]`` float64 squared L2 norms of ``P`` tensors times ``inv_scale`` (zero for None), no host sync.
 
     Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through
     :func:`squared_norm`; the others through one fused norm kernel (:func:`_square_small`).
     """
-    return _squared(_norm_or_hold(t) for t in tensors)
+    return _squared([_norm_or_hold(t, inv_scale) for t in tensors], inv_scale)
 
 
-def _norm_or_hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """0-d float32 ``1/s`` of an AMP loss scale, as ``GradScaler.unscale_`` computes it (no sync)."""
+    return scale.double().reciprocal().float()
+
+
+def _norm_or_hold(tensor: torch.Tensor | None, inv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """A gradient's 0-d squared norm if it is large (:func:`_eager`), else itself, at least 1-D.
 
     :func:`_squared` norms the held small ones together. A 0-d gradient (a scalar
@@ -91,17 +117,16 @@ def _norm_or_hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
     if tensor is None:
         return None
     if _eager(tensor):
-        return squared_norm(tensor)
+        return squared_norm(tensor, inv_scale)
     return tensor if tensor.dim() else tensor.view(1)
 
 
-def _squared(values: Iterable[torch.Tensor | None]) -> torch.Tensor:
+def _squared(values: list[torch.Tensor | None], inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``[n]`` float64 squared norms from :func:`_norm_or_hold` values.
 
     The 0-d values are squared norms already; the others are normed together.
     """
-    values = list(values)
-    _square_small(values)
+    _square_small(values, inv_scale)
     return _stack_float64(values)
 
 
@@ -110,20 +135,27 @@ def _eager(tensor: torch.Tensor) -> bool:
     return tensor.is_sparse or tensor.numel() >= EAGER_NUMEL
 
 
-def _square_small(values: list[torch.Tensor | None]) -> None:
-    """Replace the gradients in ``values`` (not 0-d) by their 0-d squared norms, in one fused kernel.
+def _square_small(values: list[torch.Tensor | None], inv_scale: torch.Tensor | None = None) -> None:
+    """Replace the gradients in ``values`` (not 0-d) by their 0-d squared norms times ``inv_scale**2``.
 
-    The 0-d entries are squared norms already. Norms are taken and squared in at least
-    float32, so float16 gradients with norms above 256 do not overflow.
+    One fused norm kernel for all of them. The 0-d entries are squared norms already.
+    Norms are taken and squared in at least float32, so float16 gradients with norms
+    above 256 do not overflow; float32/float64 gradients are unscaled first (see
+    :func:`squared_norm`), half ones after their norm is taken.
     """
     small = [i for i, v in enumerate(values) if v is not None and v.dim() > 0]
     if not small:
         return
-    grads = [values[i] for i in small]
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32  # type: ignore[union-attr]
-    norms = torch._foreach_norm(grads, dtype=dtype)  # type: ignore[arg-type]
-    for i, sq in zip(small, torch._foreach_mul(norms, norms), strict=True):
-        values[i] = sq
+    grads: list[torch.Tensor] = [values[i] for i in small]  # type: ignore[misc]
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    if inv_scale is None:
+        norms = tc.foreach_norm(grads, dtype)
+    else:
+        grads = [g * inv_scale.to(g.dtype) if g.dtype in _FULL else g for g in grads]
+        norms = tc.foreach_norm(grads, dtype)
+        norms = [n if g.dtype in _FULL else n * inv_scale for n, g in zip(norms, grads, strict=True)]
+    for i, norm in zip(small, norms, strict=True):
+        values[i] = norm.square()
 
 
 def _stack_float64(values: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -135,22 +167,6 @@ def _stack_float64(values: Sequence[torch.Tensor | None]) -> torch.Tensor:
     if all(v.dtype == like.dtype for v in values):  # type: ignore[union-attr]
         return torch.stack(values).to(torch.float64)  # type: ignore[arg-type]
     return torch.stack([v.to(torch.float64) for v in values])  # type: ignore[union-attr]
-
-
-def _amp_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
-    """The scaler's current scale as a device tensor (no sync), or None when not scaling."""
-    if scaler is None or not scaler.is_enabled() or scaler._scale is None:
-        return None
-    return scaler._scale
-
-
-def _amp_unscaled(scaler: torch.amp.GradScaler | None) -> bool:
-    """True when the user already called ``scaler.unscale_(optimizer)`` this step."""
-    if scaler is None or not scaler.is_enabled():
-        return False
-    from torch.amp.grad_scaler import OptState
-
-    return any(s["stage"] is OptState.UNSCALED for s in scaler._per_optimizer_states.values())
 
 
 _NO_GRAD = "no parameter has a .grad: call meter.update() before optimizer.zero_grad()"
@@ -195,7 +211,7 @@ class GradientRecorder:
 
     Args:
         params: the ``P`` trainable parameters, in a fixed order.
-        scaler: optional GradScaler whose scale divides the recorded norms.
+        scaler: optional GradScaler; the recorded norms are those of the unscaled gradients.
         per_example: optional per-example kernels, popped after each backward; when
             given, the micro-batch norms are not taken (the per-example estimator
             needs only the per-example norms and ``.grad``).
@@ -219,26 +235,30 @@ class GradientRecorder:
         self.records: list[MicrobatchRecord] = []
         self.snapshot: torch.Tensor | None = None  # [P] float64, set at the end of each backward
         self._held: dict[int, list[torch.Tensor | None]] = {}  # running graph task -> its values in .grad
+        self._inv_scale: dict[int, torch.Tensor | None] = {}  # running graph task -> 1/s (AMP), or None
         self._record_of: dict[int, MicrobatchRecord] = {}  # running graph task -> the record it adds to
         self._current: MicrobatchRecord | None = None  # record of the newest backward call
         self._newest_task = -1  # graph task ids only grow: a smaller one encloses a newer one
         self._seen = [False] * len(self.params)  # parameters with a value in the current record
         self._split: int | None = None  # a parameter whose gradient came in two parts
         self._raised = False  # a backward raised halfway since the last pop
+        tc.check()  # a clear error now, not an AttributeError inside a backward hook
+        if per_example is not None:
+            per_example.set_scaler(scaler)
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
         """Tensor hook: this backward's gradient of parameter ``i``, right before it is added to ``.grad``."""
-        task = torch._C._current_graph_task_id()
+        task = tc.graph_task_id()
         held = self._held.get(task)
         if held is None:  # the first gradient of this graph task
-            if not _adds_into_grad():
+            if not tc.current_node_adds_into_grad():
                 return
             held = self._start(task)
         if self.per_example is None:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
-            held[i] = squared_norm(grad)
+            held[i] = squared_norm(grad, self._inv_scale[task])
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
@@ -257,6 +277,7 @@ class GradientRecorder:
         """
         if self._held and _backward_calls_running() < 2:  # the unfinished ones raised: forget them
             self._held.clear()
+            self._inv_scale.clear()
             self._record_of.clear()
             self._raised = True
         nested = bool(self._held) or task < self._newest_task
@@ -271,23 +292,22 @@ class GradientRecorder:
         self._newest_task = max(self._newest_task, task)
         self._record_of[task] = self._current
         held = self._held[task] = [None] * len(self.params)
-        _queue_callback(partial(self._on_backward, task))
+        scale = tc.scaler_scale(self.scaler)
+        self._inv_scale[task] = None if scale is None else inverse_scale(scale)
+        tc.queue_callback(partial(self._on_backward, task))
         return held
 
     def _on_backward(self, task: int) -> None:
         """End of graph task ``task``: add its values to its backward call's record, filed once.
 
-        Only the AMP scale in force is taken now; stacking the values into a tensor waits
-        for :meth:`sq_norms`, once per optimiser step.
+        No tensor operation: stacking the values into a tensor waits for :meth:`sq_norms`,
+        once per optimiser step.
         """
         held = self._held.pop(task)
         record = self._record_of.pop(task)
-        scale = _amp_scale(self.scaler)
+        self._inv_scale.pop(task, None)
         if self.per_example is not None:
-            per_example = self.per_example.pop(task)
-            if per_example is not None and scale is not None:
-                per_example = per_example.to(torch.float64) / scale.to(torch.float64).square()
-            record.per_example = _add(record.per_example, per_example)
+            record.per_example = _add(record.per_example, self.per_example.pop(task))
         else:
             # One parameter's value comes from one graph task (else _split), so the parts merge.
             record.values = (
@@ -295,12 +315,10 @@ class GradientRecorder:
                 if record.values is None
                 else [a if b is None else b for a, b in zip(record.values, held, strict=True)]
             )
-            if scale is not None and record.scale is None:
-                record.scale = scale.to(torch.float64)  # a copy: GradScaler.update() changes it in place
         if not self.records or self.records[-1] is not record:  # filed when its first task ends
             self.records.append(record)
         if self.take_snapshot:  # after the callbacks already queued, e.g. DDP's copy of the all-reduced mean
-            _queue_callback(self._take_snapshot)
+            tc.queue_callback(self._take_snapshot)
 
     def _take_snapshot(self) -> None:
         self.snapshot = self.accumulated_sq_norms()
@@ -319,22 +337,19 @@ class GradientRecorder:
         if any(r.values is None for r in records):
             raise ValueError("these records hold per-example norms, not per-backward values")
         values = [v for r in records for v in r.values]  # type: ignore[union-attr]
-        scales = [r.scale for r in records]
+        rows = len(records)
         snapshot = self.snapshot if big else None
+        inv_scale = None
         if big and snapshot is None:
             if all(p.grad is None for p in self.params):
                 raise RuntimeError(_NO_GRAD)
-            values += [_norm_or_hold(p.grad) for p in self.params]
-            scales.append(self._grad_scale())
-        rows = [_squared(values).view(len(scales), -1)] if values else []
+            inv_scale = self._grad_inv_scale()
+            values += [_norm_or_hold(p.grad, inv_scale) for p in self.params]
+            rows += 1
+        out = [_squared(values, inv_scale).view(rows, -1)] if values else []
         if snapshot is not None:
-            rows.append(snapshot[None])
-            scales.append(None)
-        out = torch.cat(rows) if len(rows) > 1 else rows[0]
-        if any(s is not None for s in scales):
-            one = torch.ones((), dtype=torch.float64, device=out.device)
-            out = out / torch.stack([one if s is None else s for s in scales])[:, None].square()
-        return out
+            out.append(snapshot[None])
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def accumulated_sq_norms(self) -> torch.Tensor:
         """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
@@ -345,16 +360,14 @@ class GradientRecorder:
         grads = [p.grad for p in self.params]
         if all(g is None for g in grads):
             raise RuntimeError(_NO_GRAD)
-        sq = squared_norms(grads)
-        scale = self._grad_scale()
-        return sq if scale is None else sq / scale.square()
+        return squared_norms(grads, self._grad_inv_scale())
 
-    def _grad_scale(self) -> torch.Tensor | None:
-        """0-d float64 AMP scale of ``.grad``: None unless scaled and not yet unscaled."""
-        scale = _amp_scale(self.scaler)
-        if scale is None or _amp_unscaled(self.scaler):
+    def _grad_inv_scale(self) -> torch.Tensor | None:
+        """0-d float32 ``1/s`` for ``.grad``: None unless scaled and not yet unscaled."""
+        scale = tc.scaler_scale(self.scaler)
+        if scale is None or tc.scaler_unscaled(self.scaler):
             return None
-        return scale.to(torch.float64)
+        return inverse_scale(scale)
 
     def problem(self) -> str | None:
         """Why the records since the last pop do not describe whole backward passes, or None.
@@ -374,6 +387,7 @@ class GradientRecorder:
             self.per_example.pop()
         self._raised = False
         self._held.clear()
+        self._inv_scale.clear()
         self._record_of.clear()
         self._current = None
         self._seen = [False] * len(self.params)
@@ -388,26 +402,6 @@ class GradientRecorder:
             self.per_example.remove()
 
 
-def _queue_callback(callback: Callable[[], None]) -> None:
-    """Run ``callback`` at the end of the running backward, after those queued before it."""
-    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
-
-
-def _adds_into_grad() -> bool:
-    """Whether the running graph task adds the hooked parameter's gradient into ``.grad``.
-
-    Called from a parameter's tensor hook, where the node autograd is running is the
-    parameter's AccumulateGrad node. True for ``backward()`` (also with ``inputs=``, for
-    the parameters it names), False inside ``torch.autograd.grad``, which returns
-    gradients without touching ``.grad``: there autograd refuses to say whether it will
-    run a parameter's AccumulateGrad node.
-    """
-    try:
-        return torch._C._will_engine_execute_node(torch._C._current_autograd_node())
-    except RuntimeError:  # "A leaf node was passed ... while running autograd.grad()"
-        return False
-
-
 def _backward_calls_running() -> int:
     """How many ``backward``/``autograd.grad`` calls are in progress, on every thread.
 
@@ -415,14 +409,7 @@ def _backward_calls_running() -> int:
     ``Tensor.backward`` calls) and ``torch.autograd.grad``; used only when a graph task
     starts while another one has not finished (nested, or one that raised).
     """
-    codes = (torch.autograd.backward.__code__, torch.autograd.grad.__code__)
-    count = 0
-    for frame in sys._current_frames().values():
-        walk: FrameType | None = frame
-        while walk is not None:
-            count += walk.f_code in codes
-            walk = walk.f_back
-    return count
+    return tc.backward_calls_running((torch.autograd.backward.__code__, torch.autograd.grad.__code__))
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ __all__ = [
     "SweepConfigError",
     "SweepDataError",
     "UnsupportedLayerError",
+    "UnsupportedTorchError",
 ]
 
 
@@ -43,3 +44,7 @@ class SweepConfigError(NoiseScaleError, ValueError):
 
 class SweepDataError(NoiseScaleError, ValueError):
     """A sweep or log file cannot give a trustworthy fit (too few points, corrupt rows...)."""
+
+
+class UnsupportedTorchError(NoiseScaleError, RuntimeError):
+    """The installed torch lacks (or changed) a private API the meter's hooks rely on."""

@@ -17,20 +17,34 @@ Shared parameters (tied weights, a layer called more than once per backward) tak
 the materialising path: each use's ``[N, *P]`` contribution is summed, and the norm
 is taken in :meth:`PerExampleNorms.pop`. Layers without a kernel raise
 :class:`~noisescale.errors.UnsupportedLayerError`, or, with ``fallback=True``, use
-the exact recompute of :mod:`noisescale.per_example.fallback`.
+the exact recompute of :mod:`noisescale.per_example.fallback`. A parameter also used
+outside the layers that own it (``h @ emb.weight.T``) makes ``backward()`` raise
+:class:`~noisescale.errors.UnsupportedLayerError` (:mod:`noisescale.per_example.uses`).
+
+Which calls count: a layer is "called twice" in a backward when two of its forward
+calls are still pending (not yet backpropagated, graph alive) when the backward
+reaches it. A call is no longer pending once a backward that frees its graph has
+passed through it, including ``torch.autograd.grad`` (an evaluation probe, a
+penalty; the kernels do no work there, since nothing reaches ``.grad``), or once its
+graph is freed. A forward pass whose graph is alive but not yet backpropagated
+costs its own activations only, but makes the backward passes meanwhile take the
+materialising path for its layers (exact, more memory): drop such outputs, or run
+them under ``torch.no_grad()``.
 
 Scaling: the norms are those of the contributions backward actually computed.
 With a mean-reduced loss over ``N`` examples that is ``|g_n|^2 / N^2``; multiply
 by ``N^2`` for ``|g_n|^2`` (BackPACK's ``BatchL2Grad`` has the same convention).
 Under AMP, divide by the loss scale squared.
 
+Scaling under AMP: given a GradScaler (:meth:`PerExampleNorms.set_scaler`), the
+output gradients are unscaled before any square is taken, so the norms are those of
+the unscaled gradients (no under- or overflow at extreme scales).
+
 Limitations: dim 0 of every hooked layer's input must index examples
 (``batch_first=True``); ``requires_grad`` is read at construction (build a new
-object after freezing or unfreezing); a forward with gradients enabled that is
-never backpropagated counts as a call until the next ``pop()`` (the next backward
-then materialises: exact, slower); with activation checkpointing the recomputed
-forward counts too (exact, materialising), and the hooked layers' inputs are kept
-alive until backward, which takes back the memory checkpointing would save.
+object after freezing or unfreezing); with activation checkpointing the recomputed
+forward counts as a pending call too (exact, materialising), and the hooked layers'
+inputs are kept alive until backward, which takes back the memory checkpointing would save.
 
 Shape letters: ``N`` examples, ``G`` parameter groups, ``P`` a parameter's shape.
 
@@ -54,8 +68,11 @@ from torch import Tensor, nn
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.hooks import RemovableHandle
 
+from noisescale import _torch_compat as tc
 from noisescale.per_example import fallback as fb
+from noisescale.per_example.kernel import accumulation_dtype
 from noisescale.per_example.plan import Unit, build_units
+from noisescale.per_example.uses import UseChecker, inputs_of, watched
 
 __all__ = ["PerExampleNorms"]
 
@@ -68,24 +85,40 @@ class _Frame(NamedTuple):
     called: set[Unit]  # hooked layers that ran inside this call
 
 
-_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+class _Call:
+    """One pending forward call of a hooked layer: what its backward hook needs.
 
-
-def _take(saved: list[Any]) -> Any:
-    """The item a layer call saved for its backward hook, removed from ``saved`` unless the
-    running backward keeps the graph (``retain_graph``/``create_graph``, or a torch that cannot
-    tell). Held to the end of backward, layer inputs would cost memory, and time in the
-    allocations that could not reuse it.
-
-    Raises:
-        RuntimeError: on a second backward through a graph that was not kept.
+    Held only by the hook on the call's outputs, so it lives exactly as long as the
+    call's graph; while alive and not yet backpropagated through a graph-freeing
+    backward it is in its unit's ``pending`` set (a WeakSet).
     """
-    if not saved:
-        raise RuntimeError(
-            "per-example norms: backward through this graph a second time, but the first backward "
-            "freed it; use .backward(retain_graph=True) the first time."
-        )
-    return saved[0] if _KEEP_GRAPH is None or _KEEP_GRAPH() else saved.pop()
+
+    __slots__ = ("__weakref__", "acc", "saved", "unit")
+
+    def __init__(self, unit: Unit, saved: Any, acc: Any) -> None:
+        self.unit = unit
+        self.saved: list[Any] = [saved]  # the layer input (kernels) or SavedCall (fallback)
+        self.acc = acc  # an accumulator node the call reaches: does a backward add into .grad?
+        unit.pending.add(self)
+
+    def take(self) -> Any:
+        """The saved item, released (and the call no longer pending) unless the backward keeps the graph.
+
+        Held to the end of backward, layer inputs would cost memory, and time in the
+        allocations that could not reuse it.
+
+        Raises:
+            RuntimeError: on a second backward through a graph that was not kept.
+        """
+        if not self.saved:
+            raise RuntimeError(
+                "per-example norms: backward through this graph a second time, but the first backward "
+                "freed it; use .backward(retain_graph=True) the first time."
+            )
+        if tc.keeps_graph():
+            return self.saved[0]
+        self.unit.pending.discard(self)
+        return self.saved.pop()
 
 
 def _total(values: list[Tensor]) -> Tensor:
@@ -126,7 +159,12 @@ class PerExampleNorms:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be an nn.Module but got {type(model).__name__}.")
+        tc.check()
         self._units, self._num_groups = build_units(model, [list(g) for g in groups], fallback=fallback)
+        self._uses = UseChecker(*watched(self._units))
+        self._inv_scale: tuple[int, Tensor | None] = (-1, None)  # (graph task, 1/s) cache
+        self._scaler: torch.amp.GradScaler | None = None
+        self._shared_in: dict[int, dict[Unit, bool]] = {}  # graph task -> unit -> called twice in it
         # Per backward graph task: (layer, column, [N] squared norms) parts (fast path), and
         # id(param) -> (layer, column, [N, *P] per-example gradient sum) (shared parameters).
         self._parts: dict[int, list[tuple[Unit, int, Tensor]]] = {}
@@ -138,11 +176,20 @@ class PerExampleNorms:
         for unit in self._units:
             self._hook(unit)
 
+    def set_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Unscale the output gradients by ``scaler``'s scale before taking norms.
+
+        The norms are then those of the unscaled gradients whatever the scale: the
+        squares of scaled ones underflow float32 at ``2**-70`` and overflow it at
+        ``2**64``. :class:`noisescale.collect.GradientRecorder` sets it.
+        """
+        self._scaler = scaler
+
     def pop(self, task: int | None = None) -> Tensor | None:
         """The ``[N, G]`` squared norms of one backward pass, or of all since the last call.
 
         Call it at the end of each backward with its graph task id
-        (``torch._C._current_graph_task_id()``; :class:`noisescale.collect.GradientRecorder`
+        (:func:`noisescale._torch_compat.graph_task_id`; :class:`noisescale.collect.GradientRecorder`
         does, from its end-of-backward callback); a backward that raised halfway then
         leaves its parts under its own task, which the next ``pop()`` without a task drops.
         Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
@@ -166,8 +213,10 @@ class PerExampleNorms:
                 for key, (unit, column, g) in self._grads.pop(t, {}).items():
                     previous = grads.get(key)
                     grads[key] = (unit, column, g if previous is None else previous[2] + g)
-            for unit in self._units:
-                unit.calls = 0
+            if task is None:
+                self._shared_in.clear()
+            else:
+                self._shared_in.pop(task, None)
         parts += [(unit, column, g.flatten(1).square().sum(1)) for unit, column, g in grads.values()]
         return self._to_columns(parts) if parts else None
 
@@ -176,13 +225,16 @@ class PerExampleNorms:
         with self._lock:
             self._parts = {t: v for t, v in self._parts.items() if t == keep}
             self._grads = {t: v for t, v in self._grads.items() if t == keep}
+            self._shared_in = {t: v for t, v in self._shared_in.items() if t == keep}
+        self._uses.drop(keep)
 
     def remove(self) -> None:
         """Remove all hooks and drop any pending norms."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._parts, self._grads = {}, {}
+        self._uses.remove()
+        self._parts, self._grads, self._shared_in = {}, {}, {}
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -217,21 +269,50 @@ class PerExampleNorms:
             )
         for frame in self._frames:
             frame.called.add(unit)
-        unit.calls += 1
-        output.register_hook(partial(self._kernel_backward, unit, [x]))
+        acc = self._uses.watch([output], inputs_of(args, kwargs), unit.params.values())
+        if acc is not None:  # else no gradient of its parameters flows through this call
+            output.register_hook(partial(self._kernel_backward, _Call(unit, x, acc)))
 
-    def _kernel_backward(self, unit: Unit, saved: list[Tensor], go: Tensor) -> None:
-        x = _take(saved)
+    def _kernel_backward(self, call: _Call, go: Tensor) -> None:
+        x = call.take()
+        if not tc.will_execute(call.acc):  # torch.autograd.grad (a probe, a penalty): nothing reaches .grad
+            return
         if torch.is_grad_enabled():  # backward(create_graph=True): the norms need no graph
             with torch.no_grad():
-                self._run_kernel(unit, x, go)
+                self._run_kernel(call.unit, x, self._unscaled(go))
         else:
-            self._run_kernel(unit, x, go)
+            self._run_kernel(call.unit, x, self._unscaled(go))
+
+    def _called_twice(self, unit: Unit) -> bool:
+        """Whether ``unit`` has two or more pending calls as the running backward first reaches it.
+
+        Decided once per unit and backward: the calls this backward consumes stop being
+        pending as it goes, but all of them must take the same path.
+        """
+        task = tc.graph_task_id()
+        with self._lock:
+            decided = self._shared_in.setdefault(task, {})
+            twice = decided.get(unit)
+            if twice is None:
+                twice = decided[unit] = len(unit.pending) > 1
+        return twice
+
+    def _unscaled(self, go: Tensor) -> Tensor:
+        """``go`` divided by the AMP loss scale in force (unchanged without a scaler), before any square."""
+        scale = tc.scaler_scale(self._scaler)
+        if scale is None:
+            return go
+        task = tc.graph_task_id()
+        cached_task, inv = self._inv_scale
+        if cached_task != task or inv is None:
+            inv = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+            self._inv_scale = (task, inv)
+        return go.to(accumulation_dtype(go.dtype)) * inv
 
     def _run_kernel(self, unit: Unit, x: Tensor, go: Tensor) -> None:
         kernel = unit.kernel
         assert kernel is not None
-        if unit.calls > 1:  # called twice: its uses must be summed before the norm
+        if self._called_twice(unit):  # its uses must be summed before the norm
             norm_names, grad_names = (), unit.direct
         else:
             norm_names, grad_names = unit.norm_names, unit.shared_names
@@ -264,18 +345,21 @@ class PerExampleNorms:
         names = unit.direct + tuple(
             n for inner, inner_names in unit.inner.items() if inner not in frame.called for n in inner_names
         )
-        args, kwargs = fb.detach_inputs(args, kwargs)
-        call = fb.SavedCall(args, kwargs, frame.rng, positions, names)
-        unit.calls += 1
-        register_multi_grad_hook([outs[i] for i in positions], partial(self._fallback_backward, unit, [call]))
-
-    def _fallback_backward(
-        self, unit: Unit, saved: list[fb.SavedCall], grads_out: Sequence[Tensor | None]
-    ) -> None:
-        call = _take(saved)
-        if all(g is None for g in grads_out):
+        outputs = [outs[i] for i in positions]
+        acc = self._uses.watch(outputs, inputs_of(args, kwargs), [unit.params[n] for n in names])
+        if acc is None:
             return
-        if unit.calls > 1:
+        args, kwargs = fb.detach_inputs(args, kwargs)
+        call = _Call(unit, fb.SavedCall(args, kwargs, frame.rng, positions, names), acc)
+        register_multi_grad_hook(outputs, partial(self._fallback_backward, call))
+
+    def _fallback_backward(self, pending: _Call, grads_out: Sequence[Tensor | None]) -> None:
+        unit = pending.unit
+        call: fb.SavedCall = pending.take()
+        if all(g is None for g in grads_out) or not tc.will_execute(pending.acc):
+            return
+        grads_out = [None if g is None else self._unscaled(g) for g in grads_out]
+        if self._called_twice(unit):
             norm_names, grad_names = (), call.names
         else:
             grad_names = tuple(n for n in call.names if n in unit.shared_names)
@@ -310,13 +394,13 @@ class PerExampleNorms:
 
     def _add_norms(self, unit: Unit, norms: dict[str, Tensor]) -> None:
         columns = unit.columns
-        task = torch._C._current_graph_task_id()
+        task = tc.graph_task_id()
         with self._lock:
             parts = self._parts.setdefault(task, [])
             parts.extend((unit, columns[name], values) for name, values in norms.items())
 
     def _add_grads(self, unit: Unit, grads: dict[str, Tensor]) -> None:
-        task = torch._C._current_graph_task_id()
+        task = tc.graph_task_id()
         with self._lock:
             mine = self._grads.setdefault(task, {})
             for name, g in grads.items():

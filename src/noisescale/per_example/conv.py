@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noisescale import _torch_compat as tc
 from noisescale.per_example.kernel import Kernel, chunk_rows, upcast
 from noisescale.per_example.linear import sequence_weight_grads, sequence_weight_norms
 
@@ -45,7 +46,7 @@ __all__ = ["CONV1D_KERNEL", "CONV2D_KERNEL", "conv_grads", "conv_norms"]
 
 def _padded(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     """The input as the convolution sees it, ``[N, C, *S]`` padded, contiguous."""
-    padding = module._reversed_padding_repeated_twice
+    padding = tc.conv_padding(module)
     if not any(padding):
         return x.contiguous()
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode

@@ -8,9 +8,11 @@ contributions are materialised and summed before the norm is taken.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -38,8 +40,10 @@ class Unit:
         inner: fallback only: hooked layers inside it, with the names (relative to
             this layer) of their direct parameters; a call covers those of the inner
             layers it does not call itself (e.g. ``MultiheadAttention.out_proj``).
-        calls: forward calls since the last ``pop()``; above one, everything is
-            materialised (a layer called twice shares its parameters with itself).
+        pending: its forward calls whose graph is alive and not yet backpropagated
+            (:class:`noisescale.per_example.collector._Call`, held weakly); with two or
+            more as a backward reaches the layer, everything is materialised (a layer
+            called twice shares its parameters with itself).
     """
 
     path: str
@@ -52,7 +56,7 @@ class Unit:
     norm_names: tuple[str, ...]
     shared_names: tuple[str, ...]
     inner: dict[Unit, tuple[str, ...]] = field(default_factory=dict)
-    calls: int = 0
+    pending: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
 
 
 def group_columns(groups: Sequence[Sequence[Tensor]]) -> tuple[dict[int, int], int]:

@@ -1,4 +1,4 @@
-"""Construction errors, hook life cycle and dtype handling of PerExampleNorms."""
+"""Construction errors, hook life cycle and dtype handling of PerExampleNorms (per_example/collector.py)."""
 
 from __future__ import annotations
 
@@ -63,12 +63,29 @@ def test_unsupported_layers_are_named_with_the_fix(layer: Callable[[], nn.Module
     assert "GroupNorm" in message
 
 
-def test_unsupported_layers_outside_groups_or_frozen_are_fine() -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2), nn.BatchNorm1d(2))
+def test_unsupported_layers_outside_groups_or_frozen_are_fine(
+    masked_reference: Callable, check_norms: Callable
+) -> None:
+    """BatchNorm left out of the groups or frozen needs no kernel: construction succeeds, the
+    groups' norms are exact (the masked-output reference, valid with BatchNorm) and the frozen
+    group's column is zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2), nn.BatchNorm1d(2)).to(F64)
     model[3].requires_grad_(False)
-    PerExampleNorms(
-        model, [list(model[0].parameters()), list(model[2].parameters()), list(model[3].parameters())]
+    groups = [list(model[0].parameters()), list(model[2].parameters()), list(model[3].parameters())]
+    pe = PerExampleNorms(model, groups)
+    h0 = model[0](torch.randn(N, 3, dtype=F64))
+    h2 = model[2](model[1](h0))
+    loss = model[3](h2).square().sum()
+    loss.backward(retain_graph=True)
+    got = pe.pop()
+    pe.remove()
+    assert got is not None and got.shape == (N, 3)
+    assert torch.all(got[:, 2] == 0)  # the frozen BatchNorm's group
+    expected = masked_reference(
+        loss, [(h0, list(model[0].parameters())), (h2, list(model[2].parameters()))], groups
     )
+    check_norms(got[:, :2], expected[:, :2])
 
 
 def test_group_validation() -> None:
