@@ -8,7 +8,6 @@ References:
 from noisescale.errors import (
     DatasetNotFoundError,
     NoiseScaleError,
-    NotResolvedError,
     SingleMicrobatchError,
     SweepConfigError,
     SweepDataError,
@@ -30,7 +29,6 @@ __all__ = [
     "NoiseScaleError",
     "NoiseScaleEstimate",
     "NoiseStats",
-    "NotResolvedError",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",
