@@ -203,6 +203,7 @@ def test_frozen_parameters_are_ignored() -> None:
 
 
 def test_groups_combine_as_mediant() -> None:
+    torch.manual_seed(0)  # the initialisation, not the global RNG state other tests leave behind
     model = nn.Sequential(
         nn.Linear(5, 3, dtype=torch.float64), nn.Tanh(), nn.Linear(3, 1, dtype=torch.float64)
     )

@@ -259,7 +259,7 @@ class GradientNoiseScale:
             )
         self.sync_every = int(sync_every)
         self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [4, C] rows, examples
-        self._warned: set[str] = set()
+        self._warned = False  # compute() warned about a contradiction since the last reset
         self._state = MeterState.empty(self._series.shape[0], self._device)
         self.reset()
 
@@ -290,7 +290,7 @@ class GradientNoiseScale:
         """Forget every step so far (hooks stay attached). Needs no collective."""
         self._drop_pending()
         self._state = MeterState.empty(self._series.shape[0], self._device)
-        self._warned.clear()
+        self._warned = False
         self._recorder.pop()
         if self._sync_counter is not None:
             self._sync_counter.pop()
@@ -486,8 +486,9 @@ class GradientNoiseScale:
             examples=state.examples,
             skipped_steps=int(state.skipped),
         )
-        for part in (estimate, *estimate.groups.values(), *estimate.param_groups.values()):
-            if part.contradiction is not None and not self._warned:
-                self._warned.add(part.contradiction)
-                warnings.warn(f"noisescale: {part.contradiction}", RuntimeWarning, stacklevel=2)
+        parts = [estimate.contradiction] + [g.contradiction for g in estimate.groups.values()]
+        reason = next((r for r in parts if r is not None), None)
+        if reason is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"noisescale: {reason}", RuntimeWarning, stacklevel=2)
         return estimate

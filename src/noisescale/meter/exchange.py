@@ -216,13 +216,13 @@ class Exchange:
         n_cells = collective.big.shape[1]
         meta = [[MicrobatchRow.of(r) for r in rank] for rank in gathered[..., n_cells:].tolist()]
         matrices, examples, start = [], [], 0
-        for m in collective.backward_passes:  # each step's k = W m backward passes, rank-major
-            per_rank = [rank[start : start + m] for rank in meta]
+        for m_t in collective.backward_passes:  # each step's k = W m_t backward passes, rank-major
+            per_rank = [rank[start : start + m_t] for rank in meta]
             passes = sorted({r.backward_passes for rows in per_rank for r in rows})
-            if passes != [m]:
+            if passes != [m_t]:
                 raise nsdist.DistributedSetupError(
-                    f"the ranks ran different numbers of backward passes in one step ({m} here, {passes} in "
-                    "all): call update() on every rank after the same number of micro-steps"
+                    f"the ranks ran different numbers of backward passes in one step ({m_t} here, "
+                    f"{passes} in all): call update() on every rank after the same number of micro-steps"
                 )
             sizes = [tuple(r.examples for r in rows) for rows in per_rank]
             step_examples = sum(map(sum, sizes))
@@ -245,7 +245,7 @@ class Exchange:
                 )
             )
             examples.append(step_examples)
-            start += m
+            start += m_t
         ranks = gathered[..., :n_cells]  # [W, M, C]
         m = collective.backward_passes
         if len(set(m)) == 1:  # one product: [N, 4, W m + 1] @ [N, W m + 1, C]

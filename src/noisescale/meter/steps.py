@@ -160,8 +160,8 @@ def per_example_step(
     raw = [x.sum(0).to(torch.float64) for x in norms]  # [C] each: sum_n |a_i g_n|^2
     sums = torch.stack(
         [
-            sum(r / ai**2 for r, ai in zip(raw, a, strict=True)),
-            sum(r / ai for r, ai in zip(raw, a, strict=True)),
+            torch.stack([r / ai**2 for r, ai in zip(raw, a, strict=True)]).sum(0),  # sum_n |g_n|^2
+            torch.stack([r / ai for r, ai in zip(raw, a, strict=True)]).sum(0),  # sum_n a_n |g_n|^2
         ]
     )
     weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
