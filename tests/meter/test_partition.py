@@ -28,7 +28,11 @@ class TiedLM(nn.Module):
 
 
 def _tied_groups(model: TiedLM) -> dict[str, list[nn.Parameter]]:
-    return {"embedding": [model.emb.weight], "body": list(model.mid.parameters()), "head": [model.head.weight]}
+    return {
+        "embedding": [model.emb.weight],
+        "body": list(model.mid.parameters()),
+        "head": [model.head.weight],
+    }
 
 
 @pytest.mark.parametrize("method", ["microbatch", "per_example"])
@@ -66,7 +70,9 @@ def test_tied_weights_count_once_by_default(method: str) -> None:
     for _ in range(3):
         for tokens in torch.randint(0, 7, (2, 6, 3), generator=gen):
             logits = model(tokens)
-            (nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum") / 2).backward()
+            (
+                nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum") / 2
+            ).backward()
         meter.update(12)
         model.zero_grad()
     est = meter.compute()
@@ -82,7 +88,10 @@ def test_no_trainable_parameter_is_refused() -> None:
 def test_series_are_groups_then_optimizer_groups_then_total() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     opt = torch.optim.SGD(
-        [{"params": [model[0].weight, model[1].weight], "name": "w"}, {"params": [model[0].bias, model[1].bias]}]
+        [
+            {"params": [model[0].weight, model[1].weight], "name": "w"},
+            {"params": [model[0].bias, model[1].bias]},
+        ]
     )
     part = partition(default_groups(model), opt)
     assert part.group_names == ["0", "1"] and part.param_group_names == ["w", "param_group_1"]

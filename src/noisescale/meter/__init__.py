@@ -485,6 +485,7 @@ class GradientNoiseScale:
             steps=state.steps,
             examples=state.examples,
             skipped_steps=int(state.skipped),
+            rtol=self._rtol,
         )
         parts = [estimate.contradiction] + [g.contradiction for g in estimate.groups.values()]
         reason = next((r for r in parts if r is not None), None)

@@ -25,7 +25,14 @@ from typing import Any, NamedTuple
 
 from noisescale.uncertainty import BSimpleInterval
 
-__all__ = ["GroupEstimate", "NoiseScaleEstimate", "contradiction_message", "group_estimate"]
+__all__ = [
+    "GroupEstimate",
+    "NoiseScaleEstimate",
+    "contradiction_message",
+    "group_estimate",
+    "noise_scale_estimate",
+    "trace_sigma_negative",
+]
 
 _CHECK = (
     "Check that the loss conventions given to the meter match the loop (reduction=, accumulation=), "
@@ -137,22 +144,45 @@ def _number(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def group_estimate(iv: BSimpleInterval, j: int, *, steps: int, contradicted_steps: int) -> GroupEstimate:
+def trace_sigma_negative(iv: BSimpleInterval, j: int, *, batch: float, rtol: float) -> bool:
+    """Whether series ``j``'s tr(Sigma) is significantly negative, beyond float rounding.
+
+    Its upper confidence bound must be below ``-2 rtol (batch |G|^2 + |tr Sigma|)``: a step's
+    tr(Sigma) estimate is a difference of squared norms about ``batch |G|^2 + tr Sigma`` in
+    size (SCIENCE.md, k-way form), each rounded to ``rtol``, so steps that repeat the same
+    numbers (zero spread) are not called negative for their rounding alone. The steps are
+    taken as independent (fresh batches); steps that repeat the same data with unequal
+    micro-batches, whose tr(Sigma) estimate can be negative, break that assumption.
+
+    Args:
+        iv: the interval of every series.
+        j: the series.
+        batch: mean examples per step.
+        rtol: relative rounding of the squared norms (:func:`noisescale.estimators.contradiction_rtol`).
+    """
+    g, s, upper = float(iv.grad_norm_sq[j]), float(iv.trace_sigma[j]), float(iv.trace_sigma_upper[j])
+    return upper < -2.0 * rtol * (batch * abs(g) + abs(s))
+
+
+def group_estimate(
+    iv: BSimpleInterval, j: int, *, steps: int, examples: int, contradicted_steps: int, rtol: float
+) -> GroupEstimate:
     """Series ``j`` of an interval as a :class:`GroupEstimate`: the one "None unless resolved" rule.
 
     Args:
         iv: :func:`noisescale.uncertainty.b_simple_interval` of the meter's state, ``[S]`` fields.
         j: the series.
         steps: steps folded in (0: the parts are NaN).
+        examples: examples in them.
         contradicted_steps: steps of this series whose records were impossible for a mean.
+        rtol: relative rounding of the squared norms (for :func:`trace_sigma_negative`).
 
     Returns:
         The estimate; resolved only if ``iv`` says so and the records are consistent.
     """
+    negative = steps > 0 and trace_sigma_negative(iv, j, batch=examples / steps, rtol=rtol)
     contradiction = contradiction_message(
-        contradicted_steps=contradicted_steps,
-        steps=steps,
-        trace_sigma_negative=bool(iv.trace_sigma_negative[j]),
+        contradicted_steps=contradicted_steps, steps=steps, trace_sigma_negative=negative
     )
     resolved = bool(iv.resolved[j]) and contradiction is None
     return GroupEstimate(
@@ -175,6 +205,7 @@ def noise_scale_estimate(
     steps: int,
     examples: int,
     skipped_steps: int,
+    rtol: float,
 ) -> NoiseScaleEstimate:
     """The total (last series), the groups, then the optimizer groups, as one estimate.
 
@@ -186,10 +217,13 @@ def noise_scale_estimate(
         steps: steps folded in since the last reset.
         examples: examples in them.
         skipped_steps: of them, skipped for non-finite gradients.
+        rtol: relative rounding of the squared norms.
     """
 
     def series(j: int) -> GroupEstimate:
-        return group_estimate(iv, j, steps=steps, contradicted_steps=contradicted[j])
+        return group_estimate(
+            iv, j, steps=steps, examples=examples, contradicted_steps=contradicted[j], rtol=rtol
+        )
 
     m = len(group_names)
     total = series(len(contradicted) - 1)
