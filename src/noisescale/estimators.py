@@ -33,9 +33,9 @@ WITHOUT replacement (shuffled epochs, full-batch steps) gives
 with ``Sigma_N`` the population covariance of the N per-example gradients (divided by
 N), so every ``1/B`` in (A.1, A.2) becomes :func:`sampling_variance` of it; at B = N the
 per-example form returns the exact full-dataset |G|^2 and tr(Sigma_N). Without
-``dataset_size`` (sampling with replacement assumed) a batch that is a fraction f of
-the dataset inflates tr(Sigma) and deflates |G|^2 (at B = N: tr Sigma by N/(N-1),
-|G|^2 by tr(Sigma_N)/(N - 1)).
+``dataset_size`` (sampling with replacement assumed), draws without replacement give in
+expectation ``N/(N-1) tr(Sigma_N)`` and ``|G|^2 - tr(Sigma_N)/(N-1)`` whatever B, so B_simple
+comes out about ``N/(N - 1 - B_simple)`` times too large: negligible while B_simple << N.
 
 Loss conventions (:func:`loss_factors`) and the estimators as matrices
 (:func:`microbatch_coefficients`, :func:`per_example_coefficients`) turn what a

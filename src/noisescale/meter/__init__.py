@@ -165,8 +165,9 @@ class GradientNoiseScale:
             finite-population correction ``E|G_B|^2 = |G|^2 + (tr Sigma_N / B)(N - B)/(N - 1)``
             exactly (SCIENCE.md; at B = N ``per_example`` gives the exact full-dataset |G|^2 and
             tr(Sigma_N), Sigma_N the population covariance). None (default) assumes sampling
-            with replacement: a step of B of N examples then overstates tr(Sigma) and
-            understates |G|^2, by a relative ``(B - 1)/(N - 1)`` of tr(Sigma)/B in E|G_B|^2.
+            with replacement: draws without replacement then give B_simple about
+            ``N / (N - 1 - B_simple)`` times too large (tr(Sigma) by N/(N-1), |G|^2 low by
+            tr(Sigma_N)/(N-1), whatever B), negligible while B_simple << N.
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
