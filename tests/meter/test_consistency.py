@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -181,3 +182,18 @@ def test_one_process_loss_conventions_cannot_contradict() -> None:
     assert summed.contradiction is None and summed.resolved
     assert summed.b_simple == pytest.approx(right.b_simple, rel=1e-9)
     assert summed.grad_norm_sq == pytest.approx(16 * right.grad_norm_sq, rel=1e-9)
+
+
+@pytest.mark.distributed
+def test_ddp_comm_hook_that_sums_without_dividing_is_never_resolved(ddp_ranks: list[dict[str, Any]]) -> None:
+    """Issue 13 #4's repro on 2 gloo processes: a comm hook that all-reduces with SUM and does not
+    divide by W. Before: B_simple = -6.58, interval (-6.72, -6.17), resolved (the issue's run: -36).
+    Now: flagged on every step, never resolved, one warning naming the hook, on every rank."""
+    for rank in ddp_ranks:
+        got = rank["summing-hook"]
+        est = got["estimate"]
+        assert not est["resolved"] and est["b_simple"] is None and est["b_simple_ci"] is None
+        assert est["contradiction"] is not None
+        assert f"in {est['steps']} of {est['steps']} steps" in est["contradiction"]
+        assert "communication hook" in est["contradiction"]
+        assert len(got["warnings"]) == 1 and "communication hook" in got["warnings"][0]
