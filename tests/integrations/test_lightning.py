@@ -11,16 +11,23 @@ from tests.integrations.examples import load
 
 
 def test_lightning_fit_logs_what_the_meter_computes(tmp_path: Path) -> None:
-    trainer, callback = load("lightning_fit").main(tmp_path, steps=10)  # logs at steps 5 and 10
+    """20 steps of 64 examples resolve B_simple (about 14 examples, interval about 10 to 24 on this
+    seeded run; it resolves from step 10 on): the logged value must be the meter's, resolved."""
+    trainer, callback = load("lightning_fit").main(tmp_path, steps=20)  # logs at steps 5, 10, 15, 20
     meter = callback.meter
     assert meter.method == "microbatch"  # accumulate_grad_batches=2, one process
     est = meter.compute()
-    assert est.steps == 10
-    assert est.examples == 10 * 64
+    assert est.steps == 20
+    assert est.examples == 20 * 64
+    assert est.resolved and est.contradiction is None
+    assert est.b_simple is not None and est.b_simple_ci is not None
+    assert 0 < est.b_simple_ci[0] < est.b_simple < est.b_simple_ci[1] < 64  # a bounded, positive interval
     logged = trainer.logged_metrics
     # Lightning stores logged floats as float32 tensors: compare at float32 precision.
-    if est.b_simple is not None:
-        assert float(logged["noise_scale/b_simple"]) == pytest.approx(est.b_simple, rel=1e-6)
+    assert float(logged["noise_scale/resolved"]) == 1.0
+    assert float(logged["noise_scale/b_simple"]) == pytest.approx(est.b_simple, rel=1e-6)
+    assert float(logged["noise_scale/b_simple_low"]) == pytest.approx(est.b_simple_ci[0], rel=1e-6)
+    assert float(logged["noise_scale/b_simple_high"]) == pytest.approx(est.b_simple_ci[1], rel=1e-6)
     assert float(logged["noise_scale/grad_norm_sq"]) == pytest.approx(est.grad_norm_sq, rel=1e-6)
     assert float(logged["noise_scale/trace_sigma"]) == pytest.approx(est.trace_sigma, rel=1e-6)
     for name in ("net.0", "net.2"):
@@ -28,4 +35,4 @@ def test_lightning_fit_logs_what_the_meter_computes(tmp_path: Path) -> None:
     assert "noise_scale/param_group/param_group_0/grad_norm_sq" in logged
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows if r.get("noise_scale/trace_sigma")] == ["4", "9"]
+    assert [r["step"] for r in rows if r.get("noise_scale/trace_sigma")] == ["4", "9", "14", "19"]
