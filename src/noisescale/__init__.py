@@ -8,6 +8,7 @@ References:
 from noisescale.errors import (
     DatasetNotFoundError,
     NoiseScaleError,
+    ParameterGroupError,
     SingleMicrobatchError,
     SweepConfigError,
     SweepDataError,
@@ -29,6 +30,7 @@ __all__ = [
     "NoiseScaleError",
     "NoiseScaleEstimate",
     "NoiseStats",
+    "ParameterGroupError",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",
