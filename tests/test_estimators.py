@@ -14,6 +14,12 @@ from noisescale import (
     per_example_stats,
     two_batch_stats,
 )
+from noisescale.estimators import (
+    loss_factors,
+    microbatch_coefficients,
+    per_example_coefficients,
+    sampling_variance,
+)
 from tests import oracle
 
 
@@ -94,3 +100,96 @@ def test_unbiased_on_oracle(k: int, b: int | None, sizes: list[int] | None) -> N
     for est, truth in ((st.grad_norm_sq, oracle.GRAD_NORM_SQ), (st.trace_sigma, oracle.TRACE_SIGMA)):
         se = est.std() / r**0.5
         assert abs(est.mean().item() - truth) < 4 * se.item()
+
+
+# -- loss conventions, the estimators as matrices, finite datasets -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reduction", "accumulation", "expected"),
+    [
+        ("mean", "mean", (1 / 3, 1 / 3, 1 / 3)),
+        ("mean", "sum", (1.0, 1.0, 1.0)),
+        ("sum", "mean", (2 / 3, 4 / 3, 6 / 3)),
+        ("sum", "sum", (2.0, 4.0, 6.0)),
+        ("mean", "example_mean", (2 / 12, 4 / 12, 6 / 12)),  # reduction unused
+    ],
+)
+def test_loss_factors_of_every_convention(
+    reduction: str, accumulation: str, expected: tuple[float, ...]
+) -> None:
+    got = loss_factors([2, 4, 6], reduction=reduction, accumulation=accumulation)  # type: ignore[arg-type]
+    assert got == pytest.approx(expected, rel=1e-15)
+
+
+def test_example_mean_under_ddp_uses_every_ranks_examples() -> None:
+    """Loss = sum / N_all x W on each rank: c_i = n_i W / N_all (DDP then divides .grad by W)."""
+    assert loss_factors([3, 5], accumulation="example_mean", step_examples=20, world_size=2) == (0.3, 0.5)
+    with pytest.raises(ValueError, match="`accumulation`"):
+        loss_factors([3], accumulation="tokens")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_microbatch_matrix_applies_the_k_way_estimator(world_size: int) -> None:
+    """Random records: the matrix times the raw squared norms equals microbatch_stats on the
+    undone norms (float64 rounding only)."""
+    gen = torch.Generator().manual_seed(0)
+    sizes, factors = [3, 5, 4], [0.5, 2.0, 1.5]
+    g = torch.randn(3, 7, generator=gen, dtype=torch.float64)  # mean-loss gradients
+    c = torch.tensor(factors, dtype=torch.float64)
+    recorded = torch.cat(
+        [(c[:, None] * g).square().sum(1), ((c[:, None] * g).sum(0) / world_size).square().sum()[None]]
+    )
+    rows = microbatch_coefficients(sizes, factors, world_size=world_size) @ recorded
+    w = c / c.sum()
+    big = (w[:, None] * g).sum(0)
+    ref = microbatch_stats(
+        g.square().sum(1),
+        torch.tensor(sizes),
+        big.square().sum(),
+        effective_batch_size(w, torch.tensor(sizes, dtype=torch.float64)),
+    )
+    assert rows[:2].tolist() == pytest.approx(torch.stack(ref).tolist(), rel=1e-12)
+    assert float(rows[2]) == pytest.approx(float((w * g.square().sum(1)).sum()), rel=1e-12)
+    assert float(rows[3]) == pytest.approx(float(big.square().sum()), rel=1e-12)
+    assert rows[3] <= rows[2]  # Jensen: a convex combination never exceeds its parts' mean
+
+
+def test_per_example_matrix_applies_the_per_example_estimator() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.tensor([0.25] * 4 + [0.1] * 6, dtype=torch.float64)  # two micro-batches' per-example factors
+    g = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    sq = g.square().sum(1)
+    big = (a[:, None] * g).sum(0)
+    x = torch.stack([sq.sum(), (a * sq).sum(), big.square().sum()])
+    rows = per_example_coefficients(10, float(a.sum()), float(a.square().sum())) @ x
+    u = a / a.sum()
+    ref = per_example_stats(sq.mean(), (u[:, None] * g).sum(0).square().sum(), float(1 / u.square().sum()))
+    assert rows[:2].tolist() == pytest.approx(torch.stack(ref).tolist(), rel=1e-12)
+    assert float(rows[2]) == pytest.approx(float((u * sq).sum()), rel=1e-12)
+
+
+def test_sampling_variance_matches_the_finite_population_formula() -> None:
+    """(1/B)(N - B)/(N - 1) for a plain mean (SCIENCE.md); 1 for one example; 0 at B = N."""
+    inv = 1.0 / torch.tensor([1.0, 4.0, 10.0], dtype=torch.float64)
+    assert sampling_variance(inv, 10).tolist() == pytest.approx([1.0, (1 / 4) * 6 / 9, 0.0], abs=1e-15)
+    assert torch.equal(sampling_variance(inv, None), inv)
+
+
+@pytest.mark.parametrize("b", [2, 3, 5, 6])
+def test_per_example_is_exactly_unbiased_without_replacement(b: int) -> None:
+    """All C(6, b) subsets of a population of 6 gradient vectors: the mean estimate is the
+    population's |G|^2 and tr(Sigma_N) (exact enumeration, float64 rounding only)."""
+    pop = torch.randn(6, 3, generator=torch.Generator().manual_seed(b), dtype=torch.float64)
+    g_true = float(pop.mean(0).square().sum())
+    s_true = float((pop - pop.mean(0)).square().sum(1).mean())
+    est = []
+    for subset in itertools.combinations(range(6), b):
+        g = pop[list(subset)]
+        est.append(
+            torch.stack(
+                per_example_stats(g.square().sum(1).mean(), g.mean(0).square().sum(), b, dataset_size=6)
+            )
+        )
+    mean = torch.stack(est).mean(0)
+    assert mean.tolist() == pytest.approx([g_true, s_true], rel=1e-10)

@@ -8,7 +8,7 @@ References:
 from noisescale.errors import (
     DatasetNotFoundError,
     NoiseScaleError,
-    NotResolvedError,
+    ParameterGroupError,
     SingleMicrobatchError,
     SweepConfigError,
     SweepDataError,
@@ -30,7 +30,7 @@ __all__ = [
     "NoiseScaleError",
     "NoiseScaleEstimate",
     "NoiseStats",
-    "NotResolvedError",
+    "ParameterGroupError",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",

@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -279,6 +280,33 @@ class SyncCounter:
         """Synchronised forward passes since the last call."""
         syncs, self._syncs = self._syncs, 0
         return syncs
+
+    def check_step(self, backward_passes: int) -> None:
+        """At the end of an optimizer step: raise if no all-reduce ran, warn if more than one did.
+
+        Args:
+            backward_passes: the step's backward passes on this rank (for the warning).
+
+        Raises:
+            DistributedSetupError: if every micro-step ran inside ``no_sync``.
+        """
+        syncs = self.pop()
+        if not syncs:
+            raise DistributedSetupError(
+                "no DDP gradient all-reduce ran since the last update(): every micro-step was "
+                "inside model.no_sync(), so .grad holds this rank's gradient only. Run the last "
+                "micro-step of each optimizer step outside no_sync()."
+            )
+        if syncs > 1:
+            warnings.warn(
+                f"DDP all-reduced the gradients in {syncs} of the {backward_passes} backward passes of "
+                "this step: the forward pass of a non-final micro-step ran outside model.no_sync() "
+                "(DDP decides at forward time), so each micro-step paid a full all-reduce (or a "
+                "forward ran without a backward). The noise scale is still right (noisescale records "
+                "each backward's own gradient), but put the forward AND the backward inside "
+                "`with model.no_sync():`.",
+                stacklevel=4,
+            )
 
     def remove(self) -> None:
         """Stop counting."""

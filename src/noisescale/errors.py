@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = [
     "DatasetNotFoundError",
     "NoiseScaleError",
-    "NotResolvedError",
+    "ParameterGroupError",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",
@@ -30,8 +30,8 @@ class UnsupportedLayerError(NoiseScaleError, TypeError):
     """A trainable layer has no exact per-example norm kernel."""
 
 
-class NotResolvedError(NoiseScaleError, RuntimeError):
-    """The averaged |G|^2 is not yet positive, so B_simple is not defined yet."""
+class ParameterGroupError(NoiseScaleError, ValueError):
+    """The meter's parameter groups are ambiguous (one tensor in two groups) or empty."""
 
 
 class DatasetNotFoundError(NoiseScaleError, FileNotFoundError):

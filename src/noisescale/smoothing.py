@@ -7,7 +7,8 @@ mean of per-step ratios is biased and can even be negative).
 The state holds weighted sums over steps. Step ``t`` has weight
 ``w_t = (1 - beta_t) * prod_{u > t} beta_u``; dividing by ``sum_t w_t`` is the
 bias correction (Adam-style), exact for any sequence of decays, so the decay can be
-set per step or in examples (``beta_t = exp(-B_t / tau)``). Second-order sums
+set per step or in examples (``beta_t = exp(-B_t / tau)``,
+:meth:`noisescale.options.Averaging.decay`). Second-order sums
 (``sum w^2 x y``) feed the uncertainty (:mod:`noisescale.uncertainty`). ``beta = 1``
 gives the plain mean over all steps.
 
@@ -24,12 +25,13 @@ weight is zero and the decay is not applied.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FIELDS", "decay_for_step", "ema_fold", "ema_init", "ema_means"]
+from noisescale.options import Averaging
+
+__all__ = ["FIELDS", "ema_fold", "ema_init", "ema_means"]
 
 FIELDS = ("w", "g", "s", "w2", "w2g", "w2s", "w2gg", "w2ss", "w2gs")
 """Rows of the state: with ``w_t`` the step weights and ``G_t``, ``S_t`` the step's |G|^2
@@ -45,22 +47,13 @@ def ema_init(n: int, device: torch.device | str | None = None) -> torch.Tensor:
 def decay_for_step(*, ema_decay: float | None, ema_examples: float | None, examples: float) -> float:
     """Per-step decay: ``ema_decay`` itself, or ``exp(-examples / ema_examples)``.
 
-    Setting the time constant in examples makes runs at different batch sizes
-    average over the same amount of data (AdaptDL uses ``0.999 ** (B / B0)``).
+    Kept for callers not moved yet: :class:`noisescale.options.Averaging` is the one
+    validated averaging spec (``Averaging(ema_decay, ema_examples).decay(examples=...)``).
 
     Raises:
-        ValueError: if both or neither are given, or a value is out of range.
+        ValueError: if both or neither are given, or a value is out of range (from ``Averaging``).
     """
-    if (ema_decay is None) == (ema_examples is None):
-        raise ValueError("give exactly one of `ema_decay` (per step) and `ema_examples` (examples)")
-    if ema_examples is not None:
-        if not ema_examples > 0:
-            raise ValueError(f"expected `ema_examples` > 0 but got {ema_examples}")
-        return math.exp(-examples / ema_examples)
-    assert ema_decay is not None
-    if not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"expected `ema_decay` in [0, 1] but got {ema_decay}")
-    return ema_decay
+    return Averaging(ema_decay=ema_decay, ema_examples=ema_examples).decay(examples=examples)
 
 
 @functools.lru_cache(maxsize=8)

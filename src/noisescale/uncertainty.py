@@ -15,6 +15,12 @@ when G_bar is small: when |G|^2 is not significantly positive the set is unbound
 and the noise scale is reported as not resolved. The standard error is the delta
 method's, ``sqrt(v_SS - 2 R v_SG + R^2 v_GG) / G_bar``.
 
+A noise scale is resolved only when it is possible: |G|^2 significantly positive (a
+bounded interval) AND the averaged tr(Sigma) positive. The upper confidence bound of
+tr(Sigma), ``S_bar + t sqrt(v_SS)`` (one-sided at ``(1 + confidence) / 2``), is returned too:
+below zero, tr(Sigma) is significantly negative, which gradients whose big batch is the
+mean of the small ones cannot give (:mod:`noisescale.meter.results` names what to check).
+
 The per-step estimates are treated as independent. At fixed parameters they are
 (fresh batches); along training the drift of the true values inflates the spread,
 which makes the interval conservative.
@@ -40,8 +46,9 @@ class BSimpleInterval(NamedTuple):
     """B_simple with its uncertainty; each field ``[P]`` float64 on the CPU.
 
     ``b_simple`` is NaN where the averaged |G|^2 is not positive; ``low``/``high``
-    and ``se`` are NaN where the interval is unbounded; ``resolved`` is True where the
-    interval is bounded (|G|^2 significantly positive at the confidence level).
+    and ``se`` are NaN where not resolved; ``resolved`` is True where the interval is
+    bounded (|G|^2 significantly positive at the confidence level) and the averaged
+    tr(Sigma) positive.
     """
 
     grad_norm_sq: torch.Tensor  # bias-corrected average of |G|^2
@@ -52,6 +59,7 @@ class BSimpleInterval(NamedTuple):
     high: torch.Tensor  # examples
     resolved: torch.Tensor  # bool
     n_eff: torch.Tensor  # effective number of steps averaged
+    trace_sigma_upper: torch.Tensor  # upper confidence bound of tr(Sigma); NaN below 1.5 effective steps
 
 
 def b_simple_interval(state: torch.Tensor, confidence: float = 0.95) -> BSimpleInterval:
@@ -94,9 +102,11 @@ def b_simple_interval(state: torch.Tensor, confidence: float = 0.95) -> BSimpleI
     b = g_bar * s_bar - t2 * v_gs
     c = s_bar.square() - t2 * v_ss
     disc = (b.square() - a * c).clamp(min=0).sqrt()
-    resolved = positive & (n_eff > 1.5) & (a > 0)
+    enough = n_eff > 1.5
+    resolved = positive & enough & (a > 0) & (s_bar > 0)
+    upper = torch.where(enough, s_bar + t * v_ss.clamp(min=0).sqrt(), torch.full_like(s_bar, float("nan")))
     nan = torch.full_like(g_bar, float("nan"))
     low = torch.where(resolved, (b - disc) / a, nan)
     high = torch.where(resolved, (b + disc) / a, nan)
     se = torch.where(resolved, se, nan)
-    return BSimpleInterval(g_bar, s_bar, b_simple, se, low, high, resolved, n_eff)
+    return BSimpleInterval(g_bar, s_bar, b_simple, se, low, high, resolved, n_eff, upper)

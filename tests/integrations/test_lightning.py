@@ -23,10 +23,15 @@ def test_lightning_fit_logs_what_the_meter_computes(
     est = meter.compute()
     assert est.steps == 30
     assert est.examples == 30 * 64
-    assert est.resolved
+    assert est.resolved and est.contradiction is None
+    assert est.b_simple is not None and est.b_simple_ci is not None
+    assert 0 < est.b_simple_ci[0] < est.b_simple < est.b_simple_ci[1]  # a bounded, positive interval
     logged = trainer.logged_metrics
     # Lightning stores logged floats as float32 tensors: compare at float32 precision.
+    assert float(logged["noise_scale/resolved"]) == 1.0
     assert float(logged["noise_scale/b_simple"]) == pytest.approx(est.b_simple, rel=1e-6)
+    assert float(logged["noise_scale/b_simple_low"]) == pytest.approx(est.b_simple_ci[0], rel=1e-6)
+    assert float(logged["noise_scale/b_simple_high"]) == pytest.approx(est.b_simple_ci[1], rel=1e-6)
     assert float(logged["noise_scale/grad_norm_sq"]) == pytest.approx(est.grad_norm_sq, rel=1e-6)
     assert float(logged["noise_scale/trace_sigma"]) == pytest.approx(est.trace_sigma, rel=1e-6)
     for name in ("net.0", "net.2"):

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from noisescale.integrations import MeterCallback, require
 from noisescale.meter import GradientNoiseScale, default_groups
+from noisescale.options import Method, parse_method
 
 _transformers = require("transformers", "hf")
 
@@ -58,7 +59,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
-class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type: ignore[misc]
+class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type: ignore[misc,name-defined]
     """Measure B_simple during ``Trainer.train`` and log it with ``Trainer.log``.
 
     Args:
@@ -95,9 +96,9 @@ class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type:
         self.unit: str | None = None
         self._handle: Any = None
 
-    def _choose_method(self, args: Any, wrapped: nn.Module) -> str:
+    def _choose_method(self, args: Any, wrapped: nn.Module) -> Method:
         if self.method is not None:
-            return self.method
+            return parse_method(self.method)
         if isinstance(wrapped, DistributedDataParallel):
             return "ddp"
         return "microbatch" if args.gradient_accumulation_steps >= 2 else "per_example"

@@ -34,11 +34,12 @@ _data = require("lightning.pytorch.utilities.data", "lightning")
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from noisescale.meter import GradientNoiseScale, default_groups  # noqa: E402
+from noisescale.options import Method, parse_method  # noqa: E402
 
 __all__ = ["NoiseScaleCallback"]
 
 
-class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
+class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc,name-defined]
     """Measure B_simple during ``fit`` and log it with the LightningModule's logger.
 
     Args:
@@ -70,9 +71,9 @@ class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
         self._stepped = False
         self._saved: dict[str, Any] | None = None
 
-    def _choose_method(self, trainer: Any, model: Any) -> str:
+    def _choose_method(self, trainer: Any, model: Any) -> Method:
         if self.method is not None:
-            return self.method
+            return parse_method(self.method)
         if isinstance(model, DistributedDataParallel):
             return "ddp"
         return "microbatch" if trainer.accumulate_grad_batches >= 2 else "per_example"
@@ -87,7 +88,7 @@ class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc]
         if len(trainer.optimizers) == 1:
             kwargs.setdefault("optimizer", trainer.optimizers[0])
         target = model if isinstance(model, DistributedDataParallel) else pl_module
-        self.meter = GradientNoiseScale(target, method=self._choose_method(trainer, model), **kwargs)  # type: ignore[arg-type]
+        self.meter = GradientNoiseScale(target, method=self._choose_method(trainer, model), **kwargs)
         if self._saved is not None:
             self.meter.load_state_dict(self._saved)
             self._saved = None

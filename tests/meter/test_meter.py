@@ -203,6 +203,7 @@ def test_frozen_parameters_are_ignored() -> None:
 
 
 def test_groups_combine_as_mediant() -> None:
+    torch.manual_seed(0)  # the initialisation, not the global RNG state other tests leave behind
     model = nn.Sequential(
         nn.Linear(5, 3, dtype=torch.float64), nn.Tanh(), nn.Linear(3, 1, dtype=torch.float64)
     )
@@ -282,3 +283,19 @@ def test_a_backward_that_raised_leaves_nothing_behind(method: str) -> None:
     assert after_failure.resolved == clean.resolved
     for field in ("grad_norm_sq", "trace_sigma"):
         assert getattr(after_failure, field) == pytest.approx(getattr(clean, field), rel=1e-12)
+
+
+def test_a_state_dict_saved_before_the_reshape_still_loads() -> None:
+    """The pre-reshape format (no ``contradicted_steps``) loads, and resumes like the new one."""
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    gen = torch.Generator().manual_seed(9)
+    run_steps(meter, model, gen, steps=5, sizes=[8, 8])
+    new = meter.state_dict()
+    old = {k: v for k, v in new.items() if k != "contradicted_steps"}
+    assert set(old) == {"ema", "steps", "examples", "skipped_steps", "group_names", "param_group_names"}
+    meter.load_state_dict(old)
+    from_old = meter.compute()
+    meter.load_state_dict(new)
+    assert meter.compute() == from_old
+    assert meter.state_dict()["contradicted_steps"].tolist() == [0, 0]

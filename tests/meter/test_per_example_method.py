@@ -8,7 +8,7 @@ from torch import nn
 
 from noisescale import GradientNoiseScale, SingleMicrobatchError, UnsupportedLayerError
 from tests import oracle
-from tests.test_meter import linreg_model, run_steps
+from tests.meter.test_meter import linreg_model, run_steps
 
 
 def mlp() -> nn.Module:

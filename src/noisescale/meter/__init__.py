@@ -1,0 +1,496 @@
+"""``GradientNoiseScale``: the meter that drops into a PyTorch training loop.
+
+A thin stateful wrapper: hooks record squared gradient norms (:mod:`noisescale.collect`);
+:mod:`noisescale.meter.steps` types one step's records and, with the loss conventions and
+the estimators as matrices of :mod:`noisescale.estimators`, makes its unbiased |G|^2 and
+tr(Sigma); :mod:`noisescale.meter.state` averages them apart (:mod:`noisescale.smoothing`);
+B_simple with its interval is formed only in :meth:`GradientNoiseScale.compute`
+(:mod:`noisescale.uncertainty`, :mod:`noisescale.meter.results`). Under DDP the steps
+travel between the ranks through :mod:`noisescale.meter.exchange`; which parameters are
+measured and how they are reported is :mod:`noisescale.meter.partition`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(3, 1)
+    >>> meter = GradientNoiseScale(model, method="microbatch")
+    >>> for step in range(3):
+    ...     for xb in torch.randn(2, 8, 3):  # k = 2 micro-batches of 8 examples
+    ...         (model(xb).square().mean() / 2).backward()
+    ...     meter.update(batch_size=16)
+    ...     model.zero_grad()
+    >>> meter.compute().steps
+    3
+
+Data-parallel training: wrap the model in DistributedDataParallel first; the meter then
+measures over every replica's micro-batches (:mod:`noisescale.meter.exchange`). Per-layer
+values: one estimate per module (``groups``) and, given the optimizer, per optimizer
+parameter group (``param_groups``); the total is the mediant of either.
+
+References:
+    McCandlish et al. (2018), An Empirical Model of Large-Batch Training,
+    arXiv:1812.06162, eqs. (2.9), (A.1), (A.2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NoReturn
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from noisescale import distributed as nsdist
+from noisescale.collect import GradientRecorder, MicrobatchRecord
+from noisescale.errors import SingleMicrobatchError
+from noisescale.estimators import (
+    ACCUMULATIONS,
+    REDUCTIONS,
+    Accumulation,
+    Reduction,
+    check_dataset_size,
+    contradiction_rtol,
+    loss_factors,
+)
+from noisescale.meter.exchange import Exchange
+from noisescale.meter.partition import default_groups, measured_groups, partition
+from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate, noise_scale_estimate
+from noisescale.meter.state import MeterState
+from noisescale.meter.steps import (
+    MicrobatchStep,
+    check_count,
+    check_within_dataset,
+    microbatch_matrix,
+    per_example_matrix,
+    per_example_step,
+    split_sizes,
+)
+from noisescale.options import Averaging, Method, parse_method
+from noisescale.uncertainty import b_simple_interval
+
+__all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate", "default_groups"]
+
+_MAX_PENDING = 32  # one process: steps whose rows update() keeps before folding them in
+DEFAULT_SYNC_EVERY = 16  # DDP: steps whose rows one collective exchanges
+ReadGrad = Literal["at_update", "after_backward"]
+
+
+class GradientNoiseScale:
+    """Online gradient noise scale B_simple = tr(Sigma)/|G|^2 of a training run.
+
+    .. math::
+
+        B_{simple} = \\frac{\\mathrm{EMA}(\\mathcal{S})}{\\mathrm{EMA}(|\\mathcal{G}|^2)}
+
+    Call :meth:`update` once per optimiser step, after the step's last backward and
+    before gradient clipping, ``optimizer.step()`` and ``zero_grad()`` (it reads the
+    accumulated ``.grad`` as the big batch; with a GradScaler, before or after
+    ``scaler.unscale_`` both work). In one process it never reads from the device (a
+    step with new micro-batch sizes sends it one small matrix); :meth:`compute` reads, once.
+
+    Under DDP (a model wrapped in DistributedDataParallel, process group initialised)
+    call :meth:`update` on every rank every step, with the same number of backward
+    passes on every rank (sizes may differ); the big gradient is the mean DDP's own
+    all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
+    after it, so clipping before :meth:`update` does no harm). The ranks exchange their
+    rows in one small asynchronous collective every ``sync_every`` steps, not every
+    step (a collective per step cost up to 6% of a DDP step on CPU in
+    ``benchmarks/ddp_overhead.py``); an exchange costs a few host synchronisations
+    (its sizes sent, every rank's sizes read back, the estimators' small matrices sent),
+    the steps in between none. :meth:`compute` needs no collective (rank 0 may call it
+    alone) and covers the steps exchanged so far, on every rank: up to
+    ``sync_every - 1`` steps behind, and nothing before the first exchange
+    (``compute().steps`` says how many). :meth:`sync`, called on every rank, exchanges
+    the rest first (the integrations do this before they log, the CLI at the end).
+
+    Impossible records are never a number: the big batch must be the (weighted) mean of
+    the small ones, so a step whose big-batch squared norm exceeds the weighted mean of
+    the small ones' squared norms (beyond float rounding), or an averaged tr(Sigma)
+    significantly negative, sets ``contradiction`` on the estimate (saying what to check:
+    the loss conventions, a DDP communication hook that sums without dividing by the
+    world size, a GradScaler not passed, ``.grad`` changed before :meth:`update`), keeps it
+    unresolved until :meth:`reset`, and :meth:`compute` warns once.
+
+    The meter holds hooks on the model and cannot be pickled or deep-copied (a
+    ``TypeError`` says so): save :meth:`state_dict`, and :meth:`load_state_dict` it into a
+    meter made on the restored model.
+
+    Args:
+        model: the module being trained, or its DistributedDataParallel wrapper. Only
+            parameters with ``requires_grad`` count.
+        method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
+            batch (the usual gradient-accumulation loop; no extra cost).
+            ``"per_example"``: exact per-example squared norms from layer hooks
+            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``,
+            ``nn.RMSNorm``, ``nn.GroupNorm``);
+            lowest variance, works with one backward per step.
+            ``"ddp"``: the k-way estimator over ``W`` replicas x ``m`` micro-batches
+            (``m >= 1``); selected automatically when a DDP model is given with
+            ``"microbatch"``. Spellings such as ``"per-example"`` are accepted
+            (:func:`noisescale.options.parse_method`).
+        reduction: how ONE micro-batch's loss is reduced over its examples:
+            ``"mean"`` or ``"sum"``.
+        accumulation: ``"mean"`` if each micro-batch loss is divided by k before
+            backward, ``"sum"`` if not (under DDP: the k of this rank).
+            ``"example_mean"``: each micro-batch loss is the SUM of its per-example
+            losses divided by the number of examples in the whole step (under DDP:
+            of all ranks, times W to undo DDP's averaging), so the step's gradient is
+            the mean over all its examples whatever the micro-batch sizes (HF Trainer
+            with ``num_items_in_batch``, token-weighted language-model losses);
+            ``reduction`` is then not used (:func:`noisescale.estimators.loss_factors`).
+        ema_decay: per-step decay of the averages (default 0.99; 1.0 = plain mean).
+        ema_examples: instead of ``ema_decay``, a time constant in examples:
+            decay ``exp(-B / ema_examples)`` per step of B examples
+            (:class:`noisescale.options.Averaging`).
+        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
+        confidence: level of ``b_simple_ci``.
+        groups: named parameter groups (default: one per module owning parameters).
+            The total is their mediant ``sum trSigma_j / sum |G_j|^2``. A tensor listed
+            twice in one group counts once; one tensor in two groups is refused.
+        fallback: per_example only: allow the slower exact fallback for layers
+            without a kernel (e.g. BatchNorm) instead of raising.
+        optimizer: also report B_simple per optimizer parameter group (named by the
+            group's ``"name"`` key, else ``param_group_<i>``).
+        read_grad: when the big batch is read: ``"at_update"`` (the accumulated
+            ``.grad`` when :meth:`update` runs) or ``"after_backward"`` (snapshot at the
+            end of every backward, under DDP after its all-reduce has reached ``.grad``:
+            right even if the gradients are clipped before :meth:`update`; one more
+            fused norm per backward).
+        sync_every: under DDP, the optimiser steps whose rows one collective exchanges
+            (1 = every step); ignored in one process. The same on every rank.
+        dataset_size: N, examples in the dataset, when every step's examples are drawn
+            WITHOUT replacement from it (shuffled epochs, full-batch steps): applies the
+            finite-population correction ``E|G_B|^2 = |G|^2 + (tr Sigma_N / B)(N - B)/(N - 1)``
+            exactly (SCIENCE.md; at B = N ``per_example`` gives the exact full-dataset |G|^2 and
+            tr(Sigma_N), Sigma_N the population covariance). None (default) assumes sampling
+            with replacement: draws without replacement then give B_simple about
+            ``N / (N - 1 - B_simple)`` times too large (tr(Sigma) by N/(N-1), |G|^2 low by
+            tr(Sigma_N)/(N-1), whatever B), negligible while B_simple << N.
+
+    Raises:
+        ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
+            ``method="ddp"`` without a DistributedDataParallel model, ``sync_every`` below
+            1, or ``dataset_size`` not an integer >= 2.
+        noisescale.errors.ParameterGroupError: (a ValueError) when the model has no
+            trainable parameter, or one tensor is in two ``groups`` (named with both groups).
+        noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model.
+        noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
+            layer that has no kernel (and ``fallback=False``); the message names it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method = "per_example",
+        *,
+        reduction: Reduction = "mean",
+        accumulation: Accumulation = "mean",
+        ema_decay: float | None = None,
+        ema_examples: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        confidence: float = 0.95,
+        groups: Mapping[str, Iterable[nn.Parameter]] | None = None,
+        fallback: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        read_grad: ReadGrad = "at_update",
+        sync_every: int = DEFAULT_SYNC_EVERY,
+        dataset_size: int | None = None,
+    ) -> None:
+        method = parse_method(method)
+        for arg, value, allowed in (
+            ("reduction", reduction, REDUCTIONS),
+            ("accumulation", accumulation, ACCUMULATIONS),
+            ("read_grad", read_grad, ("at_update", "after_backward")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"Expected `{arg}` to be one of {allowed} but got {value!r}")
+        self.averaging = Averaging.of(ema_decay, ema_examples)
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"Expected `confidence` in (0, 1) but got {confidence}")
+        check_count("sync_every", sync_every, "optimizer steps")
+        self.dataset_size = check_dataset_size(dataset_size)
+        module = nsdist.unwrap_model(model)
+        nsdist.check_supported_parallelism(module)
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        if ddp is not None and method == "microbatch":
+            method = "ddp"
+        if method == "ddp" and ddp is None:
+            raise ValueError(
+                "method='ddp' measures a DistributedDataParallel model: wrap the model first "
+                "(noisescale.distributed.wrap_ddp), or use method='microbatch' in one process"
+            )
+        part = partition(
+            measured_groups(default_groups(module) if groups is None else groups, module), optimizer
+        )
+        self.method: Method = method
+        self.reduction: Reduction = reduction
+        self.accumulation: Accumulation = accumulation
+        self.confidence = confidence
+        self.group_names = part.group_names
+        self.param_group_names = part.param_group_names
+        params = [p for ps in part.cells for p in ps]
+        self._device = params[0].device
+        self._rtol = max(contradiction_rtol(p.dtype) for p in params)
+        self._series = part.series.to(self._device)  # [S, C]
+        cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
+        self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
+        per_example = None
+        if method == "per_example":
+            from noisescale.per_example import PerExampleNorms
+
+            per_example = PerExampleNorms(module, part.cells, fallback=fallback)
+        self._recorder = GradientRecorder(
+            params, scaler=scaler, per_example=per_example, snapshot=read_grad == "after_backward"
+        )
+        self._sync_counter: nsdist.SyncCounter | None = None
+        self._exchange: Exchange | None = None
+        self.world_size = 1
+        if ddp is not None:
+            self._sync_counter = nsdist.SyncCounter(ddp)
+            self.world_size = self._sync_counter.world_size
+            self._exchange = Exchange(
+                method,
+                reduction=reduction,
+                accumulation=accumulation,
+                process_group=ddp.process_group,
+                world_size=self.world_size,
+                dataset_size=self.dataset_size,
+            )
+        self.sync_every = int(sync_every)
+        self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [4, C] rows, examples
+        self._warned = False  # compute() warned about a contradiction since the last reset
+        self._state = MeterState.empty(self._series.shape[0], self._device)
+        self.reset()
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The per-step decay, or None when the averaging is set in examples."""
+        return self.averaging.ema_decay
+
+    @property
+    def ema_examples(self) -> float | None:
+        """The averaging time constant in examples, or None."""
+        return self.averaging.ema_examples
+
+    def __getstate__(self) -> NoReturn:
+        """Refuse: the meter holds hooks on the model.
+
+        Raises:
+            TypeError: always; the message says to save :meth:`state_dict` instead.
+        """
+        raise TypeError(
+            "a GradientNoiseScale holds hooks on its model and cannot be pickled or copied: save "
+            "meter.state_dict() (plain tensors and numbers) and load_state_dict() it into a meter made "
+            "on the restored model"
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every step so far (hooks stay attached). Needs no collective."""
+        self._drop_pending()
+        self._state = MeterState.empty(self._series.shape[0], self._device)
+        self._warned = False
+        self._recorder.pop()
+        if self._sync_counter is not None:
+            self._sync_counter.pop()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume with identical results.
+
+        Under DDP it holds the steps exchanged so far (the same on every rank): call
+        :meth:`sync` on every rank first to include the latest, or a resumed run misses
+        up to ``sync_every - 1`` steps.
+        """
+        self._settle()
+        return self._state.state_dict(self.group_names, self.param_group_names)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (also one saved before ``contradicted_steps`` existed).
+
+        Raises:
+            ValueError: if the parameter groups differ from this meter's.
+        """
+        for key, mine in (("group_names", self.group_names), ("param_group_names", self.param_group_names)):
+            theirs = list(state_dict.get(key, []))
+            if theirs != mine:
+                raise ValueError(f"state_dict was saved for {key} {theirs} but this meter has {mine}")
+        self._drop_pending()
+        self._state = MeterState.from_state_dict(state_dict, self._device)
+
+    def discard(self) -> None:
+        """Drop the backward passes since the last :meth:`update` without folding them in.
+
+        For a step whose loss conventions differ from the declared ones, e.g. the short
+        last accumulation window of an epoch that a framework still divides by the full
+        number of micro-batches. Under DDP call it on every rank.
+        """
+        self._recorder.pop()
+        if self._sync_counter is not None:
+            self._sync_counter.pop()
+
+    def remove(self) -> None:
+        """Detach every hook from the model (DDP's own all-reduce is untouched).
+
+        Needs no collective; under DDP, steps not exchanged yet are dropped with a
+        warning (call :meth:`sync` on every rank first).
+        """
+        self._settle()
+        if self._exchange is not None:
+            dropped = self._exchange.drop_unsent()  # still sent at a later sync(): every rank's shapes match
+            if dropped:
+                warnings.warn(
+                    f"meter.remove() dropped the last {dropped} DDP step(s), not exchanged between the ranks "
+                    "yet: call meter.sync() on every rank before remove() (or compute()) to count them.",
+                    stacklevel=2,
+                )
+        self._recorder.remove()
+        if self._sync_counter is not None:
+            self._sync_counter.remove()
+
+    # -- per step ------------------------------------------------------------------------------
+    def update(self, batch_size: int | None = None, *, microbatch_sizes: Iterable[int] | None = None) -> None:
+        """Fold in the optimiser step whose backward passes ran since the last call.
+
+        Args:
+            batch_size: examples in the step (all micro-batches; under DDP, those of this
+                rank). Required for ``microbatch``/``ddp`` unless ``microbatch_sizes`` is
+                given (equal micro-batches are assumed); optional for ``per_example``
+                (counted from the inputs).
+            microbatch_sizes: examples in each micro-batch, in backward order (this rank's).
+
+        Raises:
+            RuntimeError: if no backward pass ran since the last update, or one raised
+                halfway (the step is dropped: zero the gradients and go on), or reentrant
+                checkpointing split a parameter's gradient (use ``use_reentrant=False``).
+            noisescale.errors.SingleMicrobatchError: ``microbatch`` with one backward
+                pass, or a step of one example.
+            ValueError: if the sizes do not match the backward passes, or a step has more
+                examples than ``dataset_size``.
+            noisescale.distributed.DistributedSetupError: under DDP, if no all-reduce ran
+                this step (every micro-step was under ``no_sync``).
+        """
+        problem = self._recorder.problem()
+        records = self._recorder.pop()
+        if problem is not None:
+            if self._sync_counter is not None:
+                self._sync_counter.pop()
+            raise RuntimeError(problem)
+        if not records:
+            raise RuntimeError(
+                "meter.update() found no backward pass since the last update: call it once per "
+                "optimizer step, after loss.backward() and before optimizer.zero_grad()"
+            )
+        if self._sync_counter is not None:
+            self._sync_counter.check_step(len(records))
+        if self.method == "per_example":
+            self._per_example(records, batch_size)
+        else:
+            self._microbatch(records, split_sizes(len(records), batch_size, microbatch_sizes))
+        if len(self._pending) >= _MAX_PENDING:
+            self._settle()
+        if self._exchange is not None and len(self._exchange.unsent) >= self.sync_every:
+            self._settle()  # the exchange started before: its collective had sync_every steps to finish
+            self._exchange.start()
+
+    def sync(self) -> None:
+        """Exchange every step so far between the DDP ranks and fold them in.
+
+        Without it, :meth:`compute` lags up to ``sync_every - 1`` steps behind. A
+        collective under DDP: call it on every rank at the same step (e.g. before logging
+        or checkpointing), or some rank waits forever; calling it every step costs what
+        ``sync_every=1`` costs. In one process it only folds in the pending steps.
+        """
+        self._settle()
+        if self._exchange is not None:
+            self._exchange.start()
+            self._settle()
+
+    def _microbatch(self, records: list[MicrobatchRecord], sizes: tuple[int, ...]) -> None:
+        """Record i holds |c_i g_i|^2; ``.grad`` holds sum_i c_i g_i (/ W under DDP)."""
+        cells = self._recorder.sq_norms(records, big=True) @ self._param_cells  # [k + 1, C]
+        check_within_dataset(sum(sizes), self.dataset_size)  # under DDP this rank's; every rank's later
+        if self._exchange is not None:
+            if len(records) * self.world_size < 2:  # raise now, not when the step settles
+                raise SingleMicrobatchError(
+                    "one process with one backward pass per step: the ddp method needs W x micro-batches "
+                    ">= 2 (launch 2 or more processes, or accumulate 2 or more micro-batches)"
+                )
+            self._exchange.add(MicrobatchStep(cells[:-1], cells[-1], sizes))
+            return
+        factors = loss_factors(sizes, reduction=self.reduction, accumulation=self.accumulation)
+        matrix = microbatch_matrix(sizes, factors, 1, self.dataset_size, self._device)
+        self._pending.append((matrix @ cells, sum(sizes)))  # the estimator is linear: one product
+
+    def _per_example(self, records: list[MicrobatchRecord], batch_size: int | None) -> None:
+        """Record i holds |a_i g_n|^2 per example, with a_i the loss factor of micro-batch i."""
+        step = per_example_step(
+            [r.per_example for r in records],
+            self._recorder.sq_norms([], big=True)[0] @ self._param_cells,  # [C]: .grad or its snapshot
+            batch_size=batch_size,
+            reduction=self.reduction,
+            accumulation=self.accumulation,
+            placeholder_factors=self._exchange is not None and self._exchange.placeholder_factors,
+        )
+        check_within_dataset(step.examples, self.dataset_size)
+        if self._exchange is not None:
+            self._exchange.add(step)
+            return
+        matrix = per_example_matrix(
+            step.examples, step.weight, step.weight2, 1, self.dataset_size, self._device
+        )
+        self._pending.append((matrix @ torch.cat([step.sums, step.big[None]]), step.examples))
+
+    def _drop_pending(self) -> None:
+        """Forget the steps not folded in yet; the unsent DDP ones are still sent (shapes match)."""
+        self._pending = []
+        if self._exchange is not None:
+            self._exchange.drop()
+
+    def _settle(self) -> None:
+        """Fold in the steps since the last fold, in order, at once.
+
+        One process: the pending steps' rows. DDP: the exchange started, less the steps
+        dropped before it was sent.
+        """
+        if self._exchange is None:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            rows, examples = torch.stack([r for r, _ in pending]), [e for _, e in pending]
+        else:
+            collected = self._exchange.collect()
+            if collected is None:
+                return
+            rows, examples = collected
+        self._state.fold(rows, examples, self._series, self.averaging, self._rtol)
+
+    # -- results -------------------------------------------------------------------------------
+    def compute(self) -> NoiseScaleEstimate:
+        """B_simple with its interval, total and per group (one host synchronisation).
+
+        Before any step it returns ``steps == 0``, ``resolved`` False, ``b_simple`` None and
+        NaN |G|^2 and tr(Sigma) (no error). Under DDP it covers the steps exchanged so far
+        (every ``sync_every`` steps, or at :meth:`sync`) and waits for the last exchange's
+        collective; no collective of its own. Warns once (until :meth:`reset`) when the
+        records contradict "the big batch is the mean of the small ones" (``contradiction``).
+        """
+        self._settle()
+        state = self._state
+        estimate = noise_scale_estimate(
+            b_simple_interval(state.ema, self.confidence),
+            state.contradicted.tolist(),
+            group_names=self.group_names,
+            param_group_names=self.param_group_names,
+            steps=state.steps,
+            examples=state.examples,
+            skipped_steps=int(state.skipped),
+            rtol=self._rtol,
+        )
+        parts = [estimate.contradiction] + [g.contradiction for g in estimate.groups.values()]
+        reason = next((r for r in parts if r is not None), None)
+        if reason is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"noisescale: {reason}", RuntimeWarning, stacklevel=2)
+        return estimate

@@ -1,0 +1,220 @@
+"""One optimizer step's records, typed, and the statistics the estimators make of them.
+
+A step's records are what the hooks saw (:mod:`noisescale.collect`), per cell: the
+squared norm of each backward pass's gradient (``microbatch``/``ddp``) or sums of
+per-example squared norms (``per_example``), and the squared norm of the accumulated
+``.grad``. The loss conventions (:func:`noisescale.estimators.loss_factors`) and the
+estimators as matrices (:func:`noisescale.estimators.microbatch_coefficients`,
+:func:`~noisescale.estimators.per_example_coefficients`) turn them into the step's
+``[4, C]`` rows (:data:`noisescale.estimators.COEFFICIENT_ROWS`): |G|^2, tr(Sigma), and the
+two sides of the consistency check.
+
+Shape letters: ``C`` cells (:mod:`noisescale.meter.partition`), ``k`` backward passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from noisescale.estimators import (
+    Accumulation,
+    Reduction,
+    loss_factors,
+    microbatch_coefficients,
+    per_example_coefficients,
+)
+
+__all__ = [
+    "MicrobatchStep",
+    "PerExampleStep",
+    "check_count",
+    "check_within_dataset",
+    "contradicted",
+    "microbatch_matrix",
+    "per_example_matrix",
+    "per_example_step",
+    "split_sizes",
+]
+
+
+def check_count(name: str, value: object, unit: str = "examples") -> None:
+    """Raise unless ``value`` is a positive integer (a number of ``unit``).
+
+    Raises:
+        ValueError: naming the argument and the unit.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer ({unit}) but got {value!r}")
+
+
+def check_within_dataset(examples: int, dataset_size: int | None) -> None:
+    """Raise if a step drew more examples than the dataset holds.
+
+    Raises:
+        ValueError: if ``examples > dataset_size``.
+    """
+    if dataset_size is not None and examples > dataset_size:
+        raise ValueError(
+            f"a step of {examples} examples cannot be drawn without replacement from dataset_size="
+            f"{dataset_size} examples: give the number of examples the batches are drawn from"
+        )
+
+
+class MicrobatchStep(NamedTuple):
+    """One step of ``microbatch``/``ddp``, this process's records."""
+
+    small: torch.Tensor  # [k, C] float64: |c_i g_i|^2 of each backward pass (loss factors not undone)
+    big: torch.Tensor  # [C] float64: |.grad|^2
+    sizes: tuple[int, ...]  # examples in each backward pass
+
+
+class PerExampleStep(NamedTuple):
+    """One step of ``per_example``, this process's records (additive over DDP ranks).
+
+    Under DDP with ``accumulation="example_mean"`` each example's factor ``a_n = W / N_all``
+    is known only once every rank's count is in: the sums are then taken with ``a_n = 1``
+    and rescaled after the exchange (:mod:`noisescale.meter.exchange`).
+    """
+
+    sums: torch.Tensor  # [2, C] float64: sum_n |g_n|^2, sum_n a_n |g_n|^2
+    big: torch.Tensor  # [C] float64: |.grad|^2
+    examples: int  # B, examples in the step
+    weight: float  # sum_n a_n
+    weight2: float  # sum_n a_n^2
+
+
+def split_sizes(k: int, batch_size: int | None, given: Iterable[int] | None) -> tuple[int, ...]:
+    """The examples of each of ``k`` backward passes, from what ``update`` was told.
+
+    Raises:
+        ValueError: if the sizes are not positive integers, do not match ``k`` or
+            ``batch_size``, or neither is given, or ``batch_size`` is not divisible by ``k``.
+    """
+    if batch_size is not None:
+        check_count("batch_size", batch_size)
+    if given is not None:
+        sizes = list(given)
+        for b in sizes:
+            check_count("microbatch_sizes", b)
+        if len(sizes) != k:
+            raise ValueError(f"got {len(sizes)} microbatch_sizes for {k} backward passes")
+        if batch_size is not None and batch_size != sum(sizes):
+            raise ValueError(f"batch_size={batch_size} but microbatch_sizes sum to {sum(sizes)}")
+        return tuple(int(b) for b in sizes)
+    if batch_size is None:
+        raise ValueError("the microbatch method needs update(batch_size=...) or microbatch_sizes=...")
+    if batch_size % k:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {k} backward passes seen: pass "
+            "microbatch_sizes=[...] for unequal micro-batches"
+        )
+    return (batch_size // k,) * k
+
+
+def per_example_step(
+    per_example: Sequence[torch.Tensor | None],
+    big: torch.Tensor,
+    *,
+    batch_size: int | None,
+    reduction: Reduction,
+    accumulation: Accumulation,
+    placeholder_factors: bool = False,
+) -> PerExampleStep:
+    """Undo the loss factors of each backward pass's per-example squared norms.
+
+    Args:
+        per_example: per backward pass i, ``[n_i, C]`` squared norms of ``a_i g_n`` (None:
+            the pass had gradients but no per-example norms).
+        big: ``[C]`` squared norms of ``.grad``.
+        batch_size: examples the caller says the step had, or None (counted).
+        reduction: the loss's reduction over a micro-batch.
+        accumulation: how micro-batch losses combine.
+        placeholder_factors: take ``a_n = 1`` (DDP ``example_mean``: rescaled after the exchange).
+
+    Raises:
+        RuntimeError: if a backward pass produced gradients but no per-example norms.
+        ValueError: if ``batch_size`` is not the examples the hooks saw.
+    """
+    if any(x is None for x in per_example):
+        raise RuntimeError(
+            "a backward pass produced parameter gradients but no per-example norms: a parameter "
+            "was used outside the layer that owns it (e.g. `h @ emb.weight.T`). Tie weights through "
+            "a module (`head.weight = emb.weight`) or use method='microbatch'."
+        )
+    norms = [x for x in per_example if x is not None]
+    sizes = [int(x.shape[0]) for x in norms]
+    if batch_size is not None:
+        check_count("batch_size", batch_size)
+        if batch_size != sum(sizes):
+            raise ValueError(
+                f"batch_size={batch_size} but the per-example hooks saw {sum(sizes)} examples "
+                f"(dim 0 of the layer inputs) in {len(sizes)} backward pass(es)"
+            )
+    factors = loss_factors(sizes, reduction=reduction, accumulation=accumulation)
+    a = [1.0] * len(sizes) if placeholder_factors else [c / n for c, n in zip(factors, sizes, strict=True)]
+    raw = [x.sum(0).to(torch.float64) for x in norms]  # [C] each: sum_n |a_i g_n|^2
+    sums = torch.stack(
+        [
+            torch.stack([r / ai**2 for r, ai in zip(raw, a, strict=True)]).sum(0),  # sum_n |g_n|^2
+            torch.stack([r / ai for r, ai in zip(raw, a, strict=True)]).sum(0),  # sum_n a_n |g_n|^2
+        ]
+    )
+    weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
+    weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
+    return PerExampleStep(sums, big, sum(sizes), weight, weight2)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def microbatch_matrix(
+    sizes: tuple[int, ...],
+    factors: tuple[float, ...],
+    world_size: int,
+    dataset_size: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Cached :func:`~noisescale.estimators.microbatch_coefficients` on ``device``: ``[4, k + 1]``.
+
+    The same sizes recur step after step; on an accelerator a fresh tensor from the host
+    would wait for the device.
+    """
+    return microbatch_coefficients(sizes, factors, world_size=world_size, dataset_size=dataset_size).to(
+        device
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def per_example_matrix(
+    examples: int,
+    weight: float,
+    weight2: float,
+    world_size: int,
+    dataset_size: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Cached :func:`~noisescale.estimators.per_example_coefficients` on ``device``: ``[4, 3]``."""
+    return per_example_coefficients(
+        examples, weight, weight2, world_size=world_size, dataset_size=dataset_size
+    ).to(device)
+
+
+def contradicted(rows: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Where a step's big batch is impossible for a (weighted) mean of its small ones.
+
+    ``|sum_i w_i g_i|^2 <= sum_i w_i |g_i|^2`` for convex weights (Jensen), per cell; a
+    step above it by more than ``rtol`` of the bound contradicts the loss conventions.
+    NaN rows (skipped steps) are never flagged.
+
+    Args:
+        rows: ``[N, 4, C]`` steps' rows (:data:`noisescale.estimators.COEFFICIENT_ROWS`).
+        rtol: relative float tolerance (:func:`noisescale.estimators.contradiction_rtol`).
+
+    Returns:
+        ``[N, C]`` bool, on the device of ``rows`` (no host synchronisation).
+    """
+    bound, big = rows[:, 2], rows[:, 3]
+    return big - bound > rtol * bound.abs()
