@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from noisescale.estimators import microbatch_stats, per_example_stats
-from noisescale.smoothing import decay_for_step, ema_fold, ema_init, ema_means
+from noisescale.smoothing import ema_fold, ema_init, ema_means
 from noisescale.uncertainty import b_simple_interval
 from tests import oracle
 
@@ -64,14 +64,6 @@ def test_folding_many_steps_at_once_equals_one_at_a_time() -> None:
     for bad in (stats[:0], stats[0], stats[:, :, :2]):  # no step; one step's [2, P]; wrong P
         with pytest.raises(ValueError, match="expected stats of shape"):
             ema_fold(many, bad, [0.9] * len(bad))
-
-
-def test_decay_in_examples() -> None:
-    assert decay_for_step(ema_decay=None, ema_examples=1000.0, examples=100) == pytest.approx(math.exp(-0.1))
-    with pytest.raises(ValueError, match="exactly one"):
-        decay_for_step(ema_decay=0.9, ema_examples=10.0, examples=1)
-    with pytest.raises(ValueError, match="ema_decay"):
-        decay_for_step(ema_decay=1.5, ema_examples=None, examples=1)
 
 
 def test_not_resolved_when_grad_norm_sq_not_positive() -> None:

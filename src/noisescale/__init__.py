@@ -13,6 +13,7 @@ from noisescale.errors import (
     SweepConfigError,
     SweepDataError,
     UnsupportedLayerError,
+    UnsupportedTorchError,
 )
 from noisescale.estimators import (
     NoiseStats,
@@ -35,6 +36,7 @@ __all__ = [
     "SweepConfigError",
     "SweepDataError",
     "UnsupportedLayerError",
+    "UnsupportedTorchError",
     "effective_batch_size",
     "microbatch_stats",
     "per_example_stats",

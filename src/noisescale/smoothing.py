@@ -29,8 +29,6 @@ from collections.abc import Sequence
 
 import torch
 
-from noisescale.options import Averaging
-
 __all__ = ["FIELDS", "ema_fold", "ema_init", "ema_means"]
 
 FIELDS = ("w", "g", "s", "w2", "w2g", "w2s", "w2gg", "w2ss", "w2gs")
@@ -42,18 +40,6 @@ and tr(Sigma) estimates, ``sum w``, ``sum w G``, ``sum w S``, ``sum w^2``, ``sum
 def ema_init(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """An empty state for ``n`` series: ``[9, n]`` float64 zeros on ``device`` (rows: :data:`FIELDS`)."""
     return torch.zeros(len(FIELDS), n, dtype=torch.float64, device=device)
-
-
-def decay_for_step(*, ema_decay: float | None, ema_examples: float | None, examples: float) -> float:
-    """Per-step decay: ``ema_decay`` itself, or ``exp(-examples / ema_examples)``.
-
-    Kept for callers not moved yet: :class:`noisescale.options.Averaging` is the one
-    validated averaging spec (``Averaging(ema_decay, ema_examples).decay(examples=...)``).
-
-    Raises:
-        ValueError: if both or neither are given, or a value is out of range (from ``Averaging``).
-    """
-    return Averaging(ema_decay=ema_decay, ema_examples=ema_examples).decay(examples=examples)
 
 
 @functools.lru_cache(maxsize=8)
