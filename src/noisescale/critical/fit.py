@@ -1,11 +1,11 @@
-"""Critical batch size from a batch-size sweep: a fit of the steps-examples hyperbola.
+r"""Critical batch size from a batch-size sweep: a fit of the steps-examples hyperbola.
 
 Training to a fixed goal at batch size ``B`` takes ``S`` steps and ``E = B S`` examples, with
 
 .. math::
 
-    \\left(\\frac{S}{S_{min}} - 1\\right)\\left(\\frac{E}{E_{min}} - 1\\right) = 1,
-    \\qquad B_{crit} = \\frac{E_{min}}{S_{min}},
+    \left(\frac{S}{S_{min}} - 1\right)\left(\frac{E}{E_{min}} - 1\right) = 1,
+    \qquad B_{crit} = \frac{E_{min}}{S_{min}},
 
 equivalently ``S(B) = S_min (1 + B_crit/B)`` and ``E(B) = E_min (1 + B/B_crit)``
 (McCandlish et al. 2018, eqs. 2.11-2.12). As in the paper (appendix A.3) the fit is least
@@ -135,12 +135,12 @@ def fit_critical_batch(
     max_increase: float = 1.5,
     seed: int = 0,
 ) -> CriticalBatchFit:
-    """Fit ``S(B) = S_min (1 + B_crit/B)`` to steps-to-goal measured at several batch sizes.
+    r"""Fit ``S(B) = S_min (1 + B_crit/B)`` to steps-to-goal measured at several batch sizes.
 
     .. math::
 
-        \\min_{S_{min}, B_{crit}} \\sum_i \\left[\\log S_i - \\log S_{min}
-        - \\log\\left(1 + B_{crit}/B_i\\right)\\right]^2
+        \min_{S_{min}, B_{crit}} \sum_i \left[\log S_i - \log S_{min}
+        - \log\left(1 + B_{crit}/B_i\right)\right]^2
 
     with censored runs entering one-sided (see the module docstring).
 

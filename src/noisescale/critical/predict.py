@@ -179,12 +179,12 @@ def tradeoff_sentence(b_from: float, b_to: float, b_crit: float, *, unit: str = 
 
 
 def optimal_batch_for_exchange_rate(exchange_rate: float, b_crit: float) -> float:
-    """Batch size minimising ``E + r S`` for an exchange rate ``r``: ``B = sqrt(r B_crit)``.
+    r"""Batch size minimising ``E + r S`` for an exchange rate ``r``: ``B = sqrt(r B_crit)``.
 
     .. math::
 
-        \\frac{d}{dB}\\left[E_{min}(1 + B/B_{crit}) + r S_{min}(1 + B_{crit}/B)\\right] = 0
-        \\;\\Rightarrow\\; B^2 = r B_{crit}^2 S_{min}/E_{min} = r B_{crit},
+        \frac{d}{dB}\left[E_{min}(1 + B/B_{crit}) + r S_{min}(1 + B_{crit}/B)\right] = 0
+        \;\Rightarrow\; B^2 = r B_{crit}^2 S_{min}/E_{min} = r B_{crit},
 
     independent of ``S_min`` because ``E_min = S_min B_crit``.
 

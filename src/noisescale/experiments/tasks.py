@@ -214,15 +214,15 @@ def _digits() -> Task:
 
 
 def linreg_truth(delta: Any, lam: Any = LINREG_LAMBDA, sigma: float = LINREG_SIGMA) -> dict[str, float]:
-    """Exact noise-scale quantities of linear regression with Gaussian inputs.
+    r"""Exact noise-scale quantities of linear regression with Gaussian inputs.
 
     With ``x ~ N(0, Lambda)``, ``y = w*.x + xi``, ``xi ~ N(0, sigma^2)``, per-example
     loss ``(w.x - y)^2 / 2`` and ``delta = w - w*`` (SCIENCE.md):
 
     .. math::
 
-        L = (\\delta^T\\Lambda\\delta + \\sigma^2)/2,\\quad G = \\Lambda\\delta,\\quad H = \\Lambda,\\quad
-        \\Sigma = (\\delta^T\\Lambda\\delta + \\sigma^2)\\Lambda + \\Lambda\\delta\\delta^T\\Lambda
+        L = (\delta^T\Lambda\delta + \sigma^2)/2,\quad G = \Lambda\delta,\quad H = \Lambda,\quad
+        \Sigma = (\delta^T\Lambda\delta + \sigma^2)\Lambda + \Lambda\delta\delta^T\Lambda
 
     hence ``B_simple = tr(Sigma)/|G|^2`` (2.9), ``B_noise = tr(H Sigma)/(G^T H G)`` (2.8),
     ``eps_max = |G|^2/(G^T H G)`` (2.6) and ``dL_max = |G|^4 / (2 G^T H G)`` (2.7).
