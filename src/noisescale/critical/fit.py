@@ -98,8 +98,7 @@ class CriticalBatchFit(NamedTuple):
     batch_range: tuple[float, float]  # smallest and largest batch size reaching the goal
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``b_crit`` is None and the open side of ``b_crit_ci`` is None when
-        the sweep does not bracket B_crit."""
+        """JSON-ready dict; ``b_crit`` and the open side of ``b_crit_ci`` are None unless bracketed."""
         ci: list[float | None] = [float(v) for v in self.b_crit_ci]
         if not self.bracketed:
             ci = [None, None]
@@ -341,8 +340,7 @@ def _project(y: np.ndarray, f: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, 
 def _profile_fit(
     y: np.ndarray, logb: np.ndarray, ok: np.ndarray, c_bounds: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares ``(log S_min, log B_crit)`` for each row of ``y`` ``[R, N]``: coarse grid,
-    fine grid, parabolic step. Returns two ``[R]`` arrays."""
+    """Least-squares ``(log S_min, log B_crit)`` of each row of ``y`` ``[R, N]``: two ``[R]`` arrays."""
     c_lo, c_hi = c_bounds
     grid = np.linspace(c_lo, c_hi, _COARSE_GRID)
     h = grid[1] - grid[0]
@@ -455,7 +453,8 @@ def _bracket_draws(
 ) -> np.ndarray:
     """``[R, N]`` offsets ``log u - log s``, ``u`` uniform in each bracket (from at least 1 step).
 
-    Zero for censored runs and for crossings known exactly (``lo == hi``)."""
+    Zero for censored runs and for crossings known exactly (``lo == hi``).
+    """
     out = np.zeros((n_bootstrap, s.size))
     wide = ok & (hi > lo)
     if wide.any():
