@@ -242,7 +242,8 @@ class SweepConfig:
             raise SweepConfigError(
                 f"unknown sweep settings {sorted(unknown)}: expected some of {sorted(names)}"
             )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fields)
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> SweepConfig:

@@ -264,14 +264,14 @@ def execute_runs(
     values, done = config.to_dict(), {}
     if jobs <= 1 or len(order) <= 1:
         for spec in order:
-            done[spec] = run_one(values, tuple(spec), str(out))
+            done[spec] = run_one(values, (spec.batch_size, spec.lr_index), str(out))
             if on_record is not None:
                 on_record(spec, done[spec])
         return done
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx)
     try:
-        futures = {pool.submit(run_one, values, tuple(s), str(out)): s for s in order}
+        futures = {pool.submit(run_one, values, (s.batch_size, s.lr_index), str(out)): s for s in order}
         for future in cf.as_completed(futures):
             spec = futures[future]
             done[spec] = future.result()
