@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,7 +213,11 @@ def _digits() -> Task:
     return _image_task("digits", _mlp_factory(64, 64, 10), batch_size=64, lr=0.1, steps=500, ema_decay=0.98)
 
 
-def linreg_truth(delta: Any, lam: Any = LINREG_LAMBDA, sigma: float = LINREG_SIGMA) -> dict[str, float]:
+def linreg_truth(
+    delta: Sequence[float] | np.ndarray,
+    lam: Sequence[float] | np.ndarray = LINREG_LAMBDA,
+    sigma: float = LINREG_SIGMA,
+) -> dict[str, float]:
     r"""Exact noise-scale quantities of linear regression with Gaussian inputs.
 
     With ``x ~ N(0, Lambda)``, ``y = w*.x + xi``, ``xi ~ N(0, sigma^2)``, per-example
