@@ -7,11 +7,16 @@ a batch size reads the same in ``noisescale fit``, ``noisescale sweep`` and the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Literal
 
 __all__ = ["format_batch", "format_interval", "short_number"]
 
+Rounding = Literal["nearest", "down", "up"]
+_ROUNDING: dict[str, Callable[[float], int]] = {"nearest": round, "down": math.floor, "up": math.ceil}
 
-def format_batch(value: float, rounding: str = "nearest") -> str:
+
+def format_batch(value: float, rounding: Rounding = "nearest") -> str:
     """A batch size for people: integers below 10^7 exactly, other values to 3 significant figures.
 
     Args:
@@ -28,7 +33,7 @@ def format_batch(value: float, rounding: str = "nearest") -> str:
         >>> format_batch(4096.0), format_batch(2873.4, "down"), format_batch(37.25), format_batch(2.5e8)
         ('4096', '2870', '37.2', '2.5e+08')
     """
-    rnd = {"nearest": round, "down": math.floor, "up": math.ceil}[rounding]
+    rnd = _ROUNDING[rounding]
     if value == round(value) and abs(value) < 1e7:
         return f"{value:.0f}"
     exp = math.floor(math.log10(abs(value))) - 2 if value else 0

@@ -13,6 +13,8 @@ from noisescale.cli import common
 from noisescale.cli import measure as measure_cli
 from noisescale.cli import sweep as sweep_cli
 from noisescale.cli.app import app
+from noisescale.experiments.tasks import TASK_NAMES
+from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
 
 runner = CliRunner()
 
@@ -153,6 +155,17 @@ def test_subcommands_share_the_option_choices() -> None:
     assert sweep_cli.TaskName is measure_cli.TaskName is common.TaskName
     assert [m.value for m in common.MethodName] == ["per-example", "microbatch", "ddp"]  # measure
     assert [m.value for m in common.SweepMethodName] == ["per-example", "microbatch"]  # one process per run
+
+
+def test_option_choices_spell_the_library_names_in_order() -> None:
+    # The enums are written out for mypy; they must stay the command-line spellings of the library's lists.
+    def spelled(names: tuple[str, ...]) -> list[tuple[str, str]]:
+        return [(n.replace("-", "_"), n.replace("_", "-")) for n in names]
+
+    assert [(m.name, m.value) for m in common.TaskName] == spelled(TASK_NAMES)
+    assert [(m.name, m.value) for m in common.MethodName] == spelled(METHODS)
+    assert [(m.name, m.value) for m in common.SweepMethodName] == spelled(SINGLE_PROCESS_METHODS)
+    assert common.DEFAULT_TASK.value == "mnist"
 
 
 @pytest.mark.slow

@@ -1,10 +1,14 @@
-"""What the subcommands share: the choices of their options, option checks and the error line."""
+"""What the subcommands share: the choices of their options, option checks and the error line.
+
+The choices are spelled out as enums (typer needs a class, mypy a static one); a test checks that
+they list :data:`~noisescale.experiments.tasks.TASK_NAMES`, :data:`~noisescale.options.METHODS` and
+:data:`~noisescale.options.SINGLE_PROCESS_METHODS` in order, with ``-`` for ``_``.
+"""
 
 from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +17,6 @@ from rich.console import Console
 from rich.text import Text
 
 from noisescale.critical.fit import MIN_BOOTSTRAP
-from noisescale.experiments.tasks import TASK_NAMES
-from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
 
 __all__ = [
     "DEFAULT_TASK",
@@ -29,16 +31,31 @@ __all__ = [
 ]
 
 
-def _choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
-    """A ``str`` enum of command-line spellings (``per-example``), members named with ``_``."""
-    spellings = [v.replace("_", "-") for v in values]
-    return enum.Enum(name, {s.replace("-", "_"): s for s in spellings}, type=str)  # type: ignore[return-value]
+class TaskName(str, enum.Enum):
+    """``--task``: every built-in task, :data:`~noisescale.experiments.tasks.TASK_NAMES` in order."""
+
+    mnist = "mnist"
+    fashion_mnist = "fashion-mnist"
+    digits = "digits"
+    linreg = "linreg"
 
 
-TaskName = _choices("TaskName", TASK_NAMES)  # every built-in task
-DEFAULT_TASK = TaskName("mnist")
-MethodName = _choices("MethodName", METHODS)  # estimators of `measure` (ddp under torchrun)
-SweepMethodName = _choices("SweepMethodName", SINGLE_PROCESS_METHODS)  # a sweep's runs are single processes
+class MethodName(str, enum.Enum):
+    """``--method`` of ``measure``: :data:`~noisescale.options.METHODS` (ddp under torchrun)."""
+
+    per_example = "per-example"
+    microbatch = "microbatch"
+    ddp = "ddp"
+
+
+class SweepMethodName(str, enum.Enum):
+    """``--method`` of ``sweep``: :data:`~noisescale.options.SINGLE_PROCESS_METHODS` (one process per run)."""
+
+    per_example = "per-example"
+    microbatch = "microbatch"
+
+
+DEFAULT_TASK = TaskName.mnist
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -84,13 +84,14 @@ def _run_with_progress(
 def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: float) -> dict[str, Any]:
     """The summary.json content: settings, final estimate, losses and (linreg) the truth."""
     est = result.estimate
+    assert est is not None, "measure always trains with a meter"
     test_loss, test_error = evaluate(task, result.model)
     # McCandlish et al. (2018), Table 1 reports B_simple averaged over the run: the step-weighted
     # mean of the resolved smoothed values, the run average of a sweep (critical.goals.run_mean);
     # a rough comparison, not an estimate of B_crit.
-    measured = [r for r in result.records if r.estimate is not None]
-    values = [r.estimate.b_simple for r in measured]  # the meter's: None unless resolved
-    mean = run_mean([r.step for r in measured], values, upto=measured[-1].step) if measured else None
+    measured = [(r.step, r.estimate) for r in result.records if r.estimate is not None]
+    values = [e.b_simple for _, e in measured]  # the meter's: None unless resolved
+    mean = run_mean([step for step, _ in measured], values, upto=measured[-1][0]) if measured else None
     resolved = sum(v is not None for v in values)
     summary: dict[str, Any] = {
         "task": task.name,

@@ -242,7 +242,7 @@ def predict(
     units = Unit.examples.value if unit is None else unit.value
     try:
         _check(b_crit, s_min, from_file, goal, loss, (b_star, alpha_b))
-        law = None if b_star is None else BCritPowerLaw(b_star, alpha_b)  # type: ignore[arg-type]
+        law = None if b_star is None or alpha_b is None else BCritPowerLaw(b_star, alpha_b)  # both or neither
         entries: list[dict] = []
         if from_file is not None:
             entries, file_law, file_unit = _load_entries(from_file, goal)

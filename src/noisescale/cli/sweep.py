@@ -47,7 +47,7 @@ from noisescale.experiments.sweep import RunRecord, RunSpec, SweepConfig, SweepR
 
 __all__ = ["sweep"]
 
-_DEFAULT_METHOD = SweepMethodName("per-example")
+_DEFAULT_METHOD = SweepMethodName.per_example
 
 
 def _default_jobs() -> int:

@@ -1,11 +1,11 @@
-"""Critical batch size from a batch-size sweep: a fit of the steps-examples hyperbola.
+r"""Critical batch size from a batch-size sweep: a fit of the steps-examples hyperbola.
 
 Training to a fixed goal at batch size ``B`` takes ``S`` steps and ``E = B S`` examples, with
 
 .. math::
 
-    \\left(\\frac{S}{S_{min}} - 1\\right)\\left(\\frac{E}{E_{min}} - 1\\right) = 1,
-    \\qquad B_{crit} = \\frac{E_{min}}{S_{min}},
+    \left(\frac{S}{S_{min}} - 1\right)\left(\frac{E}{E_{min}} - 1\right) = 1,
+    \qquad B_{crit} = \frac{E_{min}}{S_{min}},
 
 equivalently ``S(B) = S_min (1 + B_crit/B)`` and ``E(B) = E_min (1 + B/B_crit)``
 (McCandlish et al. 2018, eqs. 2.11-2.12). As in the paper (appendix A.3) the fit is least
@@ -98,8 +98,7 @@ class CriticalBatchFit(NamedTuple):
     batch_range: tuple[float, float]  # smallest and largest batch size reaching the goal
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``b_crit`` is None and the open side of ``b_crit_ci`` is None when
-        the sweep does not bracket B_crit."""
+        """JSON-ready dict; ``b_crit`` and the open side of ``b_crit_ci`` are None unless bracketed."""
         ci: list[float | None] = [float(v) for v in self.b_crit_ci]
         if not self.bracketed:
             ci = [None, None]
@@ -135,12 +134,12 @@ def fit_critical_batch(
     max_increase: float = 1.5,
     seed: int = 0,
 ) -> CriticalBatchFit:
-    """Fit ``S(B) = S_min (1 + B_crit/B)`` to steps-to-goal measured at several batch sizes.
+    r"""Fit ``S(B) = S_min (1 + B_crit/B)`` to steps-to-goal measured at several batch sizes.
 
     .. math::
 
-        \\min_{S_{min}, B_{crit}} \\sum_i \\left[\\log S_i - \\log S_{min}
-        - \\log\\left(1 + B_{crit}/B_i\\right)\\right]^2
+        \min_{S_{min}, B_{crit}} \sum_i \left[\log S_i - \log S_{min}
+        - \log\left(1 + B_{crit}/B_i\right)\right]^2
 
     with censored runs entering one-sided (see the module docstring).
 
@@ -341,8 +340,7 @@ def _project(y: np.ndarray, f: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, 
 def _profile_fit(
     y: np.ndarray, logb: np.ndarray, ok: np.ndarray, c_bounds: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares ``(log S_min, log B_crit)`` for each row of ``y`` ``[R, N]``: coarse grid,
-    fine grid, parabolic step. Returns two ``[R]`` arrays."""
+    """Least-squares ``(log S_min, log B_crit)`` of each row of ``y`` ``[R, N]``: two ``[R]`` arrays."""
     c_lo, c_hi = c_bounds
     grid = np.linspace(c_lo, c_hi, _COARSE_GRID)
     h = grid[1] - grid[0]
@@ -455,7 +453,8 @@ def _bracket_draws(
 ) -> np.ndarray:
     """``[R, N]`` offsets ``log u - log s``, ``u`` uniform in each bracket (from at least 1 step).
 
-    Zero for censored runs and for crossings known exactly (``lo == hi``)."""
+    Zero for censored runs and for crossings known exactly (``lo == hi``).
+    """
     out = np.zeros((n_bootstrap, s.size))
     wide = ok & (hi > lo)
     if wide.any():

@@ -111,8 +111,9 @@ def plot_b_crit_by_goal(
     """
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
-    numeric = all(g.goal is not None and g.goal > 0 for g in goal_fits)
-    xs = [g.goal if numeric else float(i) for i, g in enumerate(goal_fits)]
+    levels = [g.goal for g in goal_fits if g.goal is not None and g.goal > 0]
+    numeric = len(levels) == len(goal_fits)  # every goal a positive level: a log axis of goals
+    xs = levels if numeric else [float(i) for i in range(len(goal_fits))]
     drawn = {"B_crit (fit, CI)": False, "B_crit bound": False}
     for x, g in zip(xs, goal_fits, strict=True):
         f = g.fit

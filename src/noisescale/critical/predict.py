@@ -22,7 +22,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 import numpy as np
 
@@ -46,7 +46,7 @@ __all__ = [
     "tradeoff_sentence",
 ]
 
-ArrayLike = float | Sequence[float] | np.ndarray
+ArrayLike = float | Sequence[float] | np.ndarray  # scalars in, a float out (the overloads say so)
 
 
 def _positive(name: str, value: ArrayLike) -> np.ndarray:
@@ -58,6 +58,14 @@ def _positive(name: str, value: ArrayLike) -> np.ndarray:
 
 def _out(x: np.ndarray) -> float | np.ndarray:
     return float(x) if x.ndim == 0 else x
+
+
+@overload
+def steps_at(batch_size: float, s_min: float, b_crit: float) -> float: ...
+
+
+@overload
+def steps_at(batch_size: ArrayLike, s_min: float, b_crit: float) -> float | np.ndarray: ...
 
 
 def steps_at(batch_size: ArrayLike, s_min: float, b_crit: float) -> float | np.ndarray:
@@ -82,6 +90,14 @@ def steps_at(batch_size: ArrayLike, s_min: float, b_crit: float) -> float | np.n
     return _out(_positive("s_min", s_min) * (1.0 + _positive("b_crit", b_crit) / b))
 
 
+@overload
+def examples_at(batch_size: float, e_min: float, b_crit: float) -> float: ...
+
+
+@overload
+def examples_at(batch_size: ArrayLike, e_min: float, b_crit: float) -> float | np.ndarray: ...
+
+
 def examples_at(batch_size: ArrayLike, e_min: float, b_crit: float) -> float | np.ndarray:
     """Examples to the goal at a batch size, ``E = E_min (1 + B/B_crit)`` (eq. 2.11).
 
@@ -104,6 +120,14 @@ def examples_at(batch_size: ArrayLike, e_min: float, b_crit: float) -> float | n
     """
     b = _positive("batch_size", batch_size)
     return _out(_positive("e_min", e_min) * (1.0 + b / _positive("b_crit", b_crit)))
+
+
+@overload
+def speedup(batch_size: float, reference: float, b_crit: float) -> float: ...
+
+
+@overload
+def speedup(batch_size: ArrayLike, reference: float, b_crit: float) -> float | np.ndarray: ...
 
 
 def speedup(batch_size: ArrayLike, reference: float, b_crit: float) -> float | np.ndarray:
@@ -179,12 +203,12 @@ def tradeoff_sentence(b_from: float, b_to: float, b_crit: float, *, unit: str = 
 
 
 def optimal_batch_for_exchange_rate(exchange_rate: float, b_crit: float) -> float:
-    """Batch size minimising ``E + r S`` for an exchange rate ``r``: ``B = sqrt(r B_crit)``.
+    r"""Batch size minimising ``E + r S`` for an exchange rate ``r``: ``B = sqrt(r B_crit)``.
 
     .. math::
 
-        \\frac{d}{dB}\\left[E_{min}(1 + B/B_{crit}) + r S_{min}(1 + B_{crit}/B)\\right] = 0
-        \\;\\Rightarrow\\; B^2 = r B_{crit}^2 S_{min}/E_{min} = r B_{crit},
+        \frac{d}{dB}\left[E_{min}(1 + B/B_{crit}) + r S_{min}(1 + B_{crit}/B)\right] = 0
+        \;\Rightarrow\; B^2 = r B_{crit}^2 S_{min}/E_{min} = r B_{crit},
 
     independent of ``S_min`` because ``E_min = S_min B_crit``.
 
@@ -209,6 +233,14 @@ def optimal_batch_for_exchange_rate(exchange_rate: float, b_crit: float) -> floa
     return float(np.sqrt(_positive("exchange_rate", exchange_rate) * _positive("b_crit", b_crit)))
 
 
+@overload
+def steps_min(steps: float, batch_size: float, b_crit: float) -> float: ...
+
+
+@overload
+def steps_min(steps: ArrayLike, batch_size: ArrayLike, b_crit: float) -> float | np.ndarray: ...
+
+
 def steps_min(steps: ArrayLike, batch_size: ArrayLike, b_crit: float) -> float | np.ndarray:
     """Minimum steps from a run at batch ``B``: ``S_min = S/(1 + B_crit/B)`` (Kaplan et al. eq. 5.4).
 
@@ -225,6 +257,14 @@ def steps_min(steps: ArrayLike, batch_size: ArrayLike, b_crit: float) -> float |
     """
     s, b = _positive("steps", steps), _positive("batch_size", batch_size)
     return _out(s / (1.0 + _positive("b_crit", b_crit) / b))
+
+
+@overload
+def compute_min(compute: float, batch_size: float, b_crit: float) -> float: ...
+
+
+@overload
+def compute_min(compute: ArrayLike, batch_size: ArrayLike, b_crit: float) -> float | np.ndarray: ...
 
 
 def compute_min(compute: ArrayLike, batch_size: ArrayLike, b_crit: float) -> float | np.ndarray:
@@ -258,6 +298,14 @@ class BCritPowerLaw(NamedTuple):
     def doubling_drop(self) -> float:
         """Fractional loss drop over which B_crit doubles, ``1 - 2^(-alpha_b)`` (13% for 0.21)."""
         return 1.0 - 2.0 ** (-self.alpha_b)
+
+
+@overload
+def b_crit_at_loss(loss: float, b_star: float, alpha_b: float) -> float: ...
+
+
+@overload
+def b_crit_at_loss(loss: ArrayLike, b_star: float, alpha_b: float) -> float | np.ndarray: ...
 
 
 def b_crit_at_loss(loss: ArrayLike, b_star: float, alpha_b: float) -> float | np.ndarray:

@@ -110,7 +110,7 @@ class FitReport(NamedTuple):
         """The report as a JSON-ready dict (see the module docstring for the schema)."""
         law = None
         if self.power_law is not None:
-            used = [g.goal for g in _law_goals(self.goals, self.power_law_metric)]
+            used = [goal for goal, _ in _law_points(self.goals, self.power_law_metric)]
             law = {
                 "metric": self.power_law_metric,
                 "b_star": self.power_law.b_star,
@@ -186,10 +186,10 @@ def _b_simple(points: pd.DataFrame) -> BSimpleRange | None:
     return BSimpleRange(float(np.median(v)), float(v.min()), float(v.max()))
 
 
-def _law_goals(goal_fits: Sequence[GoalFit], metric: str | None) -> list[GoalFit]:
-    """The goals of ``metric`` the power law is fitted on: bracketed, with a positive level."""
+def _law_points(goal_fits: Sequence[GoalFit], metric: str | None) -> list[tuple[float, float]]:
+    """``(goal, B_crit)`` of the goals of ``metric`` the power law is fitted on: bracketed, positive level."""
     return [
-        g
+        (g.goal, g.fit.b_crit)
         for g in goal_fits
         if g.metric == metric and g.fit is not None and g.fit.b_crit is not None and g.goal and g.goal > 0
     ]
@@ -205,9 +205,9 @@ def power_law_of(goal_fits: Sequence[GoalFit]) -> tuple[BCritPowerLaw | None, st
     metric = next((g.metric for g in goal_fits if is_loss_metric(g.metric)), None)
     if metric is None or sum(g.metric == metric for g in goal_fits) < 2:
         return None, None, None
-    used = _law_goals(goal_fits, metric)
+    used = _law_points(goal_fits, metric)
     try:
-        law = fit_b_crit_power_law([g.goal for g in used], [g.fit.b_crit for g in used])  # type: ignore[union-attr]
+        law = fit_b_crit_power_law([goal for goal, _ in used], [b_crit for _, b_crit in used])
     except SweepDataError as exc:
         return None, None, str(exc)
     return law, metric, None

@@ -425,7 +425,7 @@ def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float], metric: str = DE
             outcomes = []
             for _, name, steps, loss, _, _, _, stopped in mine:
                 try:
-                    outcomes.append(RunOutcome(crossing(steps, loss.tolist(), float(goal)), stopped))
+                    outcomes.append(RunOutcome(crossing(steps.tolist(), loss.tolist(), float(goal)), stopped))
                 except SweepDataError as exc:
                     line = curves.loc[(curves["run"] == name) & (curves["step"] == 0), "_line"]
                     at = f" (line {line.iloc[0]})" if len(line) else ""
@@ -433,12 +433,12 @@ def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float], metric: str = DE
                     raise SweepDataError(msg) from exc
             k = fastest(outcomes)
             _, name, steps, _, b_simple, lr, unit, _ = mine[k]
-            c = outcomes[k].crossing
-            bs = run_mean(steps.tolist(), [None if np.isnan(v) else float(v) for v in b_simple], c.steps)
-            rows.append({"metric": metric, "goal": float(goal), "batch_size": b, "steps": c.steps,
-                         "steps_low": c.low if c.reached else c.steps,
-                         "steps_high": c.high if c.reached else c.steps, "reached": c.reached,
-                         "run": name, "lr": lr, "b_simple": np.nan if bs is None or not c.reached else bs,
+            cross = outcomes[k].crossing
+            bs = run_mean(steps.tolist(), [None if np.isnan(v) else float(v) for v in b_simple], cross.steps)
+            rows.append({"metric": metric, "goal": float(goal), "batch_size": b, "steps": cross.steps,
+                         "steps_low": cross.low if cross.reached else cross.steps,
+                         "steps_high": cross.high if cross.reached else cross.steps, "reached": cross.reached,
+                         "run": name, "lr": lr, "b_simple": np.nan if bs is None or not cross.reached else bs,
                          "unit": unit})  # fmt: skip
     out = pd.DataFrame(rows, columns=COLUMNS)
     out["run"] = out["run"].astype(object)

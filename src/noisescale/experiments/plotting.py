@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib import ticker
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from noisescale.io import save_figure
@@ -31,7 +32,7 @@ class _PlainLogFormatter(ticker.LogFormatterSciNotation):
         return f"{x:g}" if super().__call__(x, pos) else ""
 
 
-def _log_axis(ax: Any) -> None:
+def _log_axis(ax: Axes) -> None:
     """Log y axis with plain tick labels."""
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_PlainLogFormatter())

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,16 +213,20 @@ def _digits() -> Task:
     return _image_task("digits", _mlp_factory(64, 64, 10), batch_size=64, lr=0.1, steps=500, ema_decay=0.98)
 
 
-def linreg_truth(delta: Any, lam: Any = LINREG_LAMBDA, sigma: float = LINREG_SIGMA) -> dict[str, float]:
-    """Exact noise-scale quantities of linear regression with Gaussian inputs.
+def linreg_truth(
+    delta: Sequence[float] | np.ndarray,
+    lam: Sequence[float] | np.ndarray = LINREG_LAMBDA,
+    sigma: float = LINREG_SIGMA,
+) -> dict[str, float]:
+    r"""Exact noise-scale quantities of linear regression with Gaussian inputs.
 
     With ``x ~ N(0, Lambda)``, ``y = w*.x + xi``, ``xi ~ N(0, sigma^2)``, per-example
     loss ``(w.x - y)^2 / 2`` and ``delta = w - w*`` (SCIENCE.md):
 
     .. math::
 
-        L = (\\delta^T\\Lambda\\delta + \\sigma^2)/2,\\quad G = \\Lambda\\delta,\\quad H = \\Lambda,\\quad
-        \\Sigma = (\\delta^T\\Lambda\\delta + \\sigma^2)\\Lambda + \\Lambda\\delta\\delta^T\\Lambda
+        L = (\delta^T\Lambda\delta + \sigma^2)/2,\quad G = \Lambda\delta,\quad H = \Lambda,\quad
+        \Sigma = (\delta^T\Lambda\delta + \sigma^2)\Lambda + \Lambda\delta\delta^T\Lambda
 
     hence ``B_simple = tr(Sigma)/|G|^2`` (2.9), ``B_noise = tr(H Sigma)/(G^T H G)`` (2.8),
     ``eps_max = |G|^2/(G^T H G)`` (2.6) and ``dL_max = |G|^4 / (2 G^T H G)`` (2.7).

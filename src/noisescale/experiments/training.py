@@ -37,6 +37,7 @@ from torch import nn
 
 import noisescale.distributed as nsdist
 from noisescale.experiments.tasks import Task
+from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate
 from noisescale.options import Averaging, parse_method
 
 __all__ = [
@@ -63,7 +64,7 @@ def make_meter(
     ema_decay: float | None,
     ema_examples: float | None,
     confidence: float = 0.95,
-) -> Any:
+) -> GradientNoiseScale:
     """The one place that picks and builds the meter for a training run.
 
     Args:
@@ -78,8 +79,6 @@ def make_meter(
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
         micro-batch, micro-batch losses divided by k before backward).
     """
-    from noisescale.meter import GradientNoiseScale
-
     return GradientNoiseScale(
         model,
         method=parse_method(method),
@@ -219,7 +218,7 @@ class StepRecord:
     lr: float
     batch_size: int
     wall_time: float
-    estimate: Any = None
+    estimate: NoiseScaleEstimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-ready record.
@@ -283,7 +282,7 @@ class Trainer:
         if dist is not None:
             self.model = nsdist.wrap_ddp(self.model, dist)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum)
-        self.meter = (
+        self.meter: GradientNoiseScale | None = (
             None
             if config.method is None
             else make_meter(
@@ -300,8 +299,7 @@ class Trainer:
         self._start = time.perf_counter()
 
     def step(self) -> StepRecord:
-        """One optimizer step (k micro-batches, meter update, SGD); its record's estimate is set
-        every ``measure_every`` steps."""
+        """One optimizer step (k micro-batches, meter update, SGD); an estimate every ``measure_every``."""
         cfg, k = self.config, self.config.microbatches
         x, y = self.task.sample_batch(cfg.batch_size, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
@@ -325,7 +323,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         self.examples += cfg.batch_size
-        measuring = self.meter is not None and self.steps_done % cfg.measure_every == 0
+        measuring = self.steps_done % cfg.measure_every == 0
         return StepRecord(
             step=self.steps_done,
             examples=self.examples,
@@ -333,10 +331,11 @@ class Trainer:
             lr=lr,
             batch_size=cfg.batch_size,
             wall_time=time.perf_counter() - self._start,
-            estimate=self.meter.compute() if measuring else None,  # no collective: DDP exchanges every 16
+            # no collective: DDP exchanges every 16
+            estimate=self.meter.compute() if self.meter is not None and measuring else None,
         )
 
-    def estimate(self) -> Any:
+    def estimate(self) -> NoiseScaleEstimate | None:
         """The meter's estimate of every step so far (None without a meter).
 
         Under DDP a collective (:meth:`~noisescale.meter.GradientNoiseScale.sync`): call it
@@ -375,7 +374,7 @@ class TrainResult:
     model: nn.Module
     config: TrainConfig
     records: list[StepRecord]
-    estimate: Any
+    estimate: NoiseScaleEstimate | None
     wall_time: float
     stopped: bool
 
@@ -396,6 +395,7 @@ def train(
         callback: called with every step's record (progress bars, logging).
         stop: ``stop(record, trainer)`` after every step; True ends the run (e.g. a loss goal
             checked with :func:`evaluate` on ``trainer.model``).
+        dist: this process's rank and world size under DDP (:mod:`noisescale.distributed`), or None.
 
     Returns:
         The model, the records and the final estimate.

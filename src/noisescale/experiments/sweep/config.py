@@ -1,4 +1,4 @@
-"""The configuration of a batch-size sweep: the grid, the learning-rate rule, the goals, the budgets.
+r"""The configuration of a batch-size sweep: the grid, the learning-rate rule, the goals, the budgets.
 
 For a geometric grid of batch sizes ``B`` (in the task's unit: images or examples) a sweep
 trains the task with plain SGD (no momentum, the optimizer of the paper's analysis) at a few
@@ -6,7 +6,7 @@ learning rates per batch size, centred on the rule of McCandlish et al. (2018), 
 
 .. math::
 
-    \\epsilon(B) = \\frac{\\epsilon_{max}}{(1 + B_*/B)^{\\alpha}}
+    \epsilon(B) = \frac{\epsilon_{max}}{(1 + B_*/B)^{\alpha}}
 
 (``alpha = 1`` for SGD, eq. 2.6), on a geometric grid ``epsilon(B) * step^i``. The defaults of
 each built-in task, and the pilot runs they come from, are in ``_DEFAULTS``.
@@ -35,11 +35,11 @@ _MAX_SEED = 2**63  # seeds are in [0, 2**63)
 
 
 def lr_rule(batch_size: float, lr_max: float, b_star: float, alpha: float = 1.0) -> float:
-    """Centre of the learning-rate grid at a batch size.
+    r"""Centre of the learning-rate grid at a batch size.
 
     .. math::
 
-        \\epsilon(B) = \\epsilon_{max} / (1 + B_*/B)^{\\alpha}
+        \epsilon(B) = \epsilon_{max} / (1 + B_*/B)^{\alpha}
 
     Args:
         batch_size: B, examples per step.
@@ -242,7 +242,8 @@ class SweepConfig:
             raise SweepConfigError(
                 f"unknown sweep settings {sorted(unknown)}: expected some of {sorted(names)}"
             )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fields)
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> SweepConfig:

@@ -27,9 +27,10 @@ def _score(record: RunRecord) -> tuple[int, float]:
     reached = [g.steps for g in record.goals if g.reached and g.steps is not None]
     if reached:
         return len(reached), -float(max(reached))
-    loss = record.final_train_loss
-    bad = record.stopped == "diverged" or loss is None or not math.isfinite(loss)
-    return 0, -math.inf if bad else -float(loss)  # no goal reached: the lowest final loss
+    loss = record.final_train_loss  # no goal reached: the lowest final loss
+    if record.stopped == "diverged" or loss is None or not math.isfinite(loss):
+        return 0, -math.inf
+    return 0, -float(loss)
 
 
 def best_lr_index(records: dict[RunSpec, RunRecord], batch_size: int) -> int | None:

@@ -107,7 +107,6 @@ def write_results(
     Raises:
         SweepDataError: if there is no finished run, or a goal is met at step 0.
     """
-
     out = Path(out)
     if not records:
         raise SweepDataError(f"{out}: no finished run yet; run the sweep (re-running it resumes)")

@@ -160,7 +160,8 @@ def _record(
     per_goal = []
     for g in config.goals:
         c = _safe_crossing(curve, g, name)
-        steps = c.steps if c is not None and c.reached else None
+        hit = c if c is not None and c.reached else None
+        steps = None if hit is None else hit.steps
         mean, ratio = _averages(curve, steps if steps is not None else steps_run)
         per_goal.append(
             GoalRecord(
@@ -171,8 +172,8 @@ def _record(
                 examples=None if steps is None else steps * spec.batch_size,
                 b_simple=mean,
                 b_simple_ratio=ratio,
-                steps_low=None if steps is None else c.low,  # type: ignore[union-attr]
-                steps_high=None if steps is None else c.high,  # type: ignore[union-attr]
+                steps_low=None if hit is None else hit.low,
+                steps_high=None if hit is None else hit.high,
             )
         )
     mean, ratio = _averages(curve, steps_run)
@@ -264,14 +265,14 @@ def execute_runs(
     values, done = config.to_dict(), {}
     if jobs <= 1 or len(order) <= 1:
         for spec in order:
-            done[spec] = run_one(values, tuple(spec), str(out))
+            done[spec] = run_one(values, (spec.batch_size, spec.lr_index), str(out))
             if on_record is not None:
                 on_record(spec, done[spec])
         return done
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx)
     try:
-        futures = {pool.submit(run_one, values, tuple(s), str(out)): s for s in order}
+        futures = {pool.submit(run_one, values, (s.batch_size, s.lr_index), str(out)): s for s in order}
         for future in cf.as_completed(futures):
             spec = futures[future]
             done[spec] = future.result()
