@@ -22,6 +22,7 @@ from noisescale.estimators import (
     per_example_stats,
     two_batch_stats,
 )
+from noisescale.io import package_version
 from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
 
 __all__ = [
@@ -43,4 +44,4 @@ __all__ = [
     "two_batch_stats",
 ]
 
-__version__ = "0.1.0"
+__version__ = package_version()  # one source: the package metadata (pyproject.toml)
