@@ -1,11 +1,11 @@
-"""Per-example gradient norms of ``nn.Embedding`` (weight ``[V, D]``).
+r"""Per-example gradient norms of ``nn.Embedding`` (weight ``[V, D]``).
 
 Example ``n``'s contribution adds ``go_nt`` into row ``idx_nt`` for each position
 ``t``, so its squared norm is
 
 .. math::
 
-    \\sum_{t,s} [idx_t = idx_s] (go_t \\cdot go_s) = \\sum_t go_t \\cdot S_{idx_t},
+    \sum_{t,s} [idx_t = idx_s] (go_t \cdot go_s) = \sum_t go_t \cdot S_{idx_t},
 
 with ``S_v`` the sum of ``go_t`` over the example's positions holding index ``v``,
 that is ``sum_v |S_v|^2``. Instead of the ``[N, T, T]`` masked Gram matrix (Li et al.

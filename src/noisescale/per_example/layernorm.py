@@ -1,11 +1,11 @@
-"""Per-example gradient norms of ``nn.LayerNorm`` and ``nn.RMSNorm``.
+r"""Per-example gradient norms of ``nn.LayerNorm`` and ``nn.RMSNorm``.
 
 With ``y = x_hat * weight + bias`` over the last ``len(normalized_shape)`` dims,
 example ``n``'s contributions are
 
 .. math::
 
-    \\Delta weight_n = \\sum_t go_{nt} \\odot \\hat x_{nt}, \\qquad \\Delta bias_n = \\sum_t go_{nt},
+    \Delta weight_n = \sum_t go_{nt} \odot \hat x_{nt}, \qquad \Delta bias_n = \sum_t go_{nt},
 
 both of parameter size (``[K]``), so the materialising and the norm paths coincide.
 ``x_hat`` is recomputed from the stored input with the layer's own ``eps``
