@@ -67,8 +67,11 @@ def _patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, out_size: tuple[int, ...]
 
 
 def _chunks(module: nn.Conv1d | nn.Conv2d, x: Tensor, go: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(patches [R, T, C k / G], grads [R, T, O / G])`` for consecutive chunks of the
-    ``N G`` example-groups; the patches live in one buffer, overwritten by the next chunk."""
+    """Yield ``(patches [R, T, C k / G], grads [R, T, O / G])`` for consecutive chunks of example-groups.
+
+    The ``N G`` example-groups are taken in order; the patches live in one buffer,
+    overwritten by the next chunk.
+    """
     windows = _patches(module, x, tuple(go.shape[2:]))
     rows, depth, t = windows.shape[0], module.weight[0].numel(), math.prod(go.shape[2:])  # N G, C k / G, T
     go = go.reshape(rows, -1, t)  # [N G, O / G, T]

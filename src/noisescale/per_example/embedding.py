@@ -72,8 +72,10 @@ def use_dense(v: int, t: int) -> bool:
 
 
 def _sum_rows(module: nn.Embedding, idx: Tensor) -> tuple[Tensor, int]:
-    """Row of each position among ``N R`` rows of sums (``[N T]``, example ``n`` owning rows
-    ``[n R, (n + 1) R)``, equal indices of one example sharing a row) and ``R``."""
+    """Row of each position among ``N R`` rows of sums (``[N T]``), and ``R``.
+
+    Example ``n`` owns rows ``[n R, (n + 1) R)``; equal indices of one example share a row.
+    """
     n, t = idx.shape
     keys = _keys(module, idx)
     if use_dense(module.num_embeddings, t):
