@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +105,12 @@ def conv_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...])
     Returns:
         ``{name: [N]}``.
     """
+    conv = cast("nn.Conv1d | nn.Conv2d", module)  # typing only, no check (see register_kernel)
     x, go = upcast(x, go)
     n = x.shape[0]
     out = {}
     if "weight" in names:
-        out["weight"] = _weight_parts(module, x, go, sequence_weight_norms).view(n, -1).sum(1)
+        out["weight"] = _weight_parts(conv, x, go, sequence_weight_norms).view(n, -1).sum(1)
     if "bias" in names:
         out["bias"] = go.reshape(n, go.shape[1], -1).sum(2).square().sum(1)
     return out
@@ -126,12 +128,13 @@ def conv_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...])
     Returns:
         ``{"weight": [N, O, C/G, *k], "bias": [N, O]}`` restricted to ``names``.
     """
+    conv = cast("nn.Conv1d | nn.Conv2d", module)  # typing only, no check (see register_kernel)
     x, go = upcast(x, go)
     n = x.shape[0]
     out = {}
     if "weight" in names:
-        grads = _weight_parts(module, x, go, sequence_weight_grads)  # [N G, O/G, C k/G]
-        out["weight"] = grads.reshape(n, *module.weight.shape)
+        grads = _weight_parts(conv, x, go, sequence_weight_grads)  # [N G, O/G, C k/G]
+        out["weight"] = grads.reshape(n, *conv.weight.shape)
     if "bias" in names:
         out["bias"] = go.reshape(n, go.shape[1], -1).sum(2)
     return out

@@ -29,6 +29,8 @@ References:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -103,11 +105,12 @@ def embedding_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     """
     if "weight" not in names:
         return {}
-    idx, go = _prepare(module, x, go)
+    emb = cast(nn.Embedding, module)  # typing only, no check (see register_kernel)
+    idx, go = _prepare(emb, x, go)
     n, t = idx.shape
     if t == 1:
         return {"weight": go.square().sum((1, 2))}
-    rows, r = _sum_rows(module, idx)
+    rows, r = _sum_rows(emb, idx)
     d = go.shape[-1]
     sums = go.new_zeros(n * r, d).index_add_(0, rows, go.reshape(-1, d))  # [N R, D]
     return {"weight": torch.linalg.vector_norm(sums.view(n, -1), dim=1).square()}
@@ -127,10 +130,11 @@ def embedding_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     """
     if "weight" not in names:
         return {}
-    idx, go = _prepare(module, x, go)
+    emb = cast(nn.Embedding, module)  # typing only, no check (see register_kernel)
+    idx, go = _prepare(emb, x, go)
     n, d = idx.shape[0], go.shape[-1]
-    grads = go.new_zeros(n * module.num_embeddings, d).index_add_(0, _keys(module, idx), go.reshape(-1, d))
-    return {"weight": grads.view(n, module.num_embeddings, d)}
+    grads = go.new_zeros(n * emb.num_embeddings, d).index_add_(0, _keys(emb, idx), go.reshape(-1, d))
+    return {"weight": grads.view(n, emb.num_embeddings, d)}
 
 
 KERNEL = Kernel(norms=embedding_norms, grads=embedding_grads, params=("weight",), min_dim=lambda m: 1)
