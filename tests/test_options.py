@@ -21,7 +21,7 @@ def test_parse_method_accepts_every_spelling(given: str, expected: str) -> None:
 
 
 def test_parse_method_refuses_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="'per-example', 'microbatch', 'ddp'.*'vmap'"):
+    with pytest.raises(ValueError, match=r"'per-example', 'microbatch', 'ddp'.*'vmap'"):
         parse_method("vmap")
     with pytest.raises(ValueError, match="'per-example', 'microbatch' but got 'ddp'"):
         parse_method("ddp", SINGLE_PROCESS_METHODS)

@@ -110,10 +110,10 @@ def queue_callback(callback: Callable[[], None]) -> None:
     Files a backward's record once all its gradient hooks have run, without any
     tensor operation (there is no public end-of-backward hook).
     """
-    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-def _accumulate_grad_type() -> type:
+def _accumulate_grad_type() -> type[Any]:
     """The accumulator node type, or a type no node has if this torch builds graphs differently."""
     try:
         leaf = torch.zeros(1, requires_grad=True)
@@ -122,7 +122,7 @@ def _accumulate_grad_type() -> type:
         return type(None)
 
 
-ACCUMULATE_GRAD: type = _accumulate_grad_type()
+ACCUMULATE_GRAD: type[Any] = _accumulate_grad_type()
 """The type of a leaf's gradient accumulator node (``torch._C._functions.AccumulateGrad``).
 
 Its ``.variable`` is the leaf. Walking the graph a layer call built
@@ -143,7 +143,7 @@ def foreach_norm(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     of small parameters (biases, norm layers) one kernel instead of hundreds is a
     visible part of a step.
     """
-    return list(torch._foreach_norm(list(tensors), dtype=dtype))  # type: ignore[arg-type]
+    return list(torch._foreach_norm(list(tensors), dtype=dtype))
 
 
 def scaler_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
@@ -176,7 +176,7 @@ def conv_padding(module: nn.Conv1d | nn.Conv2d) -> Sequence[int]:
     The layer computes it once from ``padding`` (including ``'same'``); recomputing it
     would duplicate PyTorch's rule.
     """
-    return module._reversed_padding_repeated_twice  # type: ignore[return-value]
+    return module._reversed_padding_repeated_twice
 
 
 def _frames() -> list[FrameType]:

@@ -1,15 +1,15 @@
-"""Unbiased estimators of |G|^2 and tr(Sigma) from squared gradient norms.
+r"""Unbiased estimators of |G|^2 and tr(Sigma) from squared gradient norms.
 
 Pure tensor functions, no training-loop state. All of them are forms of the
 two-batch estimator of McCandlish et al. (2018), appendix A.1:
 
 .. math::
 
-    |\\mathcal{G}|^2 = \\frac{B_{big}|G_{big}|^2 - B_{small}|G_{small}|^2}{B_{big} - B_{small}}
-    \\qquad (A.1)
+    |\mathcal{G}|^2 = \frac{B_{big}|G_{big}|^2 - B_{small}|G_{small}|^2}{B_{big} - B_{small}}
+    \qquad (A.1)
 
-    \\mathcal{S} = \\frac{|G_{small}|^2 - |G_{big}|^2}{1/B_{small} - 1/B_{big}}
-    \\qquad (A.2)
+    \mathcal{S} = \frac{|G_{small}|^2 - |G_{big}|^2}{1/B_{small} - 1/B_{big}}
+    \qquad (A.2)
 
 where both gradients are gradients of the MEAN loss over their examples, taken at
 the same parameters, so that ``E|G_B|^2 = |G|^2 + tr(Sigma)/B``. The k-way and
@@ -28,7 +28,7 @@ WITHOUT replacement (shuffled epochs, full-batch steps) gives
 
 .. math::
 
-    E|G_B|^2 = |G|^2 + \\frac{tr\\Sigma_N}{B}\\frac{N - B}{N - 1},
+    E|G_B|^2 = |G|^2 + \frac{tr\Sigma_N}{B}\frac{N - B}{N - 1},
 
 with ``Sigma_N`` the population covariance of the N per-example gradients (divided by
 N), so every ``1/B`` in (A.1, A.2) becomes :func:`sampling_variance` of it; at B = N the
@@ -114,7 +114,7 @@ def check_dataset_size(dataset_size: int | None) -> int | None:
 
 
 def sampling_variance(inv_size: torch.Tensor, dataset_size: int | None = None) -> torch.Tensor:
-    """The coefficient ``v`` of tr(Sigma) in ``E|G_B|^2 = |G|^2 + v tr(Sigma)``.
+    r"""The coefficient ``v`` of tr(Sigma) in ``E|G_B|^2 = |G|^2 + v tr(Sigma)``.
 
     For a weighted mean ``sum_n u_n g_n`` of distinct examples (``sum u = 1``) with
     ``inv_size = sum_n u_n^2`` (``1/B`` for a plain mean of B examples, ``1/b_big`` from
@@ -122,8 +122,8 @@ def sampling_variance(inv_size: torch.Tensor, dataset_size: int | None = None) -
 
     .. math::
 
-        v = \\sum u_n^2 \\ \\text{(with replacement)},\\qquad
-        v = \\frac{N \\sum u_n^2 - 1}{N - 1} \\ \\text{(without, from N examples)},
+        v = \sum u_n^2 \ \text{(with replacement)},\qquad
+        v = \frac{N \sum u_n^2 - 1}{N - 1} \ \text{(without, from N examples)},
 
     the second because two distinct examples drawn without replacement have
     ``E[g_i . g_j] = |G|^2 - tr(Sigma_N)/(N - 1)``; for a plain mean it is
@@ -153,12 +153,12 @@ def two_batch_stats(
     *,
     dataset_size: int | None = None,
 ) -> NoiseStats:
-    """Unbiased |G|^2 and tr(Sigma) from two batch gradients (eqs. A.1, A.2).
+    r"""Unbiased |G|^2 and tr(Sigma) from two batch gradients (eqs. A.1, A.2).
 
     .. math::
 
-        |G|^2 = \\frac{v_s |G_{big}|^2 - v_b |G_{small}|^2}{v_s - v_b},\\qquad
-        tr\\Sigma = \\frac{|G_{small}|^2 - |G_{big}|^2}{v_s - v_b}
+        |G|^2 = \frac{v_s |G_{big}|^2 - v_b |G_{small}|^2}{v_s - v_b},\qquad
+        tr\Sigma = \frac{|G_{small}|^2 - |G_{big}|^2}{v_s - v_b}
 
     with ``v = 1/B`` (this is exactly A.1, A.2), or without replacement from N
     examples ``v = (N/B - 1)/(N - 1)`` (:func:`sampling_variance`; tr(Sigma) is then
@@ -271,23 +271,23 @@ def per_example_stats(
     *,
     dataset_size: int | None = None,
 ) -> NoiseStats:
-    """Per-example form: every example is a small batch of one.
+    r"""Per-example form: every example is a small batch of one.
 
     .. math::
 
-        |G|^2 = \\frac{B|\\bar g|^2 - \\overline{|g_i|^2}}{B - 1},\\qquad
-        tr\\Sigma = \\frac{B}{B-1}(\\overline{|g_i|^2} - |\\bar g|^2)
-        = \\frac{1}{B-1}\\sum_i |g_i - \\bar g|^2
+        |G|^2 = \frac{B|\bar g|^2 - \overline{|g_i|^2}}{B - 1},\qquad
+        tr\Sigma = \frac{B}{B-1}(\overline{|g_i|^2} - |\bar g|^2)
+        = \frac{1}{B-1}\sum_i |g_i - \bar g|^2
 
     Without replacement from N examples (``dataset_size``):
 
     .. math::
 
-        tr\\Sigma_N = \\frac{B (N - 1)}{N (B - 1)}(\\overline{|g_i|^2} - |\\bar g|^2),\\qquad
-        |G|^2 = \\overline{|g_i|^2} - tr\\Sigma_N,
+        tr\Sigma_N = \frac{B (N - 1)}{N (B - 1)}(\overline{|g_i|^2} - |\bar g|^2),\qquad
+        |G|^2 = \overline{|g_i|^2} - tr\Sigma_N,
 
-    which at B = N is exactly the full dataset's ``|\\bar g|^2`` and
-    ``(1/N) sum_i |g_i - \\bar g|^2``.
+    which at B = N is exactly the full dataset's ``|\bar g|^2`` and
+    ``(1/N) sum_i |g_i - \bar g|^2``.
 
     Args:
         mean_sq_norm: ``[P]`` mean over the B examples of their squared per-example

@@ -1,4 +1,4 @@
-"""Standard error and confidence interval of B_simple = E[S] / E[G].
+r"""Standard error and confidence interval of B_simple = E[S] / E[G].
 
 B_simple is a ratio of two averages of noisy per-step estimates, ``S_t`` of
 tr(Sigma) and ``G_t`` of |G|^2. Its interval is Fieller's (1954): the set of
@@ -6,8 +6,8 @@ ratios ``rho`` for which ``S_bar - rho G_bar`` is not significantly non-zero,
 
 .. math::
 
-    (\\bar S - \\rho \\bar G)^2 \\le t^2_{q,\\,n-1}
-    \\left(v_{SS} - 2\\rho v_{SG} + \\rho^2 v_{GG}\\right),
+    (\bar S - \rho \bar G)^2 \le t^2_{q,\,n-1}
+    \left(v_{SS} - 2\rho v_{SG} + \rho^2 v_{GG}\right),
 
 with ``v`` the estimated (co)variances of the weighted means and ``n`` the effective
 number of steps ``(sum w)^2 / sum w^2``. Unlike the delta method it stays honest

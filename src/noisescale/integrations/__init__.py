@@ -124,8 +124,11 @@ class MeterCallback:
             self.meter.update(microbatch_sizes=sizes)
 
     def _log_scalars(self) -> dict[str, float]:
-        """Exchange the steps so far, compute the estimate (one host synchronisation), keep it,
-        and name its scalars. Under DDP a collective: the frameworks call it on every rank."""
+        """Exchange the steps so far, compute the estimate and name its scalars.
+
+        One host synchronisation; the estimate is kept as ``last_estimate``. Under DDP a
+        collective: the frameworks call it on every rank.
+        """
         assert self.meter is not None, "the meter is created when training starts"
         self.meter.sync()
         self.last_estimate = self.meter.compute()

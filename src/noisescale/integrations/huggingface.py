@@ -44,7 +44,9 @@ from noisescale.integrations import MeterCallback, require
 from noisescale.meter import GradientNoiseScale, default_groups
 from noisescale.options import Method, parse_method
 
-_transformers = require("transformers", "hf")
+require("transformers", "hf")  # the install command if missing, before the import below
+
+from transformers import TrainerCallback  # noqa: E402
 
 __all__ = ["NoiseScaleCallback"]
 
@@ -59,7 +61,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
-class NoiseScaleCallback(_transformers.TrainerCallback, MeterCallback):  # type: ignore[misc,name-defined]
+class NoiseScaleCallback(TrainerCallback, MeterCallback):
     """Measure B_simple during ``Trainer.train`` and log it with ``Trainer.log``.
 
     Args:

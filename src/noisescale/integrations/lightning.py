@@ -28,9 +28,10 @@ from typing import Any
 
 from noisescale.integrations import MeterCallback, require
 
-_pl = require("lightning.pytorch", "lightning")
+require("lightning.pytorch", "lightning")  # the install command if missing, before the imports below
 _data = require("lightning.pytorch.utilities.data", "lightning")
 
+from lightning.pytorch import Callback  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from noisescale.meter import GradientNoiseScale, default_groups  # noqa: E402
@@ -39,7 +40,7 @@ from noisescale.options import Method, parse_method  # noqa: E402
 __all__ = ["NoiseScaleCallback"]
 
 
-class NoiseScaleCallback(_pl.Callback, MeterCallback):  # type: ignore[misc,name-defined]
+class NoiseScaleCallback(Callback, MeterCallback):
     """Measure B_simple during ``fit`` and log it with the LightningModule's logger.
 
     Args:

@@ -78,11 +78,11 @@ ReadGrad = Literal["at_update", "after_backward"]
 
 
 class GradientNoiseScale:
-    """Online gradient noise scale B_simple = tr(Sigma)/|G|^2 of a training run.
+    r"""Online gradient noise scale B_simple = tr(Sigma)/|G|^2 of a training run.
 
     .. math::
 
-        B_{simple} = \\frac{\\mathrm{EMA}(\\mathcal{S})}{\\mathrm{EMA}(|\\mathcal{G}|^2)}
+        B_{simple} = \frac{\mathrm{EMA}(\mathcal{S})}{\mathrm{EMA}(|\mathcal{G}|^2)}
 
     Call :meth:`update` once per optimiser step, after the step's last backward and
     before gradient clipping, ``optimizer.step()`` and ``zero_grad()`` (it reads the

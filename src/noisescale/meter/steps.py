@@ -166,7 +166,7 @@ def per_example_step(
     )
     weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
     weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
-    return PerExampleStep(sums, big, sum(sizes), weight, weight2)  # type: ignore[arg-type]
+    return PerExampleStep(sums, big, sum(sizes), weight, weight2)
 
 
 @functools.lru_cache(maxsize=64)

@@ -312,6 +312,8 @@ class PerExampleNorms:
     def _run_kernel(self, unit: Unit, x: Tensor, go: Tensor) -> None:
         kernel = unit.kernel
         assert kernel is not None
+        norm_names: tuple[str, ...]
+        grad_names: tuple[str, ...]
         if self._called_twice(unit):  # its uses must be summed before the norm
             norm_names, grad_names = (), unit.direct
         else:
@@ -359,6 +361,8 @@ class PerExampleNorms:
         if all(g is None for g in grads_out) or not tc.will_execute(pending.acc):
             return
         grads_out = [None if g is None else self._unscaled(g) for g in grads_out]
+        norm_names: tuple[str, ...]
+        grad_names: tuple[str, ...]
         if self._called_twice(unit):
             norm_names, grad_names = (), call.names
         else:
@@ -389,7 +393,9 @@ class PerExampleNorms:
                     "(use batch_first=True layouts)."
                 )
             columns[column].append(values)
-        zeros = head.new_zeros(n) if not all(columns) else None
+        if all(columns):
+            return torch.stack([_total(c) for c in columns], 1)
+        zeros = head.new_zeros(n)
         return torch.stack([_total(c) if c else zeros for c in columns], 1)
 
     def _add_norms(self, unit: Unit, norms: dict[str, Tensor]) -> None:

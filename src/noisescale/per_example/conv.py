@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,11 @@ def _patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, out_size: tuple[int, ...]
 
 
 def _chunks(module: nn.Conv1d | nn.Conv2d, x: Tensor, go: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(patches [R, T, C k / G], grads [R, T, O / G])`` for consecutive chunks of the
-    ``N G`` example-groups; the patches live in one buffer, overwritten by the next chunk."""
+    """Yield ``(patches [R, T, C k / G], grads [R, T, O / G])`` for consecutive chunks of example-groups.
+
+    The ``N G`` example-groups are taken in order; the patches live in one buffer,
+    overwritten by the next chunk.
+    """
     windows = _patches(module, x, tuple(go.shape[2:]))
     rows, depth, t = windows.shape[0], module.weight[0].numel(), math.prod(go.shape[2:])  # N G, C k / G, T
     go = go.reshape(rows, -1, t)  # [N G, O / G, T]
@@ -101,11 +105,12 @@ def conv_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...])
     Returns:
         ``{name: [N]}``.
     """
+    conv = cast("nn.Conv1d | nn.Conv2d", module)  # typing only, no check (see register_kernel)
     x, go = upcast(x, go)
     n = x.shape[0]
     out = {}
     if "weight" in names:
-        out["weight"] = _weight_parts(module, x, go, sequence_weight_norms).view(n, -1).sum(1)
+        out["weight"] = _weight_parts(conv, x, go, sequence_weight_norms).view(n, -1).sum(1)
     if "bias" in names:
         out["bias"] = go.reshape(n, go.shape[1], -1).sum(2).square().sum(1)
     return out
@@ -123,12 +128,13 @@ def conv_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...])
     Returns:
         ``{"weight": [N, O, C/G, *k], "bias": [N, O]}`` restricted to ``names``.
     """
+    conv = cast("nn.Conv1d | nn.Conv2d", module)  # typing only, no check (see register_kernel)
     x, go = upcast(x, go)
     n = x.shape[0]
     out = {}
     if "weight" in names:
-        grads = _weight_parts(module, x, go, sequence_weight_grads)  # [N G, O/G, C k/G]
-        out["weight"] = grads.reshape(n, *module.weight.shape)
+        grads = _weight_parts(conv, x, go, sequence_weight_grads)  # [N G, O/G, C k/G]
+        out["weight"] = grads.reshape(n, *conv.weight.shape)
     if "bias" in names:
         out["bias"] = go.reshape(n, go.shape[1], -1).sum(2)
     return out

@@ -1,11 +1,11 @@
-"""Per-example gradient norms of ``nn.Embedding`` (weight ``[V, D]``).
+r"""Per-example gradient norms of ``nn.Embedding`` (weight ``[V, D]``).
 
 Example ``n``'s contribution adds ``go_nt`` into row ``idx_nt`` for each position
 ``t``, so its squared norm is
 
 .. math::
 
-    \\sum_{t,s} [idx_t = idx_s] (go_t \\cdot go_s) = \\sum_t go_t \\cdot S_{idx_t},
+    \sum_{t,s} [idx_t = idx_s] (go_t \cdot go_s) = \sum_t go_t \cdot S_{idx_t},
 
 with ``S_v`` the sum of ``go_t`` over the example's positions holding index ``v``,
 that is ``sum_v |S_v|^2``. Instead of the ``[N, T, T]`` masked Gram matrix (Li et al.
@@ -28,6 +28,8 @@ References:
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -72,8 +74,10 @@ def use_dense(v: int, t: int) -> bool:
 
 
 def _sum_rows(module: nn.Embedding, idx: Tensor) -> tuple[Tensor, int]:
-    """Row of each position among ``N R`` rows of sums (``[N T]``, example ``n`` owning rows
-    ``[n R, (n + 1) R)``, equal indices of one example sharing a row) and ``R``."""
+    """Row of each position among ``N R`` rows of sums (``[N T]``), and ``R``.
+
+    Example ``n`` owns rows ``[n R, (n + 1) R)``; equal indices of one example share a row.
+    """
     n, t = idx.shape
     keys = _keys(module, idx)
     if use_dense(module.num_embeddings, t):
@@ -101,11 +105,12 @@ def embedding_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     """
     if "weight" not in names:
         return {}
-    idx, go = _prepare(module, x, go)
+    emb = cast(nn.Embedding, module)  # typing only, no check (see register_kernel)
+    idx, go = _prepare(emb, x, go)
     n, t = idx.shape
     if t == 1:
         return {"weight": go.square().sum((1, 2))}
-    rows, r = _sum_rows(module, idx)
+    rows, r = _sum_rows(emb, idx)
     d = go.shape[-1]
     sums = go.new_zeros(n * r, d).index_add_(0, rows, go.reshape(-1, d))  # [N R, D]
     return {"weight": torch.linalg.vector_norm(sums.view(n, -1), dim=1).square()}
@@ -125,10 +130,11 @@ def embedding_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     """
     if "weight" not in names:
         return {}
-    idx, go = _prepare(module, x, go)
+    emb = cast(nn.Embedding, module)  # typing only, no check (see register_kernel)
+    idx, go = _prepare(emb, x, go)
     n, d = idx.shape[0], go.shape[-1]
-    grads = go.new_zeros(n * module.num_embeddings, d).index_add_(0, _keys(module, idx), go.reshape(-1, d))
-    return {"weight": grads.view(n, module.num_embeddings, d)}
+    grads = go.new_zeros(n * emb.num_embeddings, d).index_add_(0, _keys(emb, idx), go.reshape(-1, d))
+    return {"weight": grads.view(n, emb.num_embeddings, d)}
 
 
 KERNEL = Kernel(norms=embedding_norms, grads=embedding_grads, params=("weight",), min_dim=lambda m: 1)

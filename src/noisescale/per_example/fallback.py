@@ -1,4 +1,4 @@
-"""Exact, slower per-example contributions for layers without a kernel.
+r"""Exact, slower per-example contributions for layers without a kernel.
 
 When the gradients with respect to a layer call's outputs arrive, the layer is run
 again, functionally (``torch.func.functional_call``), on the same inputs, with
@@ -10,7 +10,7 @@ the outputs with the output gradients masked to row ``n``:
 
 .. math::
 
-    \\Delta\\theta_n = J_\\theta^T (e_n \\odot go), \\qquad \\sum_n \\Delta\\theta_n = J_\\theta^T go,
+    \Delta\theta_n = J_\theta^T (e_n \odot go), \qquad \sum_n \Delta\theta_n = J_\theta^T go,
 
 one backward pass through the layer per example (a loop over ``N``). The recompute
 calls the layer's ``forward`` directly, so its own forward hooks do not run again;

@@ -14,6 +14,8 @@ References:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,9 +37,10 @@ def group_norm_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str,
     Returns:
         ``{name: [N, C]}``.
     """
+    norm = cast(nn.GroupNorm, module)  # typing only, no check (see register_kernel)
     x, go = upcast(x, go)
-    x_hat = F.group_norm(x, module.num_groups, eps=module.eps) if "weight" in names else x
-    return affine_grads(x_hat, go, (module.num_channels,), names, channel_dim=1)
+    x_hat = F.group_norm(x, norm.num_groups, eps=norm.eps) if "weight" in names else x
+    return affine_grads(x_hat, go, (norm.num_channels,), names, channel_dim=1)
 
 
 KERNEL = Kernel(

@@ -1,11 +1,11 @@
-"""Per-example gradient norms of ``nn.LayerNorm`` and ``nn.RMSNorm``.
+r"""Per-example gradient norms of ``nn.LayerNorm`` and ``nn.RMSNorm``.
 
 With ``y = x_hat * weight + bias`` over the last ``len(normalized_shape)`` dims,
 example ``n``'s contributions are
 
 .. math::
 
-    \\Delta weight_n = \\sum_t go_{nt} \\odot \\hat x_{nt}, \\qquad \\Delta bias_n = \\sum_t go_{nt},
+    \Delta weight_n = \sum_t go_{nt} \odot \hat x_{nt}, \qquad \Delta bias_n = \sum_t go_{nt},
 
 both of parameter size (``[K]``), so the materialising and the norm paths coincide.
 ``x_hat`` is recomputed from the stored input with the layer's own ``eps``
@@ -23,6 +23,8 @@ References:
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +80,10 @@ def layer_norm_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str,
     Returns:
         ``{name: [N, *K]}``.
     """
+    norm = cast(nn.LayerNorm, module)  # typing only, no check (see register_kernel)
     x, go = upcast(x, go)
-    shape = tuple(module.normalized_shape)
-    x_hat = F.layer_norm(x, shape, eps=module.eps) if "weight" in names else x
+    shape = tuple(norm.normalized_shape)
+    x_hat = F.layer_norm(x, shape, eps=norm.eps) if "weight" in names else x
     return affine_grads(x_hat, go, shape, names)
 
 
@@ -96,14 +99,15 @@ def rms_norm_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, .
     Returns:
         ``{"weight": [N, *K]}`` if asked.
     """
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps  # eps of the forward dtype
+    norm = cast(nn.RMSNorm, module)  # typing only, no check (see register_kernel)
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps  # eps of the forward dtype
     x, go = upcast(x, go)
-    shape = tuple(module.normalized_shape)
+    shape = tuple(norm.normalized_shape)
     return affine_grads(F.rms_norm(x, shape, eps=eps), go, shape, names)
 
 
 def _min_dim(module: nn.Module) -> int:
-    return len(module.normalized_shape) + 1
+    return len(cast("nn.LayerNorm | nn.RMSNorm", module).normalized_shape) + 1
 
 
 LAYER_NORM_KERNEL = Kernel(

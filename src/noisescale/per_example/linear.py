@@ -1,4 +1,4 @@
-"""Per-example gradient norms of ``nn.Linear`` (weight ``[O, F]``, bias ``[O]``).
+r"""Per-example gradient norms of ``nn.Linear`` (weight ``[O, F]``, bias ``[O]``).
 
 Example ``n``'s weight contribution is ``sum_t go_nt x_nt^T`` (an ``[O, F]`` matrix).
 For a ``[N, F]`` input (one position) its squared norm factorises,
@@ -12,7 +12,7 @@ two row-wise reductions and a product (Goodfellow 2015). For a ``[N, T, F]`` inp
 
 .. math::
 
-    |\\sum_t go_t x_t^T|_F^2 = \\sum_{t,s} (go_t \\cdot go_s)(x_t \\cdot x_s),
+    |\sum_t go_t x_t^T|_F^2 = \sum_{t,s} (go_t \cdot go_s)(x_t \cdot x_s),
 
 costing ``N T^2 (O + F)`` multiply-adds and ``N T^2`` memory, or materialise the
 ``[N, O, F]`` contribution at ``N T O F``. Li et al. (2022, ghost clipping; used for

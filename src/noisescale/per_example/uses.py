@@ -110,6 +110,7 @@ class UseChecker:
         seen: set[Any] = set()
         accumulator = tc.ACCUMULATE_GRAD
         found = None
+        child: Any  # an AccumulateGrad (has .variable) once type(child) is accumulator
         while todo:
             node = todo.pop()
             if node is None:
