@@ -274,14 +274,15 @@ class PerExampleNorms:
             output.register_hook(partial(self._kernel_backward, _Call(unit, x, acc)))
 
     def _kernel_backward(self, call: _Call, go: Tensor) -> None:
+        twice = self._called_twice(call.unit)  # decided while this call is still pending: take() ends that
         x = call.take()
         if not tc.will_execute(call.acc):  # torch.autograd.grad (a probe, a penalty): nothing reaches .grad
             return
         if torch.is_grad_enabled():  # backward(create_graph=True): the norms need no graph
             with torch.no_grad():
-                self._run_kernel(call.unit, x, self._unscaled(go))
+                self._run_kernel(call.unit, x, self._unscaled(go), twice=twice)
         else:
-            self._run_kernel(call.unit, x, self._unscaled(go))
+            self._run_kernel(call.unit, x, self._unscaled(go), twice=twice)
 
     def _called_twice(self, unit: Unit) -> bool:
         """Whether ``unit`` has two or more pending calls as the running backward first reaches it.
@@ -309,12 +310,12 @@ class PerExampleNorms:
             self._inv_scale = (task, inv)
         return go.to(accumulation_dtype(go.dtype)) * inv
 
-    def _run_kernel(self, unit: Unit, x: Tensor, go: Tensor) -> None:
+    def _run_kernel(self, unit: Unit, x: Tensor, go: Tensor, *, twice: bool) -> None:
         kernel = unit.kernel
         assert kernel is not None
         norm_names: tuple[str, ...]
         grad_names: tuple[str, ...]
-        if self._called_twice(unit):  # its uses must be summed before the norm
+        if twice:  # its uses must be summed before the norm
             norm_names, grad_names = (), unit.direct
         else:
             norm_names, grad_names = unit.norm_names, unit.shared_names
@@ -357,13 +358,14 @@ class PerExampleNorms:
 
     def _fallback_backward(self, pending: _Call, grads_out: Sequence[Tensor | None]) -> None:
         unit = pending.unit
+        twice = self._called_twice(unit)  # decided while this call is still pending: take() ends that
         call: fb.SavedCall = pending.take()
         if all(g is None for g in grads_out) or not tc.will_execute(pending.acc):
             return
         grads_out = [None if g is None else self._unscaled(g) for g in grads_out]
         norm_names: tuple[str, ...]
         grad_names: tuple[str, ...]
-        if self._called_twice(unit):
+        if twice:
             norm_names, grad_names = (), call.names
         else:
             grad_names = tuple(n for n in call.names if n in unit.shared_names)
