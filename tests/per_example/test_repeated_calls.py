@@ -18,7 +18,7 @@ N, D = 10, 6
 
 
 def exact_parts(model: nn.Module, loss_of: Callable[[slice], torch.Tensor]) -> tuple[float, float]:
-    """Unbiased |G|^2 and tr(Sigma) of the N per-example gradients (eq. A.1-A.2 with B_small = 1, B_big = N)."""
+    """Unbiased |G|^2 and tr(Sigma) of the N per-example gradients (eq. A.1-A.2, B_small 1, B_big N)."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for i in range(N):
