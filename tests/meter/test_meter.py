@@ -292,10 +292,36 @@ def test_a_state_dict_saved_before_the_reshape_still_loads() -> None:
     gen = torch.Generator().manual_seed(9)
     run_steps(meter, model, gen, steps=5, sizes=[8, 8])
     new = meter.state_dict()
-    old = {k: v for k, v in new.items() if k != "contradicted_steps"}
+    old = {k: v for k, v in new.items() if k not in ("contradicted_steps", "settings")}
     assert set(old) == {"ema", "steps", "examples", "skipped_steps", "group_names", "param_group_names"}
     meter.load_state_dict(old)
     from_old = meter.compute()
     meter.load_state_dict(new)
     assert meter.compute() == from_old
     assert meter.state_dict()["contradicted_steps"].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"dataset_size": 64}, "dataset_size"),
+        ({"accumulation": "sum"}, "accumulation"),
+        ({"ema_decay": 0.9}, "ema_decay"),
+        ({"ema_decay": None, "ema_examples": 100.0}, "ema_decay"),  # the other averaging form
+    ],
+)
+def test_a_state_dict_is_refused_by_a_meter_that_measures_differently(
+    kwargs: dict[str, object], setting: str
+) -> None:
+    """Resuming with another dataset_size, loss convention or averaging would mix steps measured two ways."""
+    model = linreg_model()
+    saved_by = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    run_steps(saved_by, model, torch.Generator().manual_seed(3), steps=3, sizes=[8, 8])
+    state = saved_by.state_dict()
+    saved_by.remove()
+    other = GradientNoiseScale(model, method="microbatch", **{"ema_decay": 0.95, **kwargs})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"saved with {setting}="):
+        other.load_state_dict(state)
+    same = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    same.load_state_dict(state)  # the same settings load
+    assert same.compute().steps == 3

@@ -57,7 +57,7 @@ from noisescale.estimators import (
 from noisescale.meter.exchange import Exchange
 from noisescale.meter.partition import default_groups, measured_groups, partition
 from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate, noise_scale_estimate
-from noisescale.meter.state import MeterState
+from noisescale.meter.state import MeterState, check_settings, settings_of
 from noisescale.meter.steps import (
     MicrobatchStep,
     check_count,
@@ -227,6 +227,7 @@ class GradientNoiseScale:
         self.method: Method = method
         self.reduction: Reduction = reduction
         self.accumulation: Accumulation = accumulation
+        self._settings = settings_of(method, reduction, accumulation, self.dataset_size, self.averaging)
         self.confidence = confidence
         self.group_names = part.group_names
         self.param_group_names = part.param_group_names
@@ -304,14 +305,16 @@ class GradientNoiseScale:
         up to ``sync_every - 1`` steps.
         """
         self._settle()
-        return self._state.state_dict(self.group_names, self.param_group_names)
+        state = self._state.state_dict(self.group_names, self.param_group_names)
+        return {**state, "settings": self._settings}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also one saved before ``contradicted_steps`` existed).
 
         Raises:
-            ValueError: if the parameter groups differ from this meter's.
+            ValueError: if the groups, method, loss conventions, dataset_size or averaging differ.
         """
+        check_settings(state_dict.get("settings", {}), self._settings)
         for key, mine in (("group_names", self.group_names), ("param_group_names", self.param_group_names)):
             theirs = list(state_dict.get(key, []))
             if theirs != mine:

@@ -6,7 +6,7 @@ Shape letters: ``N`` steps folded at once, ``C`` cells, ``S`` series.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from noisescale.meter.steps import contradicted
 from noisescale.options import Averaging
 from noisescale.smoothing import FIELDS, ema_fold, ema_init
 
-__all__ = ["MeterState"]
+__all__ = ["MeterState", "check_settings", "settings_of"]
 
 
 @dataclass
@@ -101,3 +101,36 @@ class MeterState:
             skipped=torch.as_tensor(state_dict["skipped_steps"]).to(device),
             contradicted=contradicted.to(device=device, dtype=torch.int64),
         )
+
+
+def settings_of(
+    method: str, reduction: str, accumulation: str, dataset_size: int | None, averaging: Averaging
+) -> dict[str, Any]:
+    """What a meter's averages depend on, as saved in its state_dict (``settings``)."""
+    return {
+        "method": method,
+        "reduction": reduction,
+        "accumulation": accumulation,
+        "dataset_size": dataset_size,
+        **asdict(averaging),
+    }
+
+
+def check_settings(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
+    """Refuse to resume a state measured differently from this meter.
+
+    Args:
+        saved: the ``settings`` of a :meth:`GradientNoiseScale.state_dict` (empty for states saved before
+            settings were recorded, which load as before).
+        mine: this meter's settings (method, loss conventions, ``dataset_size``, averaging).
+
+    Raises:
+        ValueError: naming the first setting that differs: averaging steps measured under two settings
+            (say with and without the finite-population correction) would give a number of neither.
+    """
+    for key, value in mine.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"state_dict was saved with {key}={saved[key]!r} but this meter has {key}={value!r}: "
+                "create the meter with the settings it was saved with"
+            )
