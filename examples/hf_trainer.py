@@ -58,16 +58,6 @@ class CharWindows(torch.utils.data.Dataset):
         return {"input_ids": window, "labels": window}  # the model shifts the labels itself
 
 
-def describe(b_simple: float | None, ci: tuple[float, float] | None, unit: str) -> str:
-    """``B_simple = 1,234 tokens [1,000, 1,500] (95%)``, or ``not resolved``."""
-    if b_simple is None or ci is None:
-        return "B_simple not resolved"
-
-    def n(x: float) -> str:
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] (95%)"
-
 
 class CompactPrinter(TrainerCallback):
     """One line per log (step, training loss, B_simple with its interval) instead of the raw dicts."""
@@ -80,9 +70,8 @@ class CompactPrinter(TrainerCallback):
         self.step_logs.update(logs or {})  # the Trainer's loss and the noise scale come as two logs
         logs = self.step_logs
         if "loss" in logs and "noise_scale/resolved" in logs:
-            b = logs.get("noise_scale/b_simple")
-            ci = (logs["noise_scale/b_simple_low"], logs["noise_scale/b_simple_high"]) if b else None
-            print(f"step {state.global_step:3d}  loss {logs['loss']:.2f}  {describe(b, ci, self.noise.unit)}")
+            est = self.noise.meter.compute()  # what the callback just logged
+            print(f"step {state.global_step:3d}  loss {logs['loss']:.2f}  {est.describe(self.noise.unit)}")
             self.step_logs = {}
 
 
@@ -126,5 +115,5 @@ def main(out_dir: str | Path, *, steps: int = 60) -> tuple[Trainer, NoiseScaleCa
 if __name__ == "__main__":
     trainer, callback = main(tempfile.mkdtemp())
     est = callback.meter.compute()
-    print(f"{describe(est.b_simple, est.b_simple_ci, callback.unit)} after {est.steps} steps "
+    print(f"{est.describe(callback.unit)} after {est.steps} steps "
           f"({est.examples:,} {callback.unit}); per module: trainer.state.log_history")  # fmt: skip

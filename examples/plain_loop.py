@@ -32,19 +32,9 @@ def main(*, steps: int = 100, k: int = 4, batch: int = 64) -> GradientNoiseScale
     return meter
 
 
-def describe(b_simple: float | None, ci: tuple[float, float] | None, unit: str) -> str:
-    """``B_simple = 307 examples [250, 390] (95%)``, or ``B_simple not resolved``."""
-    if b_simple is None or ci is None:
-        return "B_simple not resolved"
-
-    def n(x: float) -> str:
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] (95%)"
-
 
 if __name__ == "__main__":
     est = main().compute()
-    print(f"{describe(est.b_simple, est.b_simple_ci, 'examples')} after {est.steps} steps")
+    print(f"{est.describe('examples')} after {est.steps} steps")
     for name, g in est.groups.items():  # per module; the total is their mediant
-        print(f"  module {name}: {describe(g.b_simple, g.b_simple_ci, 'examples')}")
+        print(f"  module {name}: {g.describe('examples')}")

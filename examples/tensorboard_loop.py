@@ -38,18 +38,8 @@ def main(log_dir: str | Path, *, steps: int = 40, k: int = 4, batch: int = 64) -
     return meter
 
 
-def describe(b_simple: float | None, ci: tuple[float, float] | None, unit: str) -> str:
-    """``B_simple = 307 examples [250, 390] (95%)``, or ``B_simple not resolved``."""
-    if b_simple is None or ci is None:
-        return "B_simple not resolved"
-
-    def n(x: float) -> str:
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] (95%)"
-
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tensorboard_loop")
     est = main(out).compute()
-    print(f"{describe(est.b_simple, est.b_simple_ci, 'examples')} after {est.steps} steps; events in {out}")
+    print(f"{est.describe('examples')} after {est.steps} steps; events in {out}")

@@ -47,23 +47,13 @@ def main(*, steps: int = 60, batch: int = 128, m: int = 2) -> GradientNoiseScale
     return meter
 
 
-def describe(b_simple: float | None, ci: tuple[float, float] | None, unit: str) -> str:
-    """``B_simple = 307 examples [250, 390] (95%)``, or ``B_simple not resolved``."""
-    if b_simple is None or ci is None:
-        return "B_simple not resolved"
-
-    def n(x: float) -> str:
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] (95%)"
-
 
 if __name__ == "__main__":
     meter = main()
     meter.sync()  # on every rank: exchange the steps since the last exchange (every 16 steps)
     est = meter.compute()  # every rank holds the same estimate
     if nsdist.is_rank_zero():
-        b = describe(est.b_simple, est.b_simple_ci, "examples")
+        b = est.describe("examples")
         print(f"method={meter.method} world_size={meter.world_size}: {b} after {est.steps} steps")
     if dist.is_initialized():
         dist.destroy_process_group()

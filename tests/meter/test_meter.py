@@ -325,3 +325,19 @@ def test_a_state_dict_is_refused_by_a_meter_that_measures_differently(
     same = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
     same.load_state_dict(state)  # the same settings load
     assert same.compute().steps == 3
+
+
+def test_estimates_describe_themselves_rounded_in_their_unit() -> None:
+    """Examples and logs print B_simple rounded, with its unit and interval, never raw floats."""
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=0.95, confidence=0.99)
+    assert meter.compute().describe("images") == "B_simple not resolved"
+    run_steps(meter, model, torch.Generator().manual_seed(4), steps=40, sizes=[8, 8])
+    est = meter.compute()
+    assert est.resolved and est.b_simple is not None and est.b_simple_ci is not None
+    low, high = est.b_simple_ci
+    expected = f"B_simple = {est.b_simple:.3g} tokens [{low:.3g}, {high:.3g}] (99%)"  # all below 100 here
+    assert est.b_simple_ci[1] < 100
+    assert est.describe("tokens", confidence=meter.confidence) == expected
+    group = next(iter(est.groups.values()))
+    assert group.describe("tokens", meter.confidence).startswith("B_simple")

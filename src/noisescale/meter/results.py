@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from noisescale._format import describe_b_simple
 from noisescale.uncertainty import BSimpleInterval
 
 __all__ = [
@@ -92,6 +93,15 @@ class GroupEstimate(NamedTuple):
         d["b_simple_ci"] = None if self.b_simple_ci is None else list(self.b_simple_ci)
         return d
 
+    def describe(self, unit: str = "examples", confidence: float = 0.95) -> str:
+        """``B_simple = 307 images [250, 390] (95%)``, or ``B_simple not resolved``.
+
+        Args:
+            unit: what the loss averages over (images, tokens, observations, examples).
+            confidence: the level the meter was created with (its ``confidence``).
+        """
+        return describe_b_simple(self.b_simple, self.b_simple_ci, unit, confidence)
+
 
 class NoiseScaleEstimate(NamedTuple):
     """What :meth:`GradientNoiseScale.compute` returns.
@@ -138,6 +148,15 @@ class NoiseScaleEstimate(NamedTuple):
         d["groups"] = {k: v.to_dict() for k, v in self.groups.items()}
         d["param_groups"] = {k: v.to_dict() for k, v in self.param_groups.items()}
         return d
+
+    def describe(self, unit: str = "examples", confidence: float = 0.95) -> str:
+        """``B_simple = 307 images [250, 390] (95%)``, or ``B_simple not resolved``.
+
+        Args:
+            unit: what the loss averages over (images, tokens, observations, examples).
+            confidence: the level the meter was created with (its ``confidence``).
+        """
+        return describe_b_simple(self.b_simple, self.b_simple_ci, unit, confidence)
 
 
 def _number(x: float) -> float | None:
