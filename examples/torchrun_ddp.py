@@ -12,6 +12,8 @@ the one-process ``microbatch`` estimate on the same micro-batches, on every rank
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -47,7 +49,6 @@ def main(*, steps: int = 60, batch: int = 128, m: int = 2) -> GradientNoiseScale
     return meter
 
 
-
 if __name__ == "__main__":
     meter = main()
     meter.sync()  # on every rank: exchange the steps since the last exchange (every 16 steps)
@@ -55,5 +56,10 @@ if __name__ == "__main__":
     if nsdist.is_rank_zero():
         b = est.describe("examples")
         print(f"method={meter.method} world_size={meter.world_size}: {b} after {est.steps} steps")
+    # Tear down while the interpreter is alive: the meter holds the DDP model, which holds the process group;
+    # a group whose gloo threads are still joinable at interpreter exit can abort ("terminate called").
+    meter.remove()
+    del meter
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
