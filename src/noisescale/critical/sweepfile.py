@@ -127,4 +127,3 @@ def _read_json(text: str, path: Path) -> pd.DataFrame:
     df = pd.DataFrame([tuple(map(item.get, keys)) for item in items], columns=keys, dtype=object)
     df["_line"] = lines
     return df
-
