@@ -154,6 +154,26 @@ def test_fit_partial_goal_failure_is_reported(tmp_path: Path) -> None:
                      id="brackets_are_not_markup"),
         pytest.param("goal,batch_size,steps\n2,16,100\n", ["--goal", "nan"], "goals must be finite",
                      id="goal_nan"),
+        pytest.param("batch_size,step,loss\n8,0,4\n16,0,4\n32,0,4\n", ["--goal", "1"],
+                     "batch 8 logs the loss at step 0 only (line 2): a loss curve needs at least two",
+                     id="step_0_only"),
+        pytest.param("batch_size,step,loss\n8,500,3\n16,500,2\n", ["--goal", "1"],
+                     "every run logs a single point (batch 8 at step 500, line 2)", id="single_points"),
+        pytest.param("batch_size,steps\n16,100\n24.5,80\n64,40\n", [],
+                     "line 3: column `batch_size` must be a positive whole number, got 24.5",
+                     id="fractional_batch"),
+        pytest.param("batch_size,steps\n0,100\n16,80\n", [],
+                     "line 2: column `batch_size` must be a positive whole number, got 0", id="zero_batch"),
+        pytest.param("batch_size,step,loss\n16,-10,4\n16,10,1\n", ["--goal", "2"],
+                     "line 2: column `step` is negative (-10)", id="negative_step"),
+        pytest.param("batch_size,step,loss\n16,0,4\n16,10,1\n16,10,2\n", ["--goal", "2"],
+                     "batch 16 logs step 10 more than once with different values (lines 3, 4)",
+                     id="dup_step"),
+        pytest.param("batch_size,steps,unit\n16,100,images\n64,40,tokens\n", [],
+                     "column `unit` has several values: images (line 2), tokens (line 3)", id="two_units"),
+        pytest.param("batch_size,step,loss\n16,0,4\n16,10,1\n64,0,4\n64,10,1\n256,0,4\n256,10,1\n",
+                     ["--goal", "0.5"], "loss 0.5: the goal was reached at 0 batch size(s) (none: every run "
+                     "stopped short of it)", id="goal_never_reached"),
     ],
 )  # fmt: skip
 def test_fit_errors_are_one_line_exit_2(tmp_path: Path, text: str, args: list[str], match: str) -> None:
@@ -324,3 +344,23 @@ def test_predict_bad_values_are_one_line(args: list[str], match: str) -> None:
     assert res.exit_code == 2 and "Traceback" not in res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and match in lines[0], res.stderr
+
+
+def test_fit_empty_loss_cells_read_as_nan(tmp_path: Path) -> None:
+    # pandas writes a NaN loss (a diverged step) as an empty CSV cell: the same fit as the word nan.
+    lines = ["batch_size,step,loss"]
+    for b in BATCHES[:6]:
+        tau = S_MIN * (1 + B_CRIT / b) / np.log(4.0)  # loss 4 -> 1 in S(B) steps
+        lines += [
+            f"{b},{s},{4 * np.exp(-s / tau) if (s // 100) % 7 else 'nan'}" for s in range(0, 40001, 100)
+        ]
+    lines[-1] = lines[-1].rsplit(",", 1)[0] + ",nan"  # the last run ends diverged
+    word, empty = tmp_path / "word.csv", tmp_path / "empty.csv"
+    word.write_text("\n".join(lines) + "\n")
+    empty.write_text("\n".join(lines).replace(",nan", ",") + "\n")
+    runs = [
+        invoke("fit", p, "--goal", "1", "--no-plots", "--bootstrap", "200", "--json") for p in (word, empty)
+    ]
+    assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    assert json.loads(runs[0].stdout)["goals"] == json.loads(runs[1].stdout)["goals"]
+    assert json.loads(runs[1].stdout)["goals"][0]["b_crit"] == pytest.approx(B_CRIT, rel=0.05)

@@ -102,8 +102,8 @@ def test_goal_option_needs_goal_column_or_curves(tmp_path: Path) -> None:
                      id="empty_cell"),
         pytest.param("a.csv", "batch_size,steps\n16,100\n32,50,9\n", "line 3: 3 fields but the header has 2",
                      id="ragged"),
-        pytest.param("a.csv", "batch_size,steps\n-16,100\n", "line 2: column `batch_size` must be positive",
-                     id="negative"),
+        pytest.param("a.csv", "batch_size,steps\n-16,100\n",
+                     "line 2: column `batch_size` must be a positive whole number, got -16", id="negative"),
         pytest.param("a.csv", "batch_size,steps\n16,inf\n", "line 2: column `steps` .* is not finite",
                      id="inf"),
         pytest.param("a.csv", "bs,n\n16,100\n", "expected `batch_size, steps`", id="columns"),
@@ -231,7 +231,8 @@ def test_curve_errors(tmp_path: Path) -> None:
 def test_diverged_nan_loss_is_not_reaching(tmp_path: Path) -> None:
     path = write(tmp_path / "nan.csv", "batch_size,step,loss\n16,0,3\n16,10,nan\n16,20,nan\n")
     df = load_sweep(path, [2.0])
-    assert not df["reached"].iloc[0] and df["steps"].iloc[0] == 20
+    # Censored where it diverged (step 10), as the sweep, which stops there, censors it.
+    assert not df["reached"].iloc[0] and df["steps"].iloc[0] == 10
 
 
 def test_censored_batch_skips_diverged_runs(tmp_path: Path) -> None:
@@ -256,3 +257,80 @@ def test_fit_sweep_per_goal_and_b_simple(tmp_path: Path) -> None:
     med, lo, hi = first.b_simple
     assert lo <= med <= hi and 25 < med < 50
     assert last.b_simple is not None and last.b_simple.max < 100  # the 2 that reached
+
+
+def test_empty_loss_cells_are_nan_in_csv_and_jsonl(tmp_path: Path) -> None:
+    # pandas writes NaN as an empty CSV cell and as null in JSON Lines: both read as the word nan.
+    rows = curve_records()
+    for i in range(3, len(rows), 7):
+        rows[i]["loss"] = float("nan")
+    rows[-1]["loss"] = float("nan")  # the last run's curve now ends diverged
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "empty.csv", index=False)
+    frame.to_csv(tmp_path / "word.csv", index=False, na_rep="nan")
+    frame.to_json(tmp_path / "null.jsonl", orient="records", lines=True)
+    assert ",," in (tmp_path / "empty.csv").read_text() and "null" in (tmp_path / "null.jsonl").read_text()
+    want = load_sweep(tmp_path / "word.csv", [2.0, 1.5])
+    pd.testing.assert_frame_equal(load_sweep(tmp_path / "empty.csv", [2.0, 1.5]), want)
+    pd.testing.assert_frame_equal(load_sweep(tmp_path / "null.jsonl", [2.0, 1.5]), want)
+    # A curve ending in an empty cell diverged, as one ending in nan: censored where it diverged.
+    path = write(tmp_path / "div.csv", "batch_size,step,loss\n16,0,3\n16,10,2.5\n16,20,\n16,30,\n")
+    df = load_sweep(path, [2.0])
+    assert not df["reached"].iloc[0] and df["steps"].iloc[0] == 20
+
+
+def test_diverged_curve_is_censored_where_it_diverged(tmp_path: Path) -> None:
+    # As in the sweep, which stops a run at its first non-finite loss: logging NaN or inf for
+    # 4000 more steps does not make the run a lower bound of 4000 steps.
+    lines = [f"16,{s},{3 - s / 1000 if s <= 400 else 'inf'}" for s in range(0, 4001, 50)]
+    df = load_sweep(write(tmp_path / "inf.csv", "batch_size,step,loss\n" + "\n".join(lines) + "\n"), [1.0])
+    assert not df["reached"].iloc[0] and df["steps"].iloc[0] == 450
+
+
+def test_run_logged_at_step_0_only_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "one.csv", "batch_size,step,loss\n8,0,4\n16,0,4\n32,0,4\n")
+    with pytest.raises(SweepDataError, match=r"batch 8 logs the loss at step 0 only \(line 2\): a loss curve "
+                       r"needs at least two logged points.*`batch_size, steps`"):  # fmt: skip
+        load_sweep(path, [1.0])
+    one = write(tmp_path / "one500.csv", "batch_size,step,loss\n8,500,3\n16,500,2\n32,500,0.5\n")
+    with pytest.raises(
+        SweepDataError, match=r"every run logs a single point \(batch 8 at step 500, line 2\): "
+    ):
+        load_sweep(one, [1.0])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        pytest.param("batch_size,steps\n16,100\n8.5,200\n12.25,150\n",
+                     r"line 3: column `batch_size` must be a positive whole number, got 8\.5 \(lines 3, 4\)",
+                     id="per_run"),
+        pytest.param("batch_size,step,loss\n8.5,0,4\n8.5,10,3\n16,0,4\n16,10,2\n",
+                     r"line 2: column `batch_size` must be a positive whole number, got 8\.5 \(lines 2, 3\)",
+                     id="curves"),
+        pytest.param("batch_size,steps\n16,100\n0,50\n",
+                     r"line 3: column `batch_size` must be a positive whole number, got 0$", id="zero"),
+    ],
+)  # fmt: skip
+def test_batch_sizes_must_be_whole_numbers(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(SweepDataError, match=match):
+        load_sweep(write(tmp_path / "b.csv", text), [2.0] if "loss" in text else None)
+
+
+def test_duplicate_curve_rows(tmp_path: Path) -> None:
+    # The same row logged twice (logs concatenated after a restart) counts once ...
+    text = "batch_size,step,loss\n16,0,3\n16,0,3\n16,10,2\n16,20,1\n16,20,1\n"
+    ref = load_sweep(write(tmp_path / "once.csv", "batch_size,step,loss\n16,0,3\n16,10,2\n16,20,1\n"), [1.5])
+    pd.testing.assert_frame_equal(load_sweep(write(tmp_path / "twice.csv", text), [1.5]), ref)
+    # ... two different losses at one step are refused, naming the lines of that step only.
+    text = "batch_size,step,loss\n16,0,3\n16,0,3.5\n16,10,2\n16,20,1\n16,20,0.5\n"
+    with pytest.raises(SweepDataError, match=r"batch 16 logs step 0 more than once with different values "
+                       r"\(lines 2, 3\); add a `run`"):  # fmt: skip
+        load_sweep(write(tmp_path / "conflict.csv", text), [1.5])
+
+
+def test_several_units_name_their_lines(tmp_path: Path) -> None:
+    text = "batch_size,steps,unit\n16,100,images\n32,60,images\n64,40,tokens\n128,30,\n"
+    with pytest.raises(SweepDataError, match=r"column `unit` has several values: images \(line 2\), "
+                       r"tokens \(line 4\); give one unit per file"):  # fmt: skip
+        load_sweep(write(tmp_path / "u.csv", text))

@@ -4,7 +4,8 @@
   fitted in log space with bootstrap intervals (McCandlish et al. 2018, eqs. 2.11-2.12).
 - :mod:`~noisescale.critical.goals`: steps to a goal from a logged curve, censoring, the fastest
   run per batch size, run averages: the one rule of ``noisescale sweep`` and ``noisescale fit``.
-- :mod:`~noisescale.critical.sweepdata`: users' sweep files (CSV, JSON Lines) into a table.
+- :mod:`~noisescale.critical.sweepdata`: users' sweep files (CSV, JSON Lines) into a table
+  (:mod:`~noisescale.critical.sweepfile` reads the raw cells).
 - :mod:`~noisescale.critical.report`: the fit of every goal, B_simple next to it, B_crit(L), and
   the one ``fit.json`` schema.
 - :mod:`~noisescale.critical.predict`: steps, examples, speed-up and the best batch from a fit.

@@ -288,7 +288,7 @@ def _validate(
     order = np.argsort(b)
     b, s, ok, lo, hi = b[order], s[order], ok[order], lo[order], hi[order]
     if ok.sum() < 3:
-        got = ", ".join(format_batch(v) for v in b[ok]) or "none"
+        got = ", ".join(format_batch(v) for v in b[ok]) or "none: every run stopped short of it"
         raise SweepDataError(
             f"the goal was reached at {int(ok.sum())} batch size(s) ({got}); fitting S_min and "
             "B_crit needs at least 3 (runs that did not reach it only give lower bounds)"

@@ -10,14 +10,20 @@ Two layouts, in CSV or JSON Lines (detected from the content, not the extension)
   ``tokens``...). A sweep's ``results.csv`` is such a file;
 * loss curves, one row per logged step: ``batch_size, step, loss``, optional ``run`` (tells
   apart runs sharing a batch size, e.g. a learning-rate grid), ``lr``, ``b_simple`` and ``unit``.
+  An empty loss cell (JSON null) is NaN, as pandas writes it; a row repeated word for word (logs
+  concatenated after a restart) counts once. Every curve needs a point after step 0.
+
+A batch size is a positive whole number (of examples, tokens... in ``unit``, one per file).
 
 Steps-to-goal from a loss curve follow the one rule of :mod:`noisescale.critical.goals`, the
 rule of ``noisescale sweep``: the crossing is interpolated between the logged steps around it
 and keeps them as its bracket; a run that never gets there is censored at its last logged
 step; of the runs sharing a batch size the fastest to the goal is kept (McCandlish et al. 2018,
 appendix A.2), else the batch size is censored at the fewest steps of the runs that did not
-diverge (a curve whose last loss is not finite diverged). Its B_simple is the step-weighted
-mean of the logged ``b_simple`` up to the crossing (:func:`noisescale.critical.goals.run_mean`).
+diverge (a curve whose last loss is not finite diverged; as the sweep stops a run at its first
+non-finite loss, such a curve ends at the first step of its non-finite tail). Its B_simple is
+the step-weighted mean of the logged ``b_simple`` up to the crossing
+(:func:`noisescale.critical.goals.run_mean`).
 
 Every problem raises :class:`~noisescale.errors.SweepDataError` naming the line of the file.
 
@@ -28,8 +34,6 @@ References:
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +42,7 @@ import pandas as pd
 
 from noisescale._format import format_batch
 from noisescale.critical.goals import RunOutcome, crossing, fastest, run_mean
+from noisescale.critical.sweepfile import read_table
 from noisescale.errors import SweepDataError
 
 __all__ = ["COLUMNS", "DEFAULT_METRIC", "load_sweep", "read_table", "steps_to_goal", "table_unit"]
@@ -62,123 +67,12 @@ _TRUE = {"true", "1", "yes", "y", "t", "1.0"}
 _FALSE = {"false", "0", "no", "n", "f", "0.0"}
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or JSON Lines file into a DataFrame of raw cells plus its line numbers.
-
-    Column names are stripped, lower-cased, with spaces and dashes turned into underscores.
-    A missing cell is None; a JSON file holding one array of objects is also accepted (its
-    "lines" are then the positions in the array, from 1).
-
-    Args:
-        path: the file.
-
-    Returns:
-        DataFrame of object columns plus ``_line`` (int, 1-based line of the file).
-
-    Raises:
-        SweepDataError: if the file is missing, a directory, unreadable, not UTF-8 text, empty
-            (or a CSV header alone) or not parseable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise SweepDataError(
-            f"{path} is a directory: give a sweep file (CSV or JSON Lines){_in_folder(path)}"
-        )
-    if not path.is_file():
-        raise SweepDataError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SweepDataError(
-            f"{path}: not a UTF-8 text file (byte {exc.start}); give a CSV or JSON Lines file"
-        ) from None
-    except OSError as exc:
-        raise SweepDataError(f"{path}: cannot read the file ({exc.strerror})") from None
-    head = text.lstrip()[:1]
-    if not head:
-        raise SweepDataError(f"{path}: the file is empty")
-    records = _read_json(text, path) if head in "{[" else _read_csv(path)
-    records.columns = [_norm(c) for c in records.columns]
-    return records
-
-
-def _in_folder(folder: Path) -> str:
-    """Where a sweep directory keeps its results, or why it has none, as the end of a message."""
-    if (folder / "results.csv").is_file():
-        return f", e.g. {folder / 'results.csv'}"
-    if (folder / "config.json").is_file():
-        return "; this sweep has no results.csv yet: re-run `noisescale sweep` with its settings to finish it"
-    return ""
-
-
-def _norm(name: object) -> str:
-    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    lines: list[int] = []
-    rows: list[list[str | None]] = []
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader)
-            for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) > len(header):
-                    raise SweepDataError(
-                        f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)} "
-                        "(a sweep CSV starts with a header row naming at least `batch_size` and `steps`)"
-                    )
-                rows.append([c if c.strip() else None for c in row] + [None] * (len(header) - len(row)))
-                lines.append(reader.line_num)
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise SweepDataError(f"{path}: not a readable CSV file ({exc})") from exc
-    if not rows:
-        raise SweepDataError(f"{path}: no records below the header")
-    df = pd.DataFrame(rows, columns=header, dtype=object)
-    df["_line"] = lines
-    return df
-
-
-def _read_json(text: str, path: Path) -> pd.DataFrame:
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SweepDataError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(items, list):
-            raise SweepDataError(f"{path}: expected a JSON array of objects")
-        lines = list(range(1, len(items) + 1))
-    else:
-        numbered = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        lines = [i for i, _ in numbered]
-        try:  # one parse of the whole file; line by line only to locate an error
-            items = json.loads("[" + ",".join(line for _, line in numbered) + "]")
-        except json.JSONDecodeError:
-            for i, line in numbered:
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SweepDataError(f"{path}, line {i}: not valid JSON ({exc.msg})") from exc
-            raise SweepDataError(f"{path}: not valid JSON Lines (one object per line)") from None
-    if not items:
-        raise SweepDataError(f"{path}: no records")
-    for i, item in zip(lines, items, strict=True):
-        if not isinstance(item, dict):
-            raise SweepDataError(f"{path}, line {i}: expected a JSON object, got {type(item).__name__}")
-    keys = list(dict.fromkeys(k for item in items for k in item))
-    # A missing key and a JSON null are both None; an explicit NaN stays a float.
-    df = pd.DataFrame([tuple(map(item.get, keys)) for item in items], columns=keys, dtype=object)
-    df["_line"] = lines
-    return df
-
-
 def _numeric(df: pd.DataFrame, col: str, *, allow_nan: bool = False) -> np.ndarray:
     """Column as float64; names the first line with a missing or non-numeric cell.
 
     Cells are numbers (JSON) or text (CSV; JSON strings). None or blank text is missing; the
-    words nan/inf are accepted as non-finite values, which only ``allow_nan`` lets through.
+    words nan/inf are accepted as non-finite values. ``allow_nan`` lets those through and reads
+    a missing cell as NaN (how pandas writes NaN: an empty CSV cell, a JSON null).
     """
     raw = df[col]
     kinds = raw.map(type)
@@ -199,7 +93,7 @@ def _numeric(df: pd.DataFrame, col: str, *, allow_nan: bool = False) -> np.ndarr
         parsed[word] = [float(w.replace("infinity", "inf")) for w in text[word].str.lower()]
         values[is_text] = parsed
     bad |= ~(is_num | is_text | missing)
-    problems = [(missing, "is empty"), (bad, "is not a number")]
+    problems = [(missing & (not allow_nan), "is empty"), (bad, "is not a number")]
     if not allow_nan:
         problems.append((~np.isfinite(values) & ~missing & ~bad, "is not finite"))
     for mask, what in problems:
@@ -235,16 +129,18 @@ def load_sweep(path: str | Path, goals: Sequence[float] | None = None) -> pd.Dat
 
     Raises:
         SweepDataError: on a missing or unreadable file, missing columns, empty or
-            non-numeric cells (with the line), non-positive batch sizes or steps, a batch size
-            listed twice for a goal in a per-run file, no goal for loss curves, a goal not in
-            the file or not finite, a run that meets a goal at its first logged step 0, or
-            several units in one file.
+            non-numeric cells (with the line), batch sizes that are not positive whole numbers,
+            non-positive steps, a batch size listed twice for a goal in a per-run file, a step
+            logged twice with different values, no goal for loss curves, a goal not in the file
+            or not finite, a curve with no point after step 0 (or none with two points), a run
+            that meets a goal at its first logged step 0, or several units in one file.
     """
     if goals is not None and not np.all(np.isfinite(np.asarray(goals, dtype=float))):
         raise SweepDataError(f"goals must be finite numbers, got {list(goals)}")
     table = read_table(path)
     cols = set(table.columns)
     try:
+        _one_unit(table)
         if {"batch_size", "step", "loss"} <= cols:
             if not goals:
                 raise SweepDataError("loss curves need at least one goal: pass --goal (e.g. --goal 3.5)")
@@ -275,6 +171,16 @@ def table_unit(table: pd.DataFrame) -> str | None:
     return units[0] if units else None
 
 
+def _one_unit(table: pd.DataFrame) -> None:
+    """Refuse a file whose ``unit`` column names several units, with the first line of each."""
+    if "unit" in table.columns:
+        units = _text(table, "unit", None)
+        first = table["_line"][units.notna()].groupby(units[units.notna()], sort=False).first()
+        if len(first) > 1:
+            where = ", ".join(f"{u} (line {line})" for u, line in first.items())
+            raise SweepDataError(f"column `unit` has several values: {where}; give one unit per file")
+
+
 def _text(table: pd.DataFrame, col: str, default: str | None) -> pd.Series:
     """A text column (stripped, None where blank), or ``default`` everywhere when absent."""
     if col not in table.columns:
@@ -300,6 +206,18 @@ def _positive(table: pd.DataFrame, values: np.ndarray, col: str) -> None:
         raise SweepDataError(f"line {line}: column `{col}` must be positive, got {values[i]:g}")
 
 
+def _batch_sizes(table: pd.DataFrame, values: np.ndarray) -> None:
+    """Refuse batch sizes that are not positive whole numbers, naming the lines (up to 6)."""
+    bad = ~(values > 0) | (values != np.round(values))
+    if bad.any():
+        lines = table["_line"].to_numpy()[bad]
+        more = f" (lines {', '.join(map(str, lines[:6]))}{', ...' if len(lines) > 6 else ''})"
+        raise SweepDataError(
+            f"line {lines[0]}: column `batch_size` must be a positive whole number, got "
+            f"{values[bad][0]:g}{more if len(lines) > 1 else ''}"
+        )
+
+
 def _runs(table: pd.DataFrame, goals: Sequence[float] | None) -> pd.DataFrame:
     steps = _numeric(table, "steps")
     low, high = _optional(table, "steps_low"), _optional(table, "steps_high")
@@ -319,7 +237,7 @@ def _runs(table: pd.DataFrame, goals: Sequence[float] | None) -> pd.DataFrame:
             "_line": table["_line"].to_numpy(),
         }
     )
-    _positive(table, out["batch_size"].to_numpy(), "batch_size")
+    _batch_sizes(table, out["batch_size"].to_numpy())
     _positive(table, out["steps"].to_numpy(), "steps")
     if goals:
         if "goal" not in table.columns:
@@ -361,17 +279,20 @@ def _curves(table: pd.DataFrame) -> pd.DataFrame:
         {
             "batch_size": _numeric(table, "batch_size"),
             "step": _numeric(table, "step"),
-            "loss": _numeric(table, "loss", allow_nan=True),  # a diverged run logs NaN/inf
+            "loss": _numeric(table, "loss", allow_nan=True),  # a diverged run logs NaN/inf (or empty)
             "lr": _optional(table, "lr"),
             "b_simple": _optional(table, "b_simple"),
             "unit": _text(table, "unit", None).to_numpy(),
             "_line": table["_line"].to_numpy(),
         }
     )
-    _positive(table, df["batch_size"].to_numpy(), "batch_size")
+    _batch_sizes(table, df["batch_size"].to_numpy())
     if (df["step"] < 0).any():
         i = int(np.flatnonzero(df["step"] < 0)[0])
-        raise SweepDataError(f"line {df['_line'].iloc[i]}: column `step` is negative")
+        raise SweepDataError(
+            f"line {df['_line'].iloc[i]}: column `step` is negative ({df['step'].iloc[i]:g}); "
+            "steps count the updates, from 0 before training"
+        )
     if "run" in table.columns:
         df["run"] = table["run"].map(lambda v: "" if v is None else str(v)).to_numpy()
         per_run = df.groupby("run")["batch_size"].nunique()
@@ -382,12 +303,14 @@ def _curves(table: pd.DataFrame) -> pd.DataFrame:
         names = {b: f"batch {format_batch(b)}" for b in df["batch_size"].unique()}
         lrs = {v: "" if np.isnan(v) else f" lr={v:g}" for v in df["lr"].unique()}
         df["run"] = df["batch_size"].map(names) + df["lr"].map(lrs)
+    df = df[~df.duplicated([c for c in df.columns if c != "_line"])]  # a row repeated word for word
     dup = df.duplicated(["run", "step"], keep=False)
     if dup.any():
-        rows = df[dup & (df["run"] == df.loc[dup, "run"].iloc[0])]
+        first = df[dup].iloc[0]
+        rows = df[(df["run"] == first["run"]) & (df["step"] == first["step"])]
         hint = "" if "run" in table.columns else "; add a `run` column to tell apart runs of one batch size"
         raise SweepDataError(
-            f"{rows['run'].iloc[0]} logs step {rows['step'].iloc[0]:g} more than once "
+            f"{first['run']} logs step {first['step']:g} more than once with different values "
             f"(lines {', '.join(str(v) for v in rows['_line'].head(4))}){hint}"
         )
     return df
@@ -405,18 +328,38 @@ def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float], metric: str = DE
         DataFrame with the columns :data:`COLUMNS`.
 
     Raises:
-        SweepDataError: if a run meets a goal at step 0 (no steps to count), or ``goals`` is empty.
+        SweepDataError: if a run meets a goal at step 0 (no steps to count), a run logs step 0
+            only, every run logs a single point, or ``goals`` is empty.
     """
     if len(goals) == 0:
         raise SweepDataError("no goal given")
+    size, last = (curves.groupby("run")["step"].transform(f).to_numpy() for f in ("size", "max"))
+    if (last <= 0).any():
+        c = curves[last <= 0].iloc[:1]
+        raise SweepDataError(
+            f"{c['run'].iloc[0]} logs the loss at step 0 only{_at(c)}: a loss curve needs at least two "
+            "logged points, before training (step 0) and after some updates; log the loss during "
+            "training, or give the steps to each goal directly (`batch_size, steps`, one row per run)"
+        )
+    if (size == 1).all():
+        c = curves.iloc[:1]
+        raise SweepDataError(
+            f"every run logs a single point ({c['run'].iloc[0]} at step {c['step'].iloc[0]:g}"
+            f"{_at(c, ', ', '')}): a loss curve needs the loss at several steps of a run, from step 0 "
+            "on, to tell when it reaches a goal; log it during training, or give the steps to each "
+            "goal directly (`batch_size, steps`, one row per run)"
+        )
     curves = curves.sort_values(["run", "step"], kind="stable")
     runs = []  # (batch_size, name, steps, loss, b_simple, lr, unit, stopped), by batch size then name
     for name, c in curves.groupby("run", sort=True):
-        loss = c["loss"].to_numpy(float)
-        stopped = "end" if np.isfinite(loss[-1]) else "diverged"
+        loss, steps = c["loss"].to_numpy(float), c["step"].to_numpy(float)
+        end, stopped = len(c), "end"
+        if not np.isfinite(loss[-1]):  # diverged: ends at the first step of its non-finite tail, past 0
+            finite = np.flatnonzero(np.isfinite(loss))
+            end, stopped = max(finite[-1] + 1 if len(finite) else 0, int(steps[0] <= 0)) + 1, "diverged"
         unit = next((u for u in c.get("unit", []) if u), None)
-        runs.append((float(c["batch_size"].iloc[0]), str(name), c["step"].to_numpy(float), loss,
-                     c["b_simple"].to_numpy(float), float(c["lr"].iloc[0]), unit, stopped))  # fmt: skip
+        runs.append((float(c["batch_size"].iloc[0]), str(name), steps[:end], loss[:end],
+                     c["b_simple"].to_numpy(float)[:end], float(c["lr"].iloc[0]), unit, stopped))  # fmt: skip
     runs.sort(key=lambda r: r[0])
     rows = []
     for goal in goals:
@@ -427,8 +370,7 @@ def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float], metric: str = DE
                 try:
                     outcomes.append(RunOutcome(crossing(steps.tolist(), loss.tolist(), float(goal)), stopped))
                 except SweepDataError as exc:
-                    line = curves.loc[(curves["run"] == name) & (curves["step"] == 0), "_line"]
-                    at = f" (line {line.iloc[0]})" if len(line) else ""
+                    at = _at(curves[(curves["run"] == name) & (curves["step"] == 0)])
                     msg = f"{name} meets goal {goal:g} at step 0{at}; choose a lower goal"
                     raise SweepDataError(msg) from exc
             k = fastest(outcomes)
@@ -443,3 +385,10 @@ def steps_to_goal(curves: pd.DataFrame, goals: Sequence[float], metric: str = DE
     out = pd.DataFrame(rows, columns=COLUMNS)
     out["run"] = out["run"].astype(object)
     return out
+
+
+def _at(rows: pd.DataFrame, head: str = " (", tail: str = ")") -> str:
+    """``" (line N)"`` for the first of ``rows``, "" when the rows carry no line."""
+    if "_line" not in rows.columns or not len(rows):
+        return ""
+    return f"{head}line {rows['_line'].iloc[0]}{tail}"
