@@ -48,8 +48,8 @@ EAGER_NUMEL = 2**15  # parameters this large are normed in their own hook (see G
 class MicrobatchRecord:
     """What one backward pass contributed.
 
-    ``values`` (``microbatch``): per parameter, the 0-d squared norm of this backward's
-    gradient, or None (it had none). ``per_example``: ``[N, G]`` squared norms of each
+    ``values`` (``microbatch``; ``per_example`` under DDP): per parameter, the 0-d squared
+    norm of this backward's gradient, or None (it had none). ``per_example``: ``[N, G]`` squared norms of each
     example's contribution. Both with the AMP loss scale already removed.
     """
 
@@ -214,7 +214,10 @@ class GradientRecorder:
         scaler: optional GradScaler; the recorded norms are those of the unscaled gradients.
         per_example: optional per-example kernels, popped after each backward; when
             given, the micro-batch norms are not taken (the per-example estimator
-            needs only the per-example norms and ``.grad``).
+            needs only the per-example norms and ``.grad``) unless ``backward_norms``.
+        backward_norms: with ``per_example``, take each backward's squared norms too
+            (``values``, the same pass as without kernels): under DDP the meter checks
+            the all-reduced ``.grad`` against every rank's local backward gradients.
         snapshot: also take the squared norms of the accumulated ``.grad`` at the end
             of every backward (:attr:`snapshot`), for gradients clipped before the
             meter reads them.
@@ -227,10 +230,12 @@ class GradientRecorder:
         scaler: torch.amp.GradScaler | None = None,
         per_example: PerExampleNorms | None = None,
         snapshot: bool = False,
+        backward_norms: bool = False,
     ) -> None:
         self.params = list(params)
         self.scaler = scaler
         self.per_example = per_example
+        self.backward_norms = per_example is None or backward_norms  # records hold ``values``
         self.take_snapshot = snapshot
         self.records: list[MicrobatchRecord] = []
         self.snapshot: torch.Tensor | None = None  # [P] float64, set at the end of each backward
@@ -255,7 +260,7 @@ class GradientRecorder:
             if not tc.current_node_adds_into_grad():
                 return
             held = self._start(task)
-        if self.per_example is None:
+        if self.backward_norms:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
             held[i] = squared_norm(grad, self._inv_scale[task])
@@ -308,7 +313,7 @@ class GradientRecorder:
         self._inv_scale.pop(task, None)
         if self.per_example is not None:
             record.per_example = _add(record.per_example, self.per_example.pop(task))
-        else:
+        if self.backward_norms:
             # One parameter's value comes from one graph task (else _split), so the parts merge.
             record.values = (
                 held

@@ -3,8 +3,8 @@
 The big batch is the (weighted) mean of the small ones, so per step its squared norm cannot
 exceed the weighted mean of theirs (Jensen), and on average tr(Sigma) cannot be negative.
 The DDP communication-hook repro (a hook that sums without dividing by W) runs on 2 gloo
-processes in ``test_contract.py``; here its one-process analogues: ``.grad`` changed between
-the backward passes and ``update()``.
+processes (:mod:`tests.meter.contract`), under ``ddp`` and ``per_example``, at the end; before
+it, its one-process analogues: ``.grad`` changed between the backward passes and ``update()``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from noisescale.meter.results import group_estimate
 from noisescale.smoothing import ema_fold, ema_init
 from noisescale.uncertainty import b_simple_interval
 from tests import oracle
+from tests.distributed import scenarios
+from tests.meter import contract
 from tests.meter.test_meter import linreg_model
 
 
@@ -197,3 +199,63 @@ def test_ddp_comm_hook_that_sums_without_dividing_is_never_resolved(ddp_ranks: l
         assert f"in {est['steps']} of {est['steps']} steps" in est["contradiction"]
         assert "communication hook" in est["contradiction"]
         assert len(got["warnings"]) == 1 and "communication hook" in got["warnings"][0]
+
+
+@pytest.mark.distributed
+def test_per_example_ddp_comm_hook_that_sums_is_never_resolved(ddp_ranks: list[dict[str, Any]]) -> None:
+    """The same hook under per_example, where .grad was checked only against the per-example norms
+    (|.grad|^2 x 4 stays below them). Before, the reviewer's run (batch 64 per rank, 100 steps):
+    B_simple = 1.18 (1.11, 1.25) resolved, against 8.18 (7.87, 8.51) without the hook (exact 8.06).
+    Now each rank's backward passes bound it too (E|.grad|^2 = 4 (|G|^2 + tr Sigma / 16) against
+    |G|^2 + tr Sigma / 8): flagged on every step, never resolved, one warning on every rank."""
+    for rank in ddp_ranks:
+        got = rank["per_example-hook/sum"]
+        est = got["estimate"]
+        assert not est["resolved"] and est["b_simple"] is None and est["b_simple_ci"] is None
+        assert f"in {est['steps']} of {est['steps']} steps" in (est["contradiction"] or "")
+        assert got["contradicted"] == [est["steps"]] * 3  # the two layers and the total
+        assert len(got["warnings"]) == 1 and "communication hook" in got["warnings"][0]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("hook", ["allreduce", "None"])
+def test_per_example_ddp_with_a_mean_hook_is_unchanged(ddp_ranks: list[dict[str, Any]], hook: str) -> None:
+    """DDP's own all-reduce, or its default comm hook: nothing flagged, and the estimate equals one
+    process's per_example estimate over both ranks' examples (to 1e-10, as in test_ddp)."""
+    ref = contract.summing_hook_run(None, "per_example")
+    assert ref["estimate"]["resolved"]
+    for rank in ddp_ranks:
+        got = rank[f"per_example-hook/{hook}"]
+        assert got["warnings"] == [] and got["contradicted"] == [0, 0, 0]
+        assert got["estimate"]["contradiction"] is None and got["estimate"]["resolved"]
+        for key in ("grad_norm_sq", "trace_sigma", "b_simple", "b_simple_se", "b_simple_ci", "examples"):
+            assert got["estimate"][key] == pytest.approx(ref["estimate"][key], rel=1e-10), key
+
+
+def _uneven_id(case: tuple[str, str, bool, float | None]) -> str:
+    dtype, accumulation, identical, scale = case
+    hook = "ddp" if scale is None else f"x{scale * scenarios.WORLD:g}"
+    return f"{dtype}-{accumulation}-{'same-means' if identical else 'random'}-{hook}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", contract.UNEVEN_CASES, ids=_uneven_id)
+def test_per_example_ddp_rank_check_is_tight_and_never_false(
+    ddp_ranks: list[dict[str, Any]], case: tuple[str, str, bool, float | None]
+) -> None:
+    """Ranks of 9 and 6 examples, m = 2 backward passes each, dataset_size given, float64 and float32.
+    With every backward pass's mean gradient the same (the rank-level Jensen gap zero but for
+    rounding), DDP's own all-reduce and a hook 1% below the mean are never flagged; a hook 1% above
+    it (|.grad|^2 2% too large) or one that sums is flagged on every step. Before: none flagged."""
+    scale = case[3]
+    flagged = scale is not None and scale * scenarios.WORLD > 1
+    for rank in ddp_ranks:
+        got = rank[f"uneven/{case}"]
+        est = got["estimate"]
+        assert est["steps"] == scenarios.STEPS and est["examples"] == 15 * scenarios.STEPS
+        if flagged:
+            assert got["contradicted"] == [scenarios.STEPS] * 3 and not est["resolved"]
+            assert len(got["warnings"]) == 1 and "communication hook" in got["warnings"][0]
+        else:
+            assert got["contradicted"] == [0, 0, 0] and est["contradiction"] is None
+            assert got["warnings"] == []

@@ -242,8 +242,9 @@ class GradientNoiseScale:
             from noisescale.per_example import PerExampleNorms
 
             per_example = PerExampleNorms(module, part.cells, fallback=fallback)
+        snapshot, local = read_grad == "after_backward", ddp is not None  # DDP: each backward's norms too
         self._recorder = GradientRecorder(
-            params, scaler=scaler, per_example=per_example, snapshot=read_grad == "after_backward"
+            params, scaler=scaler, per_example=per_example, snapshot=snapshot, backward_norms=local
         )
         self._sync_counter: nsdist.SyncCounter | None = None
         self._exchange: Exchange | None = None
@@ -427,10 +428,10 @@ class GradientNoiseScale:
         self._pending.append((matrix @ cells, sum(sizes)))  # the estimator is linear: one product
 
     def _per_example(self, records: list[MicrobatchRecord], batch_size: int | None) -> None:
-        """Record i holds |a_i g_n|^2 per example, with a_i the loss factor of micro-batch i."""
+        """Record i holds |a_i g_n|^2 per example (a_i: micro-batch i's loss factor); DDP: |c_i g_i|^2 too."""
         step = per_example_step(
             [r.per_example for r in records],
-            self._recorder.sq_norms([], big=True)[0] @ self._param_cells,  # [C]: .grad or its snapshot
+            self._recorder.sq_norms(records if self._exchange else [], big=True) @ self._param_cells,
             batch_size=batch_size,
             reduction=self.reduction,
             accumulation=self.accumulation,

@@ -4,11 +4,23 @@ Every rank records its own steps (:mod:`noisescale.meter.steps`). Every ``sync_e
 steps (and at ``meter.sync()``) the unsent steps travel in ONE collective: under
 ``microbatch``/``ddp`` an all-gather of every rank's ``[M, C + 2]`` rows (one per
 backward pass: its squared norms per cell, then :class:`MicrobatchRow`); under
-``per_example`` an all-reduce (sum) of ``[N, 2 C + 3]`` rows (one per step: its per-example
-sums, then :class:`PerExampleRow`). The big batch needs no exchange: DDP's all-reduce left
-the same ``.grad`` on every rank. The collective started at one exchange is waited for at
-the next (it has had ``sync_every`` steps to finish) or at ``compute()``; then every rank
-turns the same numbers into the same ``[N, 4, C]`` rows, so rank 0's estimate is every rank's.
+``per_example`` an all-reduce (sum) of ``[N, 3 C + 3]`` rows (one per step: its per-example
+sums, its backward passes' ``local`` sum, then :class:`PerExampleRow`). The big batch needs
+no exchange: DDP's all-reduce left the same ``.grad`` on every rank. The collective
+started at one exchange is waited for at the next (it has had ``sync_every`` steps to
+finish) or at ``compute()``; then every rank turns the same numbers into the same
+``[N, 4, C]`` rows, so rank 0's estimate is every rank's.
+
+The consistency check under ``per_example`` is rank-level as well as per-example: ``.grad``
+is the mean of every rank's backward passes with convex weights ``c_i / sum c``, so its
+normalised squared norm cannot exceed ``sum_i c_i |g_i|^2 / sum c`` over every rank's passes
+(Jensen; the ``local`` column, a bound tighter than the per-example one, which a
+communication hook that sums without dividing by W rarely exceeds). With such a hook, W
+ranks of m equal passes of b examples (``c_i = 1/m``) give
+``E|.grad|^2 = W^2 (|G|^2 + tr Sigma / (W m b))`` against the bound's ``|G|^2 + tr Sigma / b``:
+exceeded in expectation iff ``(W^2 - 1) |G|^2 > (1 - W/m) tr Sigma / b``, that is at every
+step for ``m <= W`` (W >= 2) and, for ``m > W``, while ``B_simple < b m (W^2 - 1) / (m - W)``
+(``B_simple < 4 b`` at W = 2, m = 4).
 
 The loss factors of every backward pass are made here from every rank's sizes, with the
 one rule of :func:`noisescale.estimators.loss_factors`: ``example_mean`` needs the
@@ -73,7 +85,7 @@ class _Collective(NamedTuple):
     """One collective over several steps' rows, started on every rank."""
 
     work: Any  # wait on it before reading ``outputs``
-    outputs: list[torch.Tensor]  # every rank's [M, C + 2] rows, or the summed [N, 2 C + 3]
+    outputs: list[torch.Tensor]  # every rank's [M, C + 2] rows, or the summed [N, 3 C + 3]
     backward_passes: list[int]  # this rank's backward passes in each of the N steps
     big: torch.Tensor  # [N, C]: each step's |.grad|^2
     skip: int  # leading steps exchanged only so that every rank's collective has the same shape
@@ -132,7 +144,7 @@ class Exchange:
             return
         big = torch.stack([s.big for s in unsent])  # [N, C]
         if self.method == "per_example":
-            rows = torch.cat([self._per_example_row(s) for s in unsent])  # [N, 2 C + 3], additive
+            rows = torch.cat([self._per_example_row(s) for s in unsent])  # [N, 3 C + 3], additive
             work, outputs, passes = nsdist.reduce_sums(rows, self.process_group), [rows], [1] * len(unsent)
         else:
             rows = torch.cat([self._microbatch_rows(s) for s in unsent])  # [M, C + 2]
@@ -149,9 +161,9 @@ class Exchange:
 
     @staticmethod
     def _per_example_row(step: MicrobatchStep | PerExampleStep) -> torch.Tensor:
-        assert isinstance(step, PerExampleStep)
+        assert isinstance(step, PerExampleStep) and step.local is not None
         meta = torch.tensor([step.examples, step.weight, step.weight2], dtype=torch.float64)
-        return torch.cat([step.sums.flatten(), meta.to(step.sums.device)])[None]
+        return torch.cat([step.sums.flatten(), step.local, meta.to(step.sums.device)])[None]
 
     def drop(self) -> None:
         """Forget the collective in flight; the unsent steps are still sent (every rank's shapes match)."""
@@ -189,10 +201,10 @@ class Exchange:
         return rows[collective.skip :], examples[collective.skip :]
 
     def _per_example_rows(self, collective: _Collective) -> tuple[torch.Tensor, list[int]]:
-        summed = collective.outputs[0]  # [N, 2 C + 3]
+        summed = collective.outputs[0]  # [N, 3 C + 3]
         n_cells = collective.big.shape[1]
-        matrices, examples = [], []
-        for columns in summed[:, 2 * n_cells :].tolist():
+        matrices, examples, local_scale = [], [], []
+        for columns in summed[:, 3 * n_cells :].tolist():
             row = PerExampleRow.of(columns)
             check_within_dataset(row.examples, self.dataset_size)
             weight, weight2, scale = row.weight, row.weight2, [1.0, 1.0, 1.0]
@@ -208,8 +220,13 @@ class Exchange:
             )
             matrices.append(matrix * torch.tensor(scale, dtype=torch.float64, device=summed.device))
             examples.append(row.examples)
+            local_scale.append(scale[1] / weight)  # sum_i c_i |g_i|^2 / sum c, every rank's passes
         x = torch.cat([summed[:, : 2 * n_cells].unflatten(1, (2, n_cells)), collective.big[:, None]], 1)
-        return torch.stack(matrices) @ x, examples  # [N, 4, 3] @ [N, 3, C]
+        rows = torch.stack(matrices) @ x  # [N, 4, 3] @ [N, 3, C]
+        per_step = torch.tensor(local_scale, dtype=torch.float64).to(summed.device)[:, None]
+        local = summed[:, 2 * n_cells : 3 * n_cells] * per_step  # [N, C]
+        rows[:, 2] = torch.minimum(rows[:, 2], local)  # the tighter of the two Jensen bounds
+        return rows, examples
 
     def _microbatch_stats(self, collective: _Collective) -> tuple[torch.Tensor, list[int]]:
         gathered = torch.stack(collective.outputs)  # [W, M, C + 2]

@@ -86,6 +86,7 @@ class PerExampleStep(NamedTuple):
     examples: int  # B, examples in the step
     weight: float  # sum_n a_n
     weight2: float  # sum_n a_n^2
+    local: torch.Tensor | None = None  # [C] float64 under DDP: sum_i c_i |g_i|^2 over the backward passes
 
 
 def split_sizes(k: int, batch_size: int | None, given: Iterable[int] | None) -> tuple[int, ...]:
@@ -118,7 +119,7 @@ def split_sizes(k: int, batch_size: int | None, given: Iterable[int] | None) -> 
 
 def per_example_step(
     per_example: Sequence[torch.Tensor | None],
-    big: torch.Tensor,
+    grad_norms: torch.Tensor,
     *,
     batch_size: int | None,
     reduction: Reduction,
@@ -130,7 +131,12 @@ def per_example_step(
     Args:
         per_example: per backward pass i, ``[n_i, C]`` squared norms of ``a_i g_n`` (None:
             the pass had gradients but no per-example norms).
-        big: ``[C]`` squared norms of ``.grad``.
+        grad_norms: ``[1, C]`` squared norms of ``.grad``; under DDP ``[k + 1, C]``, first those
+            of each backward pass's whole (local) gradient ``c_i g_i = sum_n a_i g_n``
+            (:meth:`noisescale.collect.GradientRecorder.sq_norms` with ``big``). They
+            become ``local``, ``sum_i |c_i g_i|^2 / c_i``: additive over the ranks, and
+            divided by every rank's ``sum c = sum_n a_n`` the convex bound on the
+            all-reduced ``.grad`` (:mod:`noisescale.meter.exchange`).
         batch_size: examples the caller says the step had, or None (counted).
         reduction: the loss's reduction over a micro-batch.
         accumulation: how micro-batch losses combine.
@@ -166,7 +172,11 @@ def per_example_step(
     )
     weight = sum(n * ai for n, ai in zip(sizes, a, strict=True))
     weight2 = sum(n * ai**2 for n, ai in zip(sizes, a, strict=True))
-    return PerExampleStep(sums, big, sum(sizes), weight, weight2)
+    local = None
+    if len(grad_norms) > 1:  # c_i = a_i n_i (placeholder factors: n_i, rescaled like sums[1])
+        c = [n * ai for n, ai in zip(sizes, a, strict=True)]  # Python floats: no tensor from the host
+        local = torch.stack([row / ci for row, ci in zip(grad_norms[:-1], c, strict=True)]).sum(0)
+    return PerExampleStep(sums, grad_norms[-1], sum(sizes), weight, weight2, local)
 
 
 @functools.lru_cache(maxsize=64)
