@@ -21,6 +21,7 @@ Run: ``python benchmarks/ddp_overhead.py [--json PATH]`` (about a minute on 2 co
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -141,6 +142,14 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     est = meter.compute()
     if rank == 0:
         torch.save({"times": times, "cpu": cpu, "steps": est.steps}, Path(out) / "times.pt")
+    # Wait for every meter's collective in flight (remove() does; `every_step` always has one) and drop the
+    # replicas before the group: gloo work still pending at interpreter exit aborts the process.
+    for m in meters.values():
+        if isinstance(m, GradientNoiseScale):
+            m.remove()
+    meters.clear()
+    replicas.clear()
+    gc.collect()
     dist.destroy_process_group()
 
 
