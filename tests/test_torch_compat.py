@@ -103,3 +103,11 @@ def test_no_other_module_touches_a_private_torch_api() -> None:
             if _PRIVATE.search(line.split("#")[0]):
                 offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not offenders, "private torch APIs outside _torch_compat.py:\n" + "\n".join(offenders)
+
+
+def test_the_check_leaves_the_random_stream_alone() -> None:
+    """Adding a meter must not change a run: dropout masks and data order come from torch's RNG."""
+    tc.check.cache_clear()  # the check runs once per process: run it again here
+    before = torch.random.get_rng_state()
+    tc.check()
+    assert torch.equal(before, torch.random.get_rng_state())

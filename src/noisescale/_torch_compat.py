@@ -283,8 +283,9 @@ def check() -> None:
         noisescale.errors.UnsupportedTorchError: naming each API that is missing or
             behaves differently on this torch, with the last torch version it was verified on.
     """
-    missing = _missing()
-    problems = [f"{name} (missing)" for name in missing] if missing else _behaviour()
+    with torch.random.fork_rng(devices=[]):  # the probe must not move the user's random stream
+        missing = _missing()
+        problems = [f"{name} (missing)" for name in missing] if missing else _behaviour()
     if problems:
         raise UnsupportedTorchError(
             f"noisescale cannot measure gradients on torch {torch.__version__}: it relies on private "

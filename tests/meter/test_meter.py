@@ -341,3 +341,18 @@ def test_estimates_describe_themselves_rounded_in_their_unit() -> None:
     assert est.describe("tokens", confidence=meter.confidence) == expected
     group = next(iter(est.groups.values()))
     assert group.describe("tokens", meter.confidence).startswith("B_simple")
+
+
+@pytest.mark.parametrize("method", ["microbatch", "per_example"])
+def test_the_meter_does_not_move_the_random_stream(method: str) -> None:
+    """A run with the meter trains exactly as without it: same dropout masks, same data order."""
+    from noisescale import _torch_compat
+
+    _torch_compat.check.cache_clear()  # the first meter of a process runs the torch check
+    model = linreg_model()
+    before = torch.random.get_rng_state()
+    meter = GradientNoiseScale(model, method=method)  # type: ignore[arg-type]
+    run_steps(meter, model, torch.Generator().manual_seed(5), steps=3, sizes=[8, 8])
+    meter.compute()
+    meter.remove()
+    assert torch.equal(before, torch.random.get_rng_state())
