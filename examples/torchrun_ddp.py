@@ -1,7 +1,8 @@
 """The noise scale for free in data-parallel training (CPU, gloo, seconds).
 
 Run: ``torchrun --standalone --nproc_per_node=2 examples/torchrun_ddp.py``
-(``python examples/torchrun_ddp.py`` runs the same loop in one process).
+(``python examples/torchrun_ddp.py`` runs the same loop in one process: the same examples, but k = 2
+micro-batches instead of W x 2 = 4, so another estimate of the same B_simple: 94 against 83 here).
 
 Each of the W replicas accumulates m = 2 micro-batches under ``no_sync``; the meter
 reads the averaged gradient DDP's all-reduce leaves in ``.grad``, and one small

@@ -73,10 +73,10 @@ def law_sentence(law: BCritPowerLaw, unit: str) -> str:
 
 
 def output_console() -> Console:
-    """Console for results: the terminal's width, or 140 columns when piped (tables stay unwrapped)."""
+    """Console for results: the terminal's width, or 200 columns when piped (the fit table stays whole)."""
     console = Console(highlight=False, soft_wrap=True, markup=False)  # file names may hold brackets
     if not console.is_terminal:
-        console.width = 140
+        console.width = 200
     return console
 
 

@@ -117,6 +117,7 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "grad_norm_sq": est.grad_norm_sq,
         "trace_sigma": est.trace_sigma,
         "resolved": est.resolved,
+        "contradiction": est.contradiction,  # null, or why the records are impossible and what to check
         "n_eff": est.n_eff,
         "skipped_steps": est.skipped_steps,  # non-finite gradients (e.g. divergence): never averaged in
         "b_simple_run_mean": mean,
