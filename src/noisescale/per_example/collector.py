@@ -18,8 +18,10 @@ the materialising path: each use's ``[N, *P]`` contribution is summed, and the n
 is taken in :meth:`PerExampleNorms.pop`. Layers without a kernel raise
 :class:`~noisescale.errors.UnsupportedLayerError`, or, with ``fallback=True``, use
 the exact recompute of :mod:`noisescale.per_example.fallback`. A parameter also used
-outside the layers that own it (``h @ emb.weight.T``) makes ``backward()`` raise
-:class:`~noisescale.errors.UnsupportedLayerError` (:mod:`noisescale.per_example.uses`).
+outside the layers that own it (``h @ emb.weight.T``, also under autocast), or reached
+through a double-backward graph (an input-gradient penalty backpropagated with the loss),
+makes ``backward()`` raise :class:`~noisescale.errors.UnsupportedLayerError`
+(:mod:`noisescale.per_example.uses`).
 
 Which calls count: a layer is "called twice" in a backward when two of its forward
 calls are still pending (not yet backpropagated, graph alive) when the backward
