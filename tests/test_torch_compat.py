@@ -111,3 +111,11 @@ def test_the_check_leaves_the_random_stream_alone() -> None:
     before = torch.random.get_rng_state()
     tc.check()
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_scaler_inverse_scale_is_one_over_the_scale_on_the_device() -> None:
+    assert tc.scaler_inverse_scale(None) is None
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-70)
+    scaler.scale(torch.ones(()))  # creates the scale tensor, as a training step does
+    inv = tc.scaler_inverse_scale(scaler)
+    assert inv is not None and inv.dtype == torch.float32 and inv.item() == 2.0**70

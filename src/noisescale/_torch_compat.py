@@ -39,6 +39,7 @@ __all__ = [
     "graph_task_id",
     "keeps_graph",
     "queue_callback",
+    "scaler_inverse_scale",
     "scaler_scale",
     "scaler_unscaled",
     "will_execute",
@@ -156,6 +157,15 @@ def scaler_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
     if scaler is None or not scaler.is_enabled():
         return None
     return scaler._scale
+
+
+def scaler_inverse_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    """0-d float32 ``1/s`` of the current scale ``s`` as ``GradScaler.unscale_`` computes it, or None.
+
+    On the device, no host synchronisation: what the hooks multiply gradients by before any square.
+    """
+    scale = scaler_scale(scaler)
+    return None if scale is None else scale.double().reciprocal().float()
 
 
 def scaler_unscaled(scaler: torch.amp.GradScaler | None) -> bool:

@@ -70,7 +70,8 @@ def squared_norm(tensor: torch.Tensor, inv_scale: torch.Tensor | None = None) ->
 
     Args:
         tensor: a gradient, any shape and floating dtype.
-        inv_scale: optional 0-d float32 ``1/s`` (AMP loss scale ``s``, :func:`inverse_scale`).
+        inv_scale: optional 0-d float32 ``1/s`` (AMP loss scale ``s``,
+            :func:`noisescale._torch_compat.scaler_inverse_scale`).
             Float32/float64 gradients are multiplied by it before the squares are taken
             (one elementwise pass): ``(g s)^2`` underflows float32 at ``s = 2**-70``
             and overflows it at ``s >= 2**64``. A half-precision gradient's norm is taken
@@ -101,11 +102,6 @@ def squared_norms(
     :func:`squared_norm`; the others through one fused norm kernel (:func:`_square_small`).
     """
     return _squared([_norm_or_hold(t, inv_scale) for t in tensors], inv_scale)
-
-
-def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
-    """0-d float32 ``1/s`` of an AMP loss scale, as ``GradScaler.unscale_`` computes it (no sync)."""
-    return scale.double().reciprocal().float()
 
 
 def _norm_or_hold(tensor: torch.Tensor | None, inv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -297,8 +293,7 @@ class GradientRecorder:
         self._newest_task = max(self._newest_task, task)
         self._record_of[task] = self._current
         held = self._held[task] = [None] * len(self.params)
-        scale = tc.scaler_scale(self.scaler)
-        self._inv_scale[task] = None if scale is None else inverse_scale(scale)
+        self._inv_scale[task] = tc.scaler_inverse_scale(self.scaler)
         tc.queue_callback(partial(self._on_backward, task))
         return held
 
@@ -369,10 +364,7 @@ class GradientRecorder:
 
     def _grad_inv_scale(self) -> torch.Tensor | None:
         """0-d float32 ``1/s`` for ``.grad``: None unless scaled and not yet unscaled."""
-        scale = tc.scaler_scale(self.scaler)
-        if scale is None or tc.scaler_unscaled(self.scaler):
-            return None
-        return inverse_scale(scale)
+        return None if tc.scaler_unscaled(self.scaler) else tc.scaler_inverse_scale(self.scaler)
 
     def problem(self) -> str | None:
         """Why the records since the last pop do not describe whole backward passes, or None.

@@ -302,13 +302,12 @@ class PerExampleNorms:
 
     def _unscaled(self, go: Tensor) -> Tensor:
         """``go`` divided by the AMP loss scale in force (unchanged without a scaler), before any square."""
-        scale = tc.scaler_scale(self._scaler)
-        if scale is None:
-            return go
         task = tc.graph_task_id()
         cached_task, inv = self._inv_scale
         if cached_task != task or inv is None:
-            inv = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+            inv = tc.scaler_inverse_scale(self._scaler)
+            if inv is None:
+                return go
             self._inv_scale = (task, inv)
         return go.to(accumulation_dtype(go.dtype)) * inv
 
