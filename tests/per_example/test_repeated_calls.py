@@ -31,6 +31,20 @@ def exact_parts(model: nn.Module, loss_of: Callable[[slice], torch.Tensor]) -> t
     return float(grad_norm_sq), float(trace_sigma)
 
 
+def assert_meter_is_exact(
+    model: nn.Module, loss_of: Callable[[slice], torch.Tensor], **options: bool
+) -> None:
+    """One full-batch per_example step equals the exact per-example loop, to float64 rounding (rel 1e-9)."""
+    meter = GradientNoiseScale(model, method="per_example", ema_decay=1.0, **options)
+    loss_of(slice(None)).backward()
+    meter.update()
+    est = meter.compute()
+    meter.remove()
+    grad_norm_sq, trace_sigma = exact_parts(model, loss_of)
+    assert est.grad_norm_sq == pytest.approx(grad_norm_sq, rel=1e-9)
+    assert est.trace_sigma == pytest.approx(trace_sigma, rel=1e-9)
+
+
 def cell_of(kind: str) -> nn.Module:
     torch.manual_seed(1)
     if kind == "linear":  # has a kernel
@@ -53,14 +67,7 @@ def test_layer_applied_several_times_is_exact(kind: str, uses: int) -> None:
             h = torch.tanh(cell(h))
         return (h.sum(1, keepdim=True) - y[rows]).square().mean()
 
-    meter = GradientNoiseScale(cell, method="per_example", ema_decay=1.0, fallback=kind == "fallback")
-    loss_of(slice(None)).backward()
-    meter.update()
-    est = meter.compute()
-    meter.remove()
-    grad_norm_sq, trace_sigma = exact_parts(cell, loss_of)
-    assert est.grad_norm_sq == pytest.approx(grad_norm_sq, rel=1e-9)
-    assert est.trace_sigma == pytest.approx(trace_sigma, rel=1e-9)
+    assert_meter_is_exact(cell, loss_of, fallback=kind == "fallback")
 
 
 def test_siamese_pair_is_exact() -> None:
@@ -73,11 +80,4 @@ def test_siamese_pair_is_exact() -> None:
     def loss_of(rows: slice) -> torch.Tensor:
         return (encoder(a[rows]) - encoder(b[rows])).square().sum(1).mean()
 
-    meter = GradientNoiseScale(encoder, method="per_example", ema_decay=1.0)
-    loss_of(slice(None)).backward()
-    meter.update()
-    est = meter.compute()
-    meter.remove()
-    grad_norm_sq, trace_sigma = exact_parts(encoder, loss_of)
-    assert est.grad_norm_sq == pytest.approx(grad_norm_sq, rel=1e-9)
-    assert est.trace_sigma == pytest.approx(trace_sigma, rel=1e-9)
+    assert_meter_is_exact(encoder, loss_of)
