@@ -356,3 +356,19 @@ def test_the_meter_does_not_move_the_random_stream(method: str) -> None:
     meter.compute()
     meter.remove()
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_state_dict_records_the_conventions_in_force_when_saved() -> None:
+    """Integrations set the loss conventions after construction (the HF callback on a token-normalised
+    loss): the saved settings are those in force, so a callback-built meter resumes from its own state."""
+    model = linreg_model()
+    meter = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    meter.accumulation = "example_mean"  # as NoiseScaleCallback._settle_unit does
+    state = meter.state_dict()
+    meter.remove()
+    assert state["settings"]["accumulation"] == "example_mean"
+    resumed = GradientNoiseScale(model, method="microbatch", ema_decay=0.95)
+    with pytest.raises(ValueError, match="accumulation='example_mean'"):
+        resumed.load_state_dict(state)
+    resumed.accumulation = "example_mean"
+    resumed.load_state_dict(state)

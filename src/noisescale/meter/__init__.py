@@ -227,7 +227,6 @@ class GradientNoiseScale:
         self.method: Method = method
         self.reduction: Reduction = reduction
         self.accumulation: Accumulation = accumulation
-        self._settings = settings_of(method, reduction, accumulation, self.dataset_size, self.averaging)
         self.confidence = confidence
         self.group_names = part.group_names
         self.param_group_names = part.param_group_names
@@ -307,7 +306,7 @@ class GradientNoiseScale:
         """
         self._settle()
         state = self._state.state_dict(self.group_names, self.param_group_names)
-        return {**state, "settings": self._settings}
+        return {**state, "settings": settings_of(self)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also one saved before ``contradicted_steps`` existed).
@@ -315,7 +314,7 @@ class GradientNoiseScale:
         Raises:
             ValueError: if the groups, method, loss conventions, dataset_size or averaging differ.
         """
-        check_settings(state_dict.get("settings", {}), self._settings)
+        check_settings(state_dict.get("settings", {}), settings_of(self))
         for key, mine in (("group_names", self.group_names), ("param_group_names", self.param_group_names)):
             theirs = list(state_dict.get(key, []))
             if theirs != mine:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from noisescale.estimators import Accumulation, Reduction
 from noisescale.meter.steps import contradicted
-from noisescale.options import Averaging
+from noisescale.options import Averaging, Method
 from noisescale.smoothing import FIELDS, ema_fold, ema_init
 
 __all__ = ["MeterState", "check_settings", "settings_of"]
@@ -103,17 +104,24 @@ class MeterState:
         )
 
 
-def settings_of(
-    method: str, reduction: str, accumulation: str, dataset_size: int | None, averaging: Averaging
-) -> dict[str, Any]:
-    """What a meter's averages depend on, as saved in its state_dict (``settings``)."""
-    return {
-        "method": method,
-        "reduction": reduction,
-        "accumulation": accumulation,
-        "dataset_size": dataset_size,
-        **asdict(averaging),
-    }
+class _Measuring(Protocol):
+    """What :func:`settings_of` reads of a meter."""
+
+    method: Method
+    reduction: Reduction
+    accumulation: Accumulation
+    dataset_size: int | None
+    averaging: Averaging
+
+
+def settings_of(meter: _Measuring) -> dict[str, Any]:
+    """What a meter's averages depend on, as saved in its state_dict (``settings``).
+
+    Read when saved or loaded, not at construction: integrations set the loss conventions
+    once they see the first batch (the Hugging Face callback's token-normalised loss).
+    """
+    keys = ("method", "reduction", "accumulation", "dataset_size")
+    return {k: getattr(meter, k) for k in keys} | asdict(meter.averaging)
 
 
 def check_settings(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
