@@ -57,7 +57,7 @@ from noisescale.estimators import (
 )
 from noisescale.meter.averages import Averages
 from noisescale.meter.exchange import Exchange
-from noisescale.meter.partition import default_groups, measured_groups, partition
+from noisescale.meter.partition import default_groups, layernorm_groups, measured_groups, partition
 from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate
 from noisescale.meter.state import check_settings, settings_of
 from noisescale.meter.steps import (
@@ -68,11 +68,12 @@ from noisescale.meter.steps import (
     per_example_matrix,
     per_example_step,
     split_sizes,
+    unit_rows,
 )
 from noisescale.options import Averaging, Method, parse_method
 from noisescale.preconditioner import Preconditioner, PreconditionerSpec
 
-__all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate", "default_groups"]
+__all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate", "default_groups", "layernorm_groups"]
 
 DEFAULT_SYNC_EVERY = 16  # DDP: steps whose rows one collective exchanges
 ReadGrad = Literal["at_update", "after_backward"]
@@ -96,27 +97,17 @@ class GradientNoiseScale:
     passes on every rank (sizes may differ); the big gradient is the mean DDP's own
     all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
     after it, so clipping before :meth:`update` does no harm). The ranks exchange their
-    rows in one small asynchronous collective every ``sync_every`` steps, not every
-    step (a collective per step cost up to 6% of a DDP step on CPU in
-    ``benchmarks/ddp_overhead.py``); an exchange costs a few host synchronisations
-    (its sizes sent, every rank's sizes read back, the estimators' small matrices sent),
-    the steps in between none. :meth:`compute` needs no collective (rank 0 may call it
-    alone) and covers the steps exchanged so far, on every rank: up to
-    ``sync_every - 1`` steps behind, and nothing before the first exchange
-    (``compute().steps`` says how many). :meth:`sync`, called on every rank, exchanges
-    the rest first (the integrations do this before they log, the CLI at the end).
+    rows in one small asynchronous collective every ``sync_every`` steps
+    (:mod:`noisescale.meter.exchange`); :meth:`compute` needs no collective and covers
+    the steps exchanged so far (``compute().steps``); :meth:`sync`, called on every
+    rank, exchanges the rest first (the integrations do this before they log).
 
-    Impossible records are never a number: the big batch must be the (weighted) mean of
-    the small ones, so a step whose big-batch squared norm exceeds the weighted mean of
-    the small ones' squared norms (beyond float rounding), or an averaged tr(Sigma)
-    significantly negative, sets ``contradiction`` on the estimate (saying what to check:
-    the loss conventions, a DDP communication hook that sums without dividing by the
-    world size, a GradScaler not passed, ``.grad`` changed before :meth:`update`), keeps it
-    unresolved until :meth:`reset`, and :meth:`compute` warns once.
+    Impossible records are never a number: a step whose big-batch squared norm exceeds
+    the weighted mean of the small ones' (beyond float rounding), or an averaged tr(Sigma)
+    significantly negative, sets ``contradiction`` on the estimate (saying what to check),
+    keeps it unresolved until :meth:`reset`, and :meth:`compute` warns once.
 
-    The meter holds hooks on the model and cannot be pickled or deep-copied (a
-    ``TypeError`` says so): save :meth:`state_dict`, and :meth:`load_state_dict` it into a
-    meter made on the restored model.
+    It holds hooks and cannot be pickled: :meth:`load_state_dict` a :meth:`state_dict` instead.
 
     Args:
         model: the module being trained, or its DistributedDataParallel wrapper. Only
@@ -124,9 +115,8 @@ class GradientNoiseScale:
         method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
             batch (the usual gradient-accumulation loop; no extra cost).
             ``"per_example"``: exact per-example squared norms from layer hooks
-            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``,
-            ``nn.RMSNorm``, ``nn.GroupNorm``);
-            lowest variance, works with one backward per step.
+            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+            ``nn.GroupNorm``); lowest variance, works with one backward per step.
             ``"ddp"``: the k-way estimator over ``W`` replicas x ``m`` micro-batches
             (``m >= 1``); selected automatically when a DDP model is given with
             ``"microbatch"``. Spellings such as ``"per-example"`` are accepted
@@ -135,21 +125,18 @@ class GradientNoiseScale:
             ``"mean"`` or ``"sum"``.
         accumulation: ``"mean"`` if each micro-batch loss is divided by k before
             backward, ``"sum"`` if not (under DDP: the k of this rank).
-            ``"example_mean"``: each micro-batch loss is the SUM of its per-example
-            losses divided by the number of examples in the whole step (under DDP:
-            of all ranks, times W to undo DDP's averaging), so the step's gradient is
-            the mean over all its examples whatever the micro-batch sizes (HF Trainer
-            with ``num_items_in_batch``, token-weighted language-model losses);
-            ``reduction`` is then not used (:func:`noisescale.estimators.loss_factors`).
+            ``"example_mean"``: each micro-batch loss is the SUM of its per-example losses
+            divided by the examples (tokens) of the whole step, every rank's (token-weighted
+            LM losses, HF's ``num_items_in_batch``; :func:`noisescale.estimators.loss_factors`).
         ema_decay: per-step decay of the averages (default 0.99; 1.0 = plain mean).
-        ema_examples: instead of ``ema_decay``, a time constant in examples:
-            decay ``exp(-B / ema_examples)`` per step of B examples
-            (:class:`noisescale.options.Averaging`).
+        ema_examples: instead of ``ema_decay``, a time constant in examples: decay
+            ``exp(-B / ema_examples)`` per step of B examples (:class:`noisescale.options.Averaging`).
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
         confidence: level of ``b_simple_ci``.
         groups: named parameter groups (default: one per module owning parameters).
-            The total is their mediant ``sum trSigma_j / sum |G_j|^2``. A tensor listed
-            twice in one group counts once; one tensor in two groups is refused.
+            The total is their mediant ``sum trSigma_j / sum |G_j|^2``; only their layers and
+            tensors are hooked (:func:`layernorm_groups`: the cheap transformer mode). A tensor
+            listed twice in one group counts once; one tensor in two groups is refused.
         fallback: per_example only: allow the slower exact fallback for layers
             without a kernel (e.g. BatchNorm) instead of raising.
         optimizer: also report B_simple per optimizer parameter group (named by the
@@ -160,21 +147,16 @@ class GradientNoiseScale:
             1/(sqrt(v_hat) + eps)`` read from its state before each step's ``optimizer.step()``;
             steps before it has state are not counted) or ``{parameter: non-negative weights
             of its shape}`` (:mod:`noisescale.preconditioner`).
-        read_grad: when the big batch is read: ``"at_update"`` (the accumulated
-            ``.grad`` when :meth:`update` runs) or ``"after_backward"`` (snapshot at the
-            end of every backward, under DDP after its all-reduce has reached ``.grad``:
-            right even if the gradients are clipped before :meth:`update`; one more
-            fused norm per backward).
+        read_grad: when the big batch is read: ``"at_update"`` (``.grad`` at :meth:`update`) or
+            ``"after_backward"`` (a snapshot after every backward, under DDP after its all-reduce:
+            right even if the gradients are clipped before :meth:`update`; one more norm per backward).
         sync_every: under DDP, the optimiser steps whose rows one collective exchanges
             (1 = every step); ignored in one process. The same on every rank.
         dataset_size: N, examples in the dataset, when every step's examples are drawn
-            WITHOUT replacement from it (shuffled epochs, full-batch steps): applies the
-            finite-population correction ``E|G_B|^2 = |G|^2 + (tr Sigma_N / B)(N - B)/(N - 1)``
-            exactly (SCIENCE.md; at B = N ``per_example`` gives the exact full-dataset |G|^2 and
-            tr(Sigma_N), Sigma_N the population covariance). None (default) assumes sampling
-            with replacement: draws without replacement then give B_simple about
-            ``N / (N - 1 - B_simple)`` times too large (tr(Sigma) by N/(N-1), |G|^2 low by
-            tr(Sigma_N)/(N-1), whatever B), negligible while B_simple << N.
+            WITHOUT replacement from it (shuffled epochs, full-batch steps): the exact
+            finite-population correction (:mod:`noisescale.estimators`). None (default)
+            assumes sampling with replacement: draws without replacement then give B_simple
+            about ``N / (N - 1 - B_simple)`` times too large, negligible while B_simple << N.
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
@@ -365,7 +347,13 @@ class GradientNoiseScale:
             self._sync_counter.remove()
 
     # -- per step ------------------------------------------------------------------------------
-    def update(self, batch_size: int | None = None, *, microbatch_sizes: Iterable[int] | None = None) -> None:
+    def update(
+        self,
+        batch_size: int | None = None,
+        *,
+        microbatch_sizes: Iterable[int] | None = None,
+        example_sizes: int | Iterable[int] | None = None,
+    ) -> None:
         """Fold in the optimiser step whose backward passes ran since the last call.
 
         Args:
@@ -374,6 +362,9 @@ class GradientNoiseScale:
                 given (equal micro-batches are assumed); optional for ``per_example``
                 (counted from the inputs).
             microbatch_sizes: examples in each micro-batch, in backward order (this rank's).
+            example_sizes: ``per_example`` in one process only: the loss units (tokens) of each
+                example (row of dim 0), in backward order, or one int for all; B_simple is then
+                in these units (:func:`noisescale.meter.steps.unit_rows`; sizes on the host).
 
         Raises:
             RuntimeError: if no backward pass ran since the last update, or one raised
@@ -399,7 +390,9 @@ class GradientNoiseScale:
             )
         if self._sync_counter is not None:
             self._sync_counter.check_step(len(records))
-        if self.method == "per_example":
+        if example_sizes is not None:  # per_example in loss units (tokens)
+            self._units(records, batch_size, example_sizes)
+        elif self.method == "per_example":
             self._per_example(records, batch_size)
         else:
             self._microbatch(records, split_sizes(len(records), batch_size, microbatch_sizes))
@@ -454,6 +447,18 @@ class GradientNoiseScale:
             step.examples, step.weight, step.weight2, 1, self.dataset_size, step.big.device
         )
         self._averages.add(matrix @ torch.cat([step.sums, step.big[None]]), step.examples, self.averaging)
+
+    def _units(
+        self, records: list[MicrobatchRecord], batch_size: int | None, sizes: int | Iterable[int]
+    ) -> None:
+        """A ``per_example`` step whose examples carry ``sizes`` loss units each (one process)."""
+        if self.method != "per_example" or self._exchange is not None or self.dataset_size is not None:
+            raise ValueError("example_sizes is for method='per_example' in one process, without dataset_size")
+        big = self._averages.cells_of(self._recorder.sq_norms([], big=True))[0]
+        rows, units = unit_rows(
+            [r.per_example for r in records], big, sizes, batch_size, self.reduction, self.accumulation
+        )
+        self._averages.add(rows, units, self.averaging)
 
     def _drop_pending(self) -> None:
         """Forget the steps not folded in yet; the unsent DDP ones are still sent (shapes match)."""
