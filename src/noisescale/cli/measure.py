@@ -6,6 +6,7 @@ Usage::
     noisescale measure --task linreg                     # the oracle: also prints the true value
     noisescale measure --task digits --method microbatch --microbatches 4 --out runs/digits
     noisescale measure --task shakespeare --only layernorm   # a transformer's LayerNorms only (cheap)
+    noisescale measure --task cartpole                   # A2C on CartPole: policy and value groups
 
 It shows a progress bar, then a table of B_simple with its interval, |G|^2, tr(Sigma),
 the loss, the learning rate and batch size (the temperature lr/B), and whether the
@@ -22,7 +23,9 @@ atomically:
   examples, at the end), ``test_loss`` and ``test_error`` on the held-out set (``held_out``: the
   test set, or the validation plays of ``shakespeare``, whose losses are in nats per token and
   ``test_bpc`` in bits per character), ``wall_time_s``; for ``linreg`` also ``b_simple_true`` and
-  ``b_noise_true``. Every batch size is in ``unit`` (images, examples, tokens).
+  ``b_noise_true``; for ``cartpole`` the returns instead of losses (``mean_return`` of the last
+  ``return_window`` episodes, ``episodes``) and the A2C settings. Every batch size is in ``unit``
+  (images, examples, tokens, observations).
 - ``noise_scale.png``: B_simple with its band, and the loss, against examples seen.
 
 A B_simple that is not resolved prints as "not resolved" and is ``null`` in JSON. A missing
@@ -57,6 +60,7 @@ from noisescale.critical.goals import run_mean
 from noisescale.errors import NoiseScaleError
 from noisescale.experiments.evaluation import bits, evaluate, train_loss
 from noisescale.experiments.plotting import plot_run
+from noisescale.experiments.rl import RL_TASK_NAMES, RLTask, get_rl_task, rl_results, train_rl
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, train
 from noisescale.io import package_version, write_json, write_jsonl
@@ -72,7 +76,11 @@ def _fmt(x: float | None, missing: str = "n/a") -> str:
 
 
 def _run_with_progress(
-    task: Task, config: TrainConfig, console: Console, show: bool, dist: nsdist.DistInfo | None = None
+    task: Task | RLTask,
+    config: TrainConfig,
+    console: Console,
+    show: bool,
+    dist: nsdist.DistInfo | None = None,
 ) -> TrainResult:
     """Train with a rich progress bar showing the loss and the current B_simple."""
     columns = (
@@ -90,14 +98,17 @@ def _run_with_progress(
             b = "not resolved" if est is None or est.b_simple is None else _fmt(est.b_simple)
             progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b)
 
+        if isinstance(task, RLTask):
+            return train_rl(task, config, callback=on_step)
         return train(task, config, callback=on_step, dist=dist)
 
 
-def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: float) -> dict[str, Any]:
-    """The summary.json content: settings, final estimate, losses and (linreg) the truth."""
+def _summary(
+    task: Task | RLTask, config: TrainConfig, result: TrainResult, wall_time: float
+) -> dict[str, Any]:
+    """The summary.json content: settings, final estimate, then the task's results (:func:`_results`)."""
     est = result.estimate
     assert est is not None, "measure always trains with a meter"
-    test_loss, test_error = evaluate(task, result.model)
     # McCandlish et al. (2018), Table 1 reports B_simple averaged over the run: the step-weighted
     # mean of the resolved smoothed values, the run average of a sweep (critical.goals.run_mean);
     # a rough comparison, not an estimate of B_crit.
@@ -138,11 +149,7 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "skipped_steps": est.skipped_steps,  # non-finite gradients (e.g. divergence): never averaged in
         "b_simple_run_mean": mean,
         "resolved_steps": resolved,
-        "loss": train_loss(task, result.model),
-        "held_out": task.held_out,
-        "test_loss": test_loss,
-        "test_bpc": bits(test_loss) if task.unit == "tokens" else None,
-        "test_error": test_error,
+        **(rl_results(task, result) if isinstance(task, RLTask) else _results(task, result)),
         "wall_time_s": wall_time,
         "train_time_s": result.wall_time,
         "groups": {name: g.to_dict() for name, g in est.groups.items()},
@@ -151,6 +158,19 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
+    }
+    return summary
+
+
+def _results(task: Task, result: TrainResult) -> dict[str, Any]:
+    """A supervised run's part of the summary: losses, test error and (linreg) the truth."""
+    test_loss, test_error = evaluate(task, result.model)
+    summary: dict[str, Any] = {
+        "loss": train_loss(task, result.model),
+        "held_out": task.held_out,
+        "test_loss": test_loss,
+        "test_bpc": bits(test_loss) if task.unit == "tokens" else None,
+        "test_error": test_error,
     }
     if task.truth is not None:
         truth = task.truth(result.model)
@@ -161,13 +181,13 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
             trace_sigma_true=truth["trace_sigma"],
             loss_true=truth["loss"],
         )
-        ci = summary["b_simple_ci"]
+        ci = None if result.estimate is None else result.estimate.b_simple_ci
         summary["ci_contains_true"] = None if ci is None else bool(ci[0] <= truth["b_simple"] <= ci[1])
     return summary
 
 
 def _write_outputs(
-    task: Task, config: TrainConfig, result: TrainResult, out_dir: Path, start: float
+    task: Task | RLTask, config: TrainConfig, result: TrainResult, out_dir: Path, start: float
 ) -> dict[str, Any]:
     """Write metrics.jsonl, noise_scale.png and summary.json (each atomically); return the summary."""
     summary = _summary(task, config, result, time.perf_counter() - start)
@@ -181,10 +201,18 @@ def _write_outputs(
         unit=task.unit,
         b_simple_true=summary.get("b_simple_true"),
         confidence=config.confidence,
+        **({"metric": "mean_return", "metric_label": "mean return"} if isinstance(task, RLTask) else {}),
     )
     summary["wall_time_s"] = time.perf_counter() - start
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _interval(b: float | None, ci: list[float] | None, unit: str, summary: dict[str, Any]) -> str:
+    """``1082 images  [826.2, 1568] (95%)``, or "not resolved"."""
+    if b is None or ci is None:
+        return "not resolved"
+    return f"{_fmt(b)} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] ({summary['confidence']:.0%})"
 
 
 def _table(summary: dict[str, Any]) -> Table:
@@ -193,12 +221,8 @@ def _table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"noise scale: {summary['task']} ({summary['method']})", show_header=False)
     table.add_column("quantity", style="bold")
     table.add_column("value")
-    ci = summary["b_simple_ci"]
-    b = summary["b_simple"]
-    if summary["resolved"] and b is not None and ci is not None:
-        b_text = f"{_fmt(b)} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] ({summary['confidence']:.0%})"
-    else:
-        b_text = "not resolved"
+    b = summary["b_simple"] if summary["resolved"] else None
+    b_text = _interval(b, summary["b_simple_ci"], unit, summary)
     mean = summary["b_simple_run_mean"]
     run_mean = "not resolved" if mean is None else f"{_fmt(mean)} {unit} ({summary['resolved_steps']} steps)"
     rows = [
@@ -206,12 +230,18 @@ def _table(summary: dict[str, Any]) -> Table:
         ("B_simple, run mean", run_mean),
         ("|G|^2", _fmt(summary["grad_norm_sq"])),
         ("tr Sigma", _fmt(summary["trace_sigma"])),
-        ("loss (train)", _fmt(summary["loss"])),
-        (f"loss ({summary['held_out']})", _fmt(summary["test_loss"])),
     ]
-    if summary["test_bpc"] is not None:
+    if "mean_return" in summary:  # an RL task: its groups (policy, value) and its returns
+        for name, g in summary["groups"].items():
+            rows.append((f"B_simple, {name}", _interval(g["b_simple"], g["b_simple_ci"], unit, summary)))
+        window = f"mean return (last {summary['return_window']} episodes)"
+        rows += [(window, _fmt(summary["mean_return"])), ("episodes", str(summary["episodes"]))]
+    else:
+        rows.append(("loss (train)", _fmt(summary["loss"])))
+        rows.append((f"loss ({summary['held_out']})", _fmt(summary["test_loss"])))
+    if summary.get("test_bpc") is not None:
         rows.append((f"bits per character ({summary['held_out']})", _fmt(summary["test_bpc"])))
-    if summary["test_error"] is not None:
+    if summary.get("test_error") is not None:
         rows.append(("error (test)", f"{summary['test_error']:.2%}"))
     rows += [
         ("learning rate", f"{_fmt(summary['lr'])} ({summary['optimizer']})"),
@@ -286,7 +316,12 @@ def measure(
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             threads = 2 if info is None else max(1, (os.cpu_count() or 2) // ranks_here)
         torch.set_num_threads(threads)
-        the_task = get_task(task.value)
+        the_task = get_rl_task(task.value) if task.value in RL_TASK_NAMES else get_task(task.value)
+        if isinstance(the_task, RLTask) and (info is not None or only is not OnlyName.all):
+            raise ValueError(
+                f"--task {task.value} trains in one process with its own groups (policy, value): "
+                "run it without torchrun and --only"
+            )
         config = TrainConfig.for_task(
             the_task,
             method=chosen,

@@ -5,6 +5,7 @@ Usage::
     noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2      # 5-10 min on 2 cores
     noisescale sweep --task fashion-mnist --out runs/sweep-fashion-mnist --jobs 2   # about 9 min
     noisescale sweep --task digits --batch-size 8 --batch-size 32 --batch-size 128 --loss-goal 0.3
+    noisescale sweep --task cartpole --out runs/sweep-cartpole --jobs 2   # return goals, 3 seeds a run
 
 For a geometric grid of batch sizes it tunes the SGD learning rate per batch size (a grid
 centred on ``lr_max / (1 + lr_b_star/B)``, widened when the best value is on its edge), trains
@@ -86,6 +87,9 @@ def sweep(
     error_goal: Annotated[
         list[float] | None, typer.Option("--error-goal", help="Test-error goal, a fraction (repeat).")
     ] = None,
+    return_goal: Annotated[
+        list[float] | None, typer.Option("--return-goal", help="Mean-return goal of an RL task (repeat).")
+    ] = None,
     no_error_goal: Annotated[
         bool, typer.Option("--no-error-goal", help="Only training-loss goals (no test-error goal).")
     ] = False,
@@ -110,6 +114,9 @@ def sweep(
         int | None, typer.Option(help="Micro-batches per step (microbatch method: >= 2, default 2).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Initial weights and data stream of every run.")] = 0,
+    seeds: Annotated[
+        int | None, typer.Option(help="Seeds per run, trained in lockstep (RL tasks; default 3).", min=1)
+    ] = None,
     bootstrap: BootstrapOption = 1000,
     confidence: ConfidenceOption = 0.95,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
@@ -127,6 +134,7 @@ def sweep(
             batch_sizes=batch_size or None,
             loss_goals=loss_goal or None,
             error_goals=[] if no_error_goal else error_goal or None,
+            return_goals=return_goal or None,
             lr_max=lr_max,
             lr_b_star=lr_b_star,
             lr_points=lr_points,
@@ -138,6 +146,7 @@ def sweep(
             method=method.value,
             microbatches=_microbatches(method.value, microbatches),
             seed=seed,
+            seeds=seeds,
         )
     except (NoiseScaleError, ValueError) as exc:
         raise fail(str(exc), 2) from None

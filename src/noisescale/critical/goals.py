@@ -1,7 +1,8 @@
 """Steps to a goal from a logged curve: the one rule of the sweep and of ``noisescale fit``.
 
 A run is checked (or logs its loss) at steps ``s_0 < s_1 < ...``; the goal is reached at the
-first logged step whose value is at or below the goal level. The crossing itself lies between
+first logged step whose value is at or below the goal level (at or above it for a metric where
+higher is better, :data:`HIGHER_IS_BETTER`: an RL agent's mean return). The crossing itself lies between
 the last logged step above the goal and that step: it is an *interval-censored* observation,
 ``S in (s_{j-1}, s_j]``. This module returns
 
@@ -42,9 +43,29 @@ from typing import NamedTuple
 
 from noisescale.errors import SweepDataError
 
-__all__ = ["ENDED", "GoalCrossing", "RunOutcome", "crossing", "fastest", "run_mean"]
+__all__ = [
+    "ENDED",
+    "HIGHER_IS_BETTER",
+    "GoalCrossing",
+    "RunOutcome",
+    "crossing",
+    "fastest",
+    "meets",
+    "run_mean",
+]
 
 ENDED = ("end", "budget", "goals")  # ways a run stops that leave its censoring bound valid
+HIGHER_IS_BETTER = frozenset({"mean_return"})  # metrics whose goals are reached from below
+
+
+def meets(metric: str, value: float, level: float) -> bool:
+    """Whether ``value`` of ``metric`` reaches the goal ``level`` (``<=``, or ``>=`` if higher is better).
+
+    Example:
+        >>> meets("train_loss", 0.1, 0.2), meets("mean_return", 480.0, 475.0)
+        (True, True)
+    """
+    return value >= level if metric in HIGHER_IS_BETTER else value <= level
 
 
 class GoalCrossing(NamedTuple):
@@ -68,14 +89,17 @@ class RunOutcome(NamedTuple):
     stopped: str  # "end" (a user's curve), "budget", "goals", "diverged" or "stalled"
 
 
-def crossing(steps: Sequence[float], values: Sequence[float | None], level: float) -> GoalCrossing:
+def crossing(
+    steps: Sequence[float], values: Sequence[float | None], level: float, *, above: bool = False
+) -> GoalCrossing:
     """Steps to ``level`` from a logged curve, interpolated between the points around the crossing.
 
     Args:
         steps: logged steps ``[T]``, increasing (0: before the first update).
-        values: the metric at each step ``[T]`` (a loss, an error fraction); None where not
-            measured; NaN or inf (a diverged run) never reaches the goal.
-        level: the goal; reached at the first value ``<= level``.
+        values: the metric at each step ``[T]`` (a loss, an error fraction, a mean return); None
+            where not measured; NaN or inf (a diverged run) never reaches the goal.
+        level: the goal; reached at the first value ``<= level`` (``>= level`` with ``above``).
+        above: higher is better (a mean return).
 
     Returns:
         GoalCrossing: reached with its bracket, or censored at the last logged step.
@@ -90,6 +114,8 @@ def crossing(steps: Sequence[float], values: Sequence[float | None], level: floa
         (133.3, 100.0, 200.0, True)
         >>> crossing([0, 100], [4.0, 2.0], 1.0)
         GoalCrossing(steps=100.0, low=100.0, high=inf, reached=False)
+        >>> round(crossing([0, 10, 20], [None, 100.0, 400.0], 200.0, above=True).steps, 3)  # 100 (s/10)^2
+        14.142
     """
     if len(steps) == 0:
         raise SweepDataError("a curve with no logged step")
@@ -97,7 +123,7 @@ def crossing(steps: Sequence[float], values: Sequence[float | None], level: floa
     for step, value in zip(steps, values, strict=True):
         if value is None or not math.isfinite(value):
             continue
-        if value <= level:
+        if value >= level if above else value <= level:
             if step <= 0:
                 raise SweepDataError(
                     f"the goal {level:g} is met at step 0, before any update: choose a lower goal"

@@ -53,6 +53,8 @@ def plot_run(
     unit: str = "examples",
     b_simple_true: float | None = None,
     confidence: float = 0.95,
+    metric: str = "loss",
+    metric_label: str = "batch loss",
 ) -> None:
     """Draw B_simple (with its interval) and the training loss against examples seen; save atomically.
 
@@ -64,9 +66,11 @@ def plot_run(
         unit: unit of the batch sizes and of the x axis ("images", "examples", "tokens").
         b_simple_true: exact B_simple to draw as a reference line (oracle tasks), or None.
         confidence: level of the intervals, for the legend.
+        metric: the record key of the lower panel (``"loss"``; ``"mean_return"`` for an RL task).
+        metric_label: its label (the axis says "training loss" for the loss).
     """
     examples = _column(records, "examples")
-    loss = _column(records, "loss")
+    loss = _column(records, metric)
     b_simple = _column(records, "b_simple")
     cis = [r.get("b_simple_ci") or (None, None) for r in records]
     low = np.array([np.nan if c[0] is None else c[0] for c in cis], dtype=np.float64)
@@ -96,7 +100,7 @@ def plot_run(
     ax_b.legend(loc="best", fontsize="small")
     ax_b.grid(True, which="both", alpha=0.3)
 
-    ax_l.plot(examples, loss, color="C1", alpha=0.35, linewidth=0.8, label="batch loss")
+    ax_l.plot(examples, loss, color="C1", alpha=0.35, linewidth=0.8, label=metric_label)
     if len(loss) >= 20:
         window = max(len(loss) // 50, 5)
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
@@ -104,7 +108,7 @@ def plot_run(
     if np.all(loss[np.isfinite(loss)] > 0) and np.isfinite(loss).any():
         _log_axis(ax_l)
     ax_l.set_xlabel(f"{unit} seen")
-    ax_l.set_ylabel("training loss")
+    ax_l.set_ylabel("training loss" if metric == "loss" else metric_label)
     ax_l.legend(loc="best", fontsize="small")
     ax_l.grid(True, which="both", alpha=0.3)
     if title:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "SHAKESPEARE_CONTEXT",
     "TASK_NAMES",
     "Task",
+    "TaskDefaults",
     "get_task",
     "linreg_truth",
 ]
@@ -72,6 +73,35 @@ LINREG_SIGMA = 0.7  # standard deviation of the label noise xi
 _LINREG_TEST_SEED = 1234  # fixed test set of the oracle (its loss is also known exactly)
 _LINREG_TEST_SIZE = 10_000
 SHAKESPEARE_CONTEXT = 64  # T, predicted tokens of a `shakespeare` window
+
+
+class TaskDefaults(Protocol):
+    """What :meth:`~noisescale.experiments.training.TrainConfig.for_task` reads: a run's defaults.
+
+    Those of a :class:`Task`, or of an RL task (:mod:`noisescale.experiments.rl.task`); the
+    fields mean what they mean in :class:`Task`.
+    """
+
+    @property
+    def batch_size(self) -> int: ...  # noqa: D102
+    @property
+    def microbatches(self) -> int: ...  # noqa: D102
+    @property
+    def lr(self) -> float: ...  # noqa: D102
+    @property
+    def steps(self) -> int: ...  # noqa: D102
+    @property
+    def optimizer(self) -> str: ...  # noqa: D102
+    @property
+    def weight_decay(self) -> float: ...  # noqa: D102
+    @property
+    def warmup_steps(self) -> int: ...  # noqa: D102
+    @property
+    def units_per_example(self) -> int: ...  # noqa: D102
+    @property
+    def ema_decay(self) -> float | None: ...  # noqa: D102
+    @property
+    def ema_examples(self) -> float | None: ...  # noqa: D102
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from torch import nn
 
 import noisescale.distributed as nsdist
 from noisescale.experiments.optim import check_optimizer, make_optimizer
-from noisescale.experiments.tasks import Task
+from noisescale.experiments.tasks import Task, TaskDefaults
 from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, layernorm_groups
 from noisescale.options import Averaging, parse_method
 
@@ -59,6 +59,7 @@ def make_meter(
     ema_examples: float | None,
     confidence: float = 0.95,
     only: str | None = None,
+    groups: Mapping[str, Iterable[nn.Parameter]] | None = None,
 ) -> GradientNoiseScale:
     """The one place that picks and builds the meter for a training run.
 
@@ -71,16 +72,20 @@ def make_meter(
         confidence: level of the interval of B_simple.
         only: ``"layernorm"``: measure (and hook) the LayerNorm parameters only
             (:func:`noisescale.meter.layernorm_groups`); None: every parameter.
+        groups: named parameter groups (e.g. an agent's policy and value), or None: one per
+            module (with ``only``: the LayerNorms).
 
     Returns:
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
         micro-batch, micro-batch losses divided by k before backward).
 
     Raises:
-        ValueError: on an unknown ``only``.
+        ValueError: on an unknown ``only``, or ``only`` with ``groups``.
     """
     if only not in ONLY:
         raise ValueError(f"unknown --only {only!r}: expected {' or '.join(str(o) for o in ONLY if o)}")
+    if only is not None and groups is not None:
+        raise ValueError(f"--only {only} replaces the task's own parameter groups: leave --only out")
     return GradientNoiseScale(
         model,
         method=parse_method(method),
@@ -89,7 +94,7 @@ def make_meter(
         ema_decay=ema_decay,
         ema_examples=ema_examples,
         confidence=confidence,
-        groups=None if only is None else layernorm_groups(nsdist.unwrap_model(model)),
+        groups=groups if only is None else layernorm_groups(nsdist.unwrap_model(model)),
     )
 
 
@@ -187,7 +192,7 @@ class TrainConfig:
         Averaging(ema_decay=self.ema_decay, ema_examples=self.ema_examples)  # exactly one, in range
 
     @classmethod
-    def for_task(cls, task: Task, **overrides: Any) -> TrainConfig:
+    def for_task(cls, task: TaskDefaults, **overrides: Any) -> TrainConfig:
         """The task's defaults, with every override that is not None applied.
 
         ``microbatches`` defaults to 1 for the per-example method and to the task's

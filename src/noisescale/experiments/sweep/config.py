@@ -1,15 +1,21 @@
 r"""The configuration of a batch-size sweep: the grid, the learning-rate rule, the goals, the budgets.
 
-For a geometric grid of batch sizes ``B`` (in the task's unit: images or examples) a sweep
-trains the task with plain SGD (no momentum, the optimizer of the paper's analysis) at a few
+For a geometric grid of batch sizes ``B`` (in the task's unit: images, examples, tokens or
+observations) a sweep trains the task with its optimizer (plain SGD without momentum, the
+optimizer of the paper's analysis, for the image tasks; Adam for ``cartpole``) at a few
 learning rates per batch size, centred on the rule of McCandlish et al. (2018), appendix A.3,
 
 .. math::
 
     \epsilon(B) = \frac{\epsilon_{max}}{(1 + B_*/B)^{\alpha}}
 
-(``alpha = 1`` for SGD, eq. 2.6), on a geometric grid ``epsilon(B) * step^i``. The defaults of
-each built-in task, and the pilot runs they come from, are in ``_DEFAULTS``.
+(``alpha = 1`` for SGD, eq. 2.6; ``alpha = 1/2``, a square-root rule, for Adam, appendix E), on a
+geometric grid ``epsilon(B) * step^i``. The defaults of each built-in task, and the pilot runs
+they come from, are in ``_DEFAULTS``.
+
+An RL task (``cartpole``) has return goals, reached when the mean return of the last episodes is
+at or above the level; RL is noisy, so each of its runs trains ``seeds`` seeds in lockstep and is
+judged by their mean (:mod:`noisescale.experiments.sweep.run`).
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
@@ -23,6 +29,7 @@ import math
 from typing import Any, NamedTuple
 
 from noisescale.errors import SweepConfigError
+from noisescale.experiments.rl import RL_TASK_NAMES
 from noisescale.experiments.tasks import CLASSIFICATION_TASKS
 from noisescale.experiments.training import TrainConfig
 from noisescale.options import SINGLE_PROCESS_METHODS, parse_method
@@ -30,7 +37,7 @@ from noisescale.options import SINGLE_PROCESS_METHODS, parse_method
 __all__ = ["METRICS", "SWEEP_FORMAT", "SWEEP_TASKS", "Goal", "RunSpec", "SweepConfig", "lr_rule"]
 
 SWEEP_FORMAT = 1  # version of config.json and of the run records
-METRICS = ("train_loss", "test_error")
+METRICS = ("train_loss", "test_error", "mean_return")
 _MAX_SEED = 2**63  # seeds are in [0, 2**63)
 
 
@@ -61,9 +68,9 @@ def lr_rule(batch_size: float, lr_max: float, b_star: float, alpha: float = 1.0)
 
 
 class Goal(NamedTuple):
-    """One target of a sweep: a level of a metric, reached when the metric is at or below it."""
+    """One target of a sweep: a level of a metric, reached at or below it (at or above: a return)."""
 
-    metric: str  # "train_loss" (on a fixed training subset) or "test_error" (fraction)
+    metric: str  # "train_loss" (on a fixed training subset), "test_error" (fraction) or "mean_return"
     level: float
 
 
@@ -82,6 +89,8 @@ class SweepConfig:
         max_widenings: extra learning rates per batch size at most.
         loss_goals: training-loss levels (mean loss per example on ``eval_examples`` training examples).
         error_goals: test-error levels (fraction misclassified on ``eval_test_examples`` test examples).
+        return_goals: mean-return levels of an RL task (the mean undiscounted return of the last
+            ``return_window`` episodes, averaged over the ``seeds``), reached at or above.
         max_steps: largest step budget of a run.
         max_examples: example budget of a run: the step budget is ``max_examples / B`` clipped to
             ``[min_steps, max_steps]``, so small batches get many steps and large ones few.
@@ -94,7 +103,14 @@ class SweepConfig:
         ema_examples: time constant of the meter's averages, examples (validated by
             :class:`noisescale.options.Averaging`).
         momentum: SGD momentum (0: plain SGD).
+        optimizer: ``"sgd"`` or ``"adamw"`` (:mod:`noisescale.experiments.optim`).
+        warmup_steps: steps of the linear learning-rate warmup of every run.
+        weight_decay: weight decay (AdamW: decoupled, on the matrices).
+        units_per_example: units of a batch size one example carries (the task's: 64 tokens a
+            ``shakespeare`` window, 16 observations a ``cartpole`` rollout, else 1).
         seed: initial weights and data stream of every run.
+        seeds: seeds per run, ``seed, seed + 1, ...``, trained in lockstep (RL tasks only); the
+            run's curve is their mean.
         format: version of the sweep directory layout.
     """
 
@@ -108,6 +124,7 @@ class SweepConfig:
     max_widenings: int = 2
     loss_goals: tuple[float, ...] = ()
     error_goals: tuple[float, ...] = ()
+    return_goals: tuple[float, ...] = ()
     max_steps: int = 10_000
     max_examples: int = 1_000_000
     min_steps: int = 1000
@@ -118,7 +135,12 @@ class SweepConfig:
     microbatches: int = 1
     ema_examples: float = 10_000.0
     momentum: float = 0.0
+    optimizer: str = "sgd"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    units_per_example: int = 1
     seed: int = 0
+    seeds: int = 1
     format: int = SWEEP_FORMAT
 
     def __post_init__(self) -> None:
@@ -131,6 +153,7 @@ class SweepConfig:
         object.__setattr__(
             self, "error_goals", tuple(sorted({float(g) for g in self.error_goals}, reverse=True))
         )
+        object.__setattr__(self, "return_goals", tuple(sorted({float(g) for g in self.return_goals})))
         try:  # a sweep trains each run in one process: no ddp
             object.__setattr__(self, "method", parse_method(self.method, SINGLE_PROCESS_METHODS))
         except ValueError as exc:
@@ -138,7 +161,18 @@ class SweepConfig:
         # Comparisons are written so that NaN fails them.
         if len(sizes) < 3 or sizes[0] < 2:
             raise SweepConfigError(f"expected at least 3 batch sizes >= 2 but got {list(sizes)}")
-        if not self.loss_goals and not self.error_goals:
+        rl = self.task in RL_TASK_NAMES
+        if rl != bool(self.return_goals) or (rl and (self.loss_goals or self.error_goals)):
+            raise SweepConfigError(
+                f"task {self.task!r} needs return goals and no other goals"
+                if rl
+                else f"task {self.task!r} is not an RL task, so it has no return: give loss or error goals"
+            )
+        if not all(0 < g < math.inf for g in self.return_goals):
+            raise SweepConfigError(f"return goals must be positive and finite, got {list(self.return_goals)}")
+        if not (self.seeds >= 1 and (rl or self.seeds == 1)):
+            raise SweepConfigError(f"seeds={self.seeds}: expected 1, or more for an RL task")
+        if not self.loss_goals and not self.error_goals and not rl:
             raise SweepConfigError("a sweep needs at least one goal: give a loss goal or an error goal")
         if not all(0 < g < math.inf for g in self.loss_goals):
             raise SweepConfigError(f"loss goals must be positive and finite, got {list(self.loss_goals)}")
@@ -174,8 +208,8 @@ class SweepConfig:
             )
         if not (1 < self.eval_growth < math.inf and self.max_widenings >= 0):
             raise SweepConfigError("expected finite eval_growth > 1 and max_widenings >= 0")
-        if not 0 <= self.seed < _MAX_SEED:
-            raise SweepConfigError(f"expected 0 <= seed < 2**63 but got {self.seed}")
+        if not 0 <= self.seed <= _MAX_SEED - self.seeds:
+            raise SweepConfigError(f"expected 0 <= seed and seed + seeds <= 2**63 but got {self.seed}")
         if self.microbatches >= 1 and any(b % self.microbatches for b in sizes):
             raise SweepConfigError(f"every batch size must be a multiple of microbatches={self.microbatches}")
         # The checks of a single run (micro-batches, momentum, averaging), before any training.
@@ -187,10 +221,12 @@ class SweepConfig:
 
     @property
     def goals(self) -> list[Goal]:
-        """Loss goals (highest first), then error goals (highest first): easiest to hardest."""
-        return [Goal("train_loss", g) for g in self.loss_goals] + [
-            Goal("test_error", g) for g in self.error_goals
-        ]
+        """Loss goals, then error goals (highest first), then return goals (lowest first): easiest first."""
+        return (
+            [Goal("train_loss", g) for g in self.loss_goals]
+            + [Goal("test_error", g) for g in self.error_goals]
+            + [Goal("mean_return", g) for g in self.return_goals]
+        )
 
     def budget(self, batch_size: int) -> int:
         """Step budget of a run: ``ceil(max_examples / B)`` clipped to ``[min_steps, max_steps]``."""
@@ -220,6 +256,10 @@ class SweepConfig:
             method=self.method,
             seed=self.seed,
             momentum=self.momentum,
+            optimizer=self.optimizer,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            units_per_example=self.units_per_example,
             ema_decay=None,
             ema_examples=self.ema_examples,
             measure_every=budget + 1,  # estimates are read at the checks only (one host sync each)
@@ -326,6 +366,26 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "max_examples": 20_000,
         "min_steps": 50,
         "ema_examples": 500.0,
+    },
+    # A2C with Adam on CartPole-v1, batch sizes in observations (16-step rollouts of B/16
+    # environment copies), 3 seeds per run; a goal is the median over the seeds of the best mean
+    # return of 20 episodes. Pilot runs (3 seeds, the rule's learning rate): mean return 195 took
+    # 290, 132 and 65 updates at B = 64, 256 and 1,024 (B_crit about 300 observations), 475 took
+    # 1,251 and 621 updates at B = 64 and 256 and was not reached in 300,000 observations at 1,024.
+    "cartpole": {
+        "batch_sizes": _grid(32, 1024, 2),
+        "lr_max": 3e-3,
+        "lr_b_star": 1024.0,
+        "lr_alpha": 0.5,
+        "return_goals": [195.0, 475.0],
+        "optimizer": "adamw",
+        "units_per_example": 16,
+        "seeds": 3,
+        "max_steps": 6000,
+        "max_examples": 400_000,
+        "min_steps": 200,
+        "eval_growth": 1.05,
+        "ema_examples": 25_000.0,
     },
 }
 

@@ -11,6 +11,14 @@ the checks around the crossing, which bracket it). The meter of :mod:`noisescale
 step-weighted mean, over the steps up to it, of the meter's smoothed B_simple
 (:func:`noisescale.critical.goals.run_mean`; McCandlish et al. 2018, appendix D).
 
+An RL run (:func:`train_rl_run`) trains ``seeds`` agents in lockstep, one per seed. Its metric
+``mean_return`` at a check is the median over the seeds of each agent's best mean return so far
+(the mean of its last ``return_window`` training episodes, after any update; no evaluation
+episodes): each seed's best-so-far curve is monotone, so the median curve reaches a goal at the
+median of the seeds' steps to it, the usual "steps to a score, median over seeds" of RL, robust to
+A2C's collapses after a peak. Its B_simple at a check is the mean of the seeds' resolved values,
+in total and per group (policy, value). It stops when every goal is reached, or at its budget.
+
 Runs are deterministic given the seed (one torch thread each), so a resumed sweep ends with
 the same records as an uninterrupted one, whatever the number of parallel jobs.
 
@@ -22,8 +30,11 @@ References:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import dataclasses
 import math
 import multiprocessing
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -31,15 +42,16 @@ from typing import Any
 
 import torch
 
-from noisescale.critical.goals import GoalCrossing, crossing, run_mean
+from noisescale.critical.goals import HIGHER_IS_BETTER, GoalCrossing, crossing, meets, run_mean
 from noisescale.errors import SweepDataError
 from noisescale.experiments.evaluation import Probe
+from noisescale.experiments.rl import RL_TASK_NAMES, RLTask, RLTrainer, get_rl_task
 from noisescale.experiments.sweep.config import Goal, RunSpec, SweepConfig
 from noisescale.experiments.sweep.store import CurvePoint, GoalRecord, RunRecord, write_record
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import Trainer
 
-__all__ = ["execute_runs", "goal_crossing", "run_one", "train_run"]
+__all__ = ["execute_runs", "goal_crossing", "run_one", "train_rl_run", "train_run"]
 
 _DIVERGED = 3.0  # a training loss above this many times the initial one counts as diverged
 # A run is "stalled" when its loss is still above _STALL_LOSS times the initial one after
@@ -57,7 +69,8 @@ def goal_crossing(curve: Sequence[CurvePoint], goal: Goal, run: str = "") -> Goa
         SweepDataError: if the goal is met at step 0 (naming the run and the goal).
     """
     try:
-        return crossing([p.step for p in curve], [p.value(goal.metric) for p in curve], goal.level)
+        values = [p.value(goal.metric) for p in curve]
+        return crossing([p.step for p in curve], values, goal.level, above=goal.metric in HIGHER_IS_BETTER)
     except SweepDataError as exc:
         raise SweepDataError(f"run {run}: {goal.metric} {exc}") from None
 
@@ -115,10 +128,79 @@ def _check(trainer: Trainer, probe: Probe, step: int, goals: list[Goal], done: l
         point = point._replace(
             measured=True, b_simple=est.b_simple, grad_norm_sq=est.grad_norm_sq, trace_sigma=est.trace_sigma
         )
+    _mark(point, goals, done)
+    return point
+
+
+def _mark(point: CurvePoint, goals: list[Goal], done: list[bool]) -> None:
+    """Mark the goals a check (after step 0) reaches."""
     for i, g in enumerate(goals):
         value = point.value(g.metric)
-        done[i] = done[i] or (value is not None and step > 0 and value <= g.level)
-    return point
+        done[i] = done[i] or (value is not None and point.step > 0 and meets(g.metric, value, g.level))
+
+
+def train_rl_run(task: RLTask, config: SweepConfig, spec: RunSpec) -> RunRecord:
+    """One run of an RL sweep: ``config.seeds`` agents in lockstep until their mean return reaches the goals.
+
+    Args:
+        task: the RL task named by ``config.task``.
+        config: the sweep.
+        spec: batch size (observations) and learning-rate index of the run.
+
+    Returns:
+        The run's record, as :func:`train_run`'s ("goals" or "budget"); its curve holds the
+        median over the seeds of the best mean return so far, and the mean of the resolved
+        B_simple (total and per group).
+    """
+    start = time.perf_counter()
+    base = config.train_config(spec.batch_size, spec.lr(config))
+    goals, done = config.goals, [False] * len(config.goals)
+    curve: list[CurvePoint] = []
+    stopped, next_check = "budget", 0
+    with contextlib.ExitStack() as stack:
+        agents = [
+            stack.enter_context(RLTrainer(task, dataclasses.replace(base, seed=config.seed + i)))
+            for i in range(config.seeds)
+        ]
+        for step in range(base.steps + 1):
+            if step:
+                for agent in agents:
+                    agent.step()
+            if step < next_check and step < base.steps:
+                continue
+            next_check = max(step + 1, math.ceil(step * config.eval_growth))
+            curve.append(_rl_check(agents, step))
+            _mark(curve[-1], goals, done)
+            if all(done):
+                stopped = "goals"
+                break
+    return _record(config, spec, task.unit, base.steps, curve, stopped, time.perf_counter() - start)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _rl_check(agents: Sequence[RLTrainer], step: int) -> CurvePoint:
+    """The median of the seeds' best mean return (None until every seed has one) and their meters."""
+    best = [a.best_return for a in agents if a.best_return is not None]
+    median = statistics.median(best) if len(best) == len(agents) else None
+    point = CurvePoint(step, None, None, mean_return=median)
+    if not step:
+        return point
+    ests = [a.meter.compute() for a in agents if a.meter is not None]
+    if not ests:
+        return point
+    groups = {name: _mean([e.groups[name].b_simple for e in ests]) for name in ests[0].groups}
+    return point._replace(
+        measured=True,
+        b_simple=_mean([e.b_simple for e in ests]),
+        grad_norm_sq=statistics.fmean(e.grad_norm_sq for e in ests),
+        trace_sigma=statistics.fmean(e.trace_sigma for e in ests),
+        groups=groups,
+    )
 
 
 def _hopeless(loss: float | None, initial: float | None, *, late: bool) -> str | None:
@@ -208,9 +290,9 @@ def _safe_crossing(curve: Sequence[CurvePoint], goal: Goal, name: str) -> GoalCr
 
 
 @lru_cache(maxsize=2)
-def _cached_task(name: str) -> Task:
+def _cached_task(name: str) -> Task | RLTask:
     """The task, loaded once per process (a worker trains many runs of it)."""
-    return get_task(name)
+    return get_rl_task(name) if name in RL_TASK_NAMES else get_task(name)
 
 
 def run_one(config_values: dict[str, Any], spec: tuple[int, int], out: str) -> RunRecord:
@@ -232,7 +314,10 @@ def run_one(config_values: dict[str, Any], spec: tuple[int, int], out: str) -> R
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        record = train_run(_cached_task(config.task), config, run)
+        task = _cached_task(config.task)
+        record = (
+            train_rl_run(task, config, run) if isinstance(task, RLTask) else train_run(task, config, run)
+        )
     finally:
         torch.set_num_threads(threads)
     write_record(out, config, record)

@@ -44,13 +44,15 @@ class CurvePoint(NamedTuple):
     b_simple: float | None = None  # the meter's smoothed B_simple, in the task's unit; None: not resolved
     grad_norm_sq: float | None = None  # smoothed |G|^2
     trace_sigma: float | None = None  # smoothed tr(Sigma)
+    mean_return: float | None = None  # RL: best mean return so far, median over the seeds; None: none yet
+    groups: dict[str, float | None] | None = None  # RL: the smoothed B_simple of each group (policy, value)
 
     def value(self, metric: str) -> float | None:
-        """The value of ``metric`` (``"train_loss"`` or ``"test_error"``) at this check."""
-        return self.train_loss if metric == "train_loss" else self.test_error
+        """The value of ``metric`` (one of :data:`~noisescale.experiments.sweep.config.METRICS`) here."""
+        return {"train_loss": self.train_loss, "mean_return": self.mean_return}.get(metric, self.test_error)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"step", "train_loss", "test_error"}`` plus the meter's three values when measured."""
+        """``{"step", "train_loss", "test_error"}``, the meter's values when measured, RL's where there."""
         out: dict[str, Any] = {
             "step": self.step,
             "train_loss": self.train_loss,
@@ -58,6 +60,8 @@ class CurvePoint(NamedTuple):
         }
         if self.measured:
             out.update(b_simple=self.b_simple, grad_norm_sq=self.grad_norm_sq, trace_sigma=self.trace_sigma)
+        rl = {"mean_return": self.mean_return, "groups": self.groups}
+        out.update({k: v for k, v in rl.items() if v is not None})
         return out
 
     @classmethod
@@ -71,6 +75,8 @@ class CurvePoint(NamedTuple):
             d.get("b_simple"),
             d.get("grad_norm_sq"),
             d.get("trace_sigma"),
+            mean_return=d.get("mean_return"),
+            groups=d.get("groups"),
         )
 
 
@@ -182,6 +188,9 @@ def prepare_sweep_dir(out: str | Path, config: SweepConfig) -> bool:
         raise SweepConfigError(f"{path}: cannot read the saved sweep configuration ({exc})") from exc
     saved.pop("noisescale_version", None)
     mine = json.loads(json.dumps(config.to_dict()))
+    # Settings added since a sweep was started hold their defaults there (its runs used them).
+    defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig) if f.name not in saved}
+    saved |= json.loads(json.dumps({k: v for k, v in defaults.items() if v is not dataclasses.MISSING}))
     diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
     if diff:
         shown = "; ".join(f"{k}: saved {saved.get(k)!r}, asked {mine.get(k)!r}" for k in diff[:6])
