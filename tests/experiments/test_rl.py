@@ -213,3 +213,25 @@ def test_mean_return_is_over_the_last_episodes() -> None:
         assert record.mean_return == pytest.approx(sum(trainer.returns) / TASK.return_window)
         assert trainer.best_return is not None and trainer.best_return >= record.mean_return
         assert math.isfinite(record.loss)
+
+
+def test_the_observation_view_differs_by_the_correlation_exactly() -> None:
+    # On one batch both per-example views subtract their tr Sigma / B from the same |g_bar|^2, so
+    # |G|^2_obs - |G|^2_rollout = (tr Sigma_eff - tr Sigma_obs) / B: an identity, not a statistic.
+    config = small(batch_size=128, ema_decay=1.0, steps=1)
+    views = {}
+    for example in ("rollout", "observation"):
+        trainer, _, _ = _one_update(config, example)
+        views[example] = trainer.meter.compute()
+        trainer.close()
+    for group in ("policy", "value"):
+        r, o = views["rollout"].groups[group], views["observation"].groups[group]
+        scale = max(abs(r.grad_norm_sq), r.trace_sigma / 128)
+        want = (r.trace_sigma - o.trace_sigma) / 128
+        assert o.grad_norm_sq - r.grad_norm_sq == pytest.approx(want, abs=1e-5 * scale)
+
+
+def test_the_correlation_benchmark_runs() -> None:
+    from tests.test_benchmarks_smoke import run_script
+
+    run_script("rl_correlation.py", "--updates", "3", "--trained", "2", "--batch-size", "64")

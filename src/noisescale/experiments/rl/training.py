@@ -19,11 +19,13 @@ of one copy are not (the same episode, a step apart). The k-way estimator over g
 (``microbatch``) and the per-example estimator over copies (``per_example``: the model sees
 ``[E, T, obs]``, so each copy's rollout is one row, carrying ``T`` observations) are unbiased for
 the noise of a batch of ``B`` observations drawn as ``B / T`` rollouts. ``example="observation"``
-instead flattens the batch to ``[E T, obs]`` and treats each observation as an example: with
-positively correlated observations this overstates |G|^2 by about ``(tr Sigma_eff - tr Sigma_obs)
-/ (B - 1)`` and understates tr(Sigma) (``Sigma_obs`` the covariance of one observation's
-gradient, ``tr Sigma_eff = T tr Cov(rollout mean)`` the noise that actually averages out), so
-B_simple comes out too low; it exists to measure that bias.
+instead flattens the batch to ``[E T, obs]`` and treats each observation as an example: it
+estimates ``tr Sigma_obs`` (the covariance of one observation's gradient) instead of
+``tr Sigma_eff = T tr Cov(rollout mean)`` (the noise that actually averages out), and on the same
+batch its |G|^2 exceeds the rollout view's by exactly ``(tr Sigma_eff - tr Sigma_obs) / B``. With
+observations positively correlated within an episode B_simple comes out too low (measured on
+CartPole: about 5x for the value network, ``benchmarks/rl_correlation.py``); the view exists to
+measure that bias.
 
 Runs are deterministic given ``seed`` and the number of torch threads: the weights
 (``make_model(seed)``), each copy's resets (:func:`~noisescale.experiments.rl.env.env_seeds`)
