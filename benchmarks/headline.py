@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pandas as pd
 from matplotlib.figure import Figure
 
 from noisescale._format import format_batch
@@ -86,7 +87,7 @@ class TaskSweep(NamedTuple):
     goals: list[GoalPoint]
     runs: int
     run_seconds: float  # sum of the runs' wall times (one thread each)
-    policy_b_simple: float | None  # cartpole: median over the runs of the policy's run-averaged B_simple
+    policy_b_simple: dict[float, float]  # RL: per goal level, the policy group's B_simple as fit.json's
 
 
 def load_sweep_dir(path: Path) -> TaskSweep:
@@ -112,14 +113,28 @@ def load_sweep_dir(path: Path) -> TaskSweep:
         )
     fit = json.loads((path / "fit.json").read_text(encoding="utf-8"))
     goals = [_goal_point(config.task, fit["unit"], g) for g in fit["goals"]]
-    policy = None
-    if config.task in RL_TASK_NAMES:  # the policy group's run average over each whole run
-        policy_of = [(r, [(p.groups or {}).get("policy") for p in r.curve]) for r in records.values()]
-        means = [run_mean([p.step for p in r.curve], values, r.steps_run) for r, values in policy_of]
-        known = [m for m in means if m is not None]
-        policy = statistics.median(known) if known else None
+    policy = _policy_b_simple(path, records) if config.task in RL_TASK_NAMES else {}
     seconds = sum(r.wall_time_s for r in records.values())
     return TaskSweep(config.task, path, goals, len(records), seconds, policy)
+
+
+def _policy_b_simple(path: Path, records: dict[Any, Any]) -> dict[float, float]:
+    """Per goal, the median over the batch sizes of the policy group's run-averaged B_simple.
+
+    The same runs and steps as the total's in ``fit.json``: for each row of ``results.csv`` that
+    reached its goal, the step-weighted mean of the policy's resolved values up to the crossing.
+    """
+    by_name = {r.name: r for r in records.values()}
+    per_goal: dict[float, list[float]] = {}
+    for row in pd.read_csv(path / "results.csv").itertuples():
+        run = by_name.get(str(row.run))
+        if not row.reached or run is None:
+            continue
+        values = [(p.groups or {}).get("policy") for p in run.curve]
+        mean = run_mean([p.step for p in run.curve], values, float(row.steps))
+        if mean is not None:
+            per_goal.setdefault(float(row.goal), []).append(mean)
+    return {goal: statistics.median(v) for goal, v in per_goal.items()}
 
 
 def _goal_point(task: str, unit: str, g: dict[str, Any]) -> GoalPoint:
@@ -172,11 +187,13 @@ def markdown_table(sweeps: dict[str, TaskSweep]) -> str:
             continue
         low, high = g.b_simple_range or (None, None)
         b_simple = _num(g.b_simple) + ("" if low is None else f" [{_num(low)}, {_num(high)}]")
-        if sweep.policy_b_simple is not None:
-            b_simple += f"; policy {_num(sweep.policy_b_simple)}"
+        if g.goal in sweep.policy_b_simple:
+            b_simple += f"; policy group {_num(sweep.policy_b_simple[g.goal])}"
         if g.b_crit is not None:
             b_crit = f"{_num(g.b_crit)} [{_num(g.b_crit_ci[0])}, {_num(g.b_crit_ci[1])}]"
             ratio = "–" if g.b_simple is None else f"{g.b_simple / g.b_crit:.2g}"
+            if g.goal in sweep.policy_b_simple:
+                ratio += f"; policy {sweep.policy_b_simple[g.goal] / g.b_crit:.2g}"
         else:
             b_crit = g.bound or ("not constrained by the grid" if g.fitted else "no fit: too few batch sizes")
             ratio = "–"
@@ -213,11 +230,17 @@ def plot(sweeps: dict[str, TaskSweep], path: Path) -> None:
             xerr = [[g.b_simple - g.b_simple_range[0]], [g.b_simple_range[1] - g.b_simple]]
             yerr = None if g.b_crit is None or lo is None or hi is None else [[y - lo], [hi - y]]
             label = f"{task} ({g.unit})" if j == 0 else None
+            bound = g.b_crit is None
+            limits = {"lolims": bound and lo is not None, "uplims": bound and hi is not None}
             ax.errorbar(
                 g.b_simple, y, xerr=xerr, yerr=yerr, fmt="o", color=color, markersize=6, capsize=2,
-                label=label, lolims=g.b_crit is None and lo is not None,
-                uplims=g.b_crit is None and hi is not None,
+                label=label, **limits,
             )  # fmt: skip
+            if g.goal in sweep.policy_b_simple:  # RL: the policy group alone, hollow
+                label = f"{task}, policy group" if j == 0 else None
+                x = sweep.policy_b_simple[g.goal]
+                style = {"fmt": "o", "mfc": "none", "color": color, "markersize": 7}
+                ax.errorbar(x, y, yerr=yerr, label=label, **style, **limits)
     lims = [0.5, 1e8]
     ax.plot(lims, lims, "k--", linewidth=1, label="B_crit = B_simple")
     ax.set_xscale("log")

@@ -52,6 +52,9 @@ def test_measure_cartpole_resolves_b_simple_with_its_defaults(tmp_path: Path) ->
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resolved"] and summary["b_simple"] > 0 and summary["b_simple_run_mean"] > 0
     assert summary["groups"]["value"]["resolved"]
+    means = summary["group_run_means"]
+    assert set(means) == {"policy", "value"} and means["value"]["resolved_steps"] > 0
+    assert "B_simple, policy, run mean" in stdout
     assert summary["mean_return"] >= 475  # the agent learns CartPole
     assert "observations  [" in stdout
 

@@ -234,6 +234,9 @@ def _table(summary: dict[str, Any]) -> Table:
     if "mean_return" in summary:  # an RL task: its groups (policy, value) and its returns
         for name, g in summary["groups"].items():
             rows.append((f"B_simple, {name}", _interval(g["b_simple"], g["b_simple_ci"], unit, summary)))
+            mean = summary["group_run_means"][name]
+            text = "not resolved" if mean["b_simple"] is None else f"{_fmt(mean['b_simple'])} {unit}"
+            rows.append((f"B_simple, {name}, run mean", f"{text} ({mean['resolved_steps']} steps)"))
         window = f"mean return (last {summary['return_window']} episodes)"
         rows += [(window, _fmt(summary["mean_return"])), ("episodes", str(summary["episodes"]))]
     else:

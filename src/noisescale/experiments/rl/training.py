@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from noisescale.critical.goals import run_mean
 from noisescale.experiments.optim import make_optimizer
 from noisescale.experiments.rl.agent import a2c_loss
 from noisescale.experiments.rl.env import VectorEnvs
@@ -240,13 +241,23 @@ def rl_results(task: RLTask, result: TrainResult) -> dict[str, Any]:
 
     Returns:
         ``mean_return`` (of the last ``return_window`` episodes), ``return_window``,
-        ``episodes``, the rollout length ``T`` and number of copies, and the A2C settings.
+        ``episodes``, ``group_run_means`` (per group, the run mean of its resolved smoothed B_simple
+        and the number of steps it was resolved, as ``b_simple_run_mean`` for the total), the
+        rollout length ``T`` and number of copies, and the A2C settings.
     """
     last = result.records[-1] if result.records else None
+    measured = [(r.step, r.estimate) for r in result.records if r.estimate is not None]
+    steps = [step for step, _ in measured]
+    means = {}
+    for name in measured[-1][1].groups if measured else ():
+        values = [e.groups[name].b_simple for _, e in measured]
+        mean = run_mean(steps, values, upto=steps[-1])
+        means[name] = {"b_simple": mean, "resolved_steps": sum(v is not None for v in values)}
     return {
         "mean_return": last.mean_return if isinstance(last, RLStepRecord) else None,
         "return_window": task.return_window,
         "episodes": last.episodes if isinstance(last, RLStepRecord) else 0,
+        "group_run_means": means,
         "env": task.env_id,
         "rollout": task.rollout,
         "envs": result.config.batch_size // task.rollout,

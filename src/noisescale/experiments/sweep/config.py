@@ -373,7 +373,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     # 290, 132 and 65 updates at B = 64, 256 and 1,024 (B_crit about 300 observations), 475 took
     # 1,251 and 621 updates at B = 64 and 256 and was not reached in 300,000 observations at 1,024.
     "cartpole": {
-        "batch_sizes": _grid(32, 1024, 2),
+        "batch_sizes": _grid(32, 2048, 2),
         "lr_max": 3e-3,
         "lr_b_star": 1024.0,
         "lr_alpha": 0.5,
