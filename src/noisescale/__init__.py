@@ -5,8 +5,10 @@ References:
     Large-Batch Training, arXiv:1812.06162.
 """
 
+from noisescale.b_noise import BNoiseEstimate, estimate_b_noise
 from noisescale.errors import (
     DatasetNotFoundError,
+    DoubleBackwardError,
     NoiseScaleError,
     ParameterGroupError,
     SingleMicrobatchError,
@@ -26,7 +28,9 @@ from noisescale.io import package_version
 from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
 
 __all__ = [
+    "BNoiseEstimate",
     "DatasetNotFoundError",
+    "DoubleBackwardError",
     "GradientNoiseScale",
     "GroupEstimate",
     "NoiseScaleError",
@@ -39,6 +43,7 @@ __all__ = [
     "UnsupportedLayerError",
     "UnsupportedTorchError",
     "effective_batch_size",
+    "estimate_b_noise",
     "microbatch_stats",
     "per_example_stats",
     "two_batch_stats",

@@ -68,9 +68,14 @@ def format_interval(low: float, high: float) -> str:
 
 
 def describe_b_simple(
-    b_simple: float | None, ci: tuple[float, float] | None, unit: str, confidence: float = 0.95
+    b_simple: float | None,
+    ci: tuple[float, float] | None,
+    unit: str,
+    confidence: float = 0.95,
+    *,
+    name: str = "B_simple",
 ) -> str:
-    """One line for people: B_simple rounded, in its unit, with its interval, or "not resolved".
+    """One line for people: B_simple (or ``name``) rounded, in its unit, with its interval, or "not resolved".
 
     Examples:
         >>> describe_b_simple(307.32104327359593, (250.4, 390.2), "images")
@@ -79,9 +84,9 @@ def describe_b_simple(
         ('B_simple = 1,431 tokens [14.8, 2,109] (95%)', 'B_simple not resolved')
     """
     if b_simple is None or ci is None:
-        return "B_simple not resolved"
+        return f"{name} not resolved"
 
     def n(x: float) -> str:
         return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
-    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] ({confidence:.0%})"
+    return f"{name} = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] ({confidence:.0%})"
