@@ -24,6 +24,7 @@ from noisescale.estimators import (
     per_example_stats,
     two_batch_stats,
 )
+from noisescale.flops import flops_per_example
 from noisescale.io import package_version
 from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
 
@@ -44,6 +45,7 @@ __all__ = [
     "UnsupportedTorchError",
     "effective_batch_size",
     "estimate_b_noise",
+    "flops_per_example",
     "microbatch_stats",
     "per_example_stats",
     "two_batch_stats",

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-__all__ = ["describe_b_simple", "format_batch", "format_interval", "short_number"]
+__all__ = ["describe_b_simple", "format_batch", "format_duration", "format_interval", "short_number"]
 
 Rounding = Literal["nearest", "down", "up"]
 _ROUNDING: dict[str, Callable[[float], int]] = {"nearest": round, "down": math.floor, "up": math.ceil}
@@ -55,6 +55,19 @@ def short_number(value: float) -> str:
         if abs(value) >= scale * 0.9995:
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.3g}"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: seconds, minutes, hours or days with :func:`short_number`.
+
+    Examples:
+        >>> format_duration(42.0), format_duration(5400.0), format_duration(3 * 86400.0)
+        ('42 s', '1.5 h', '3 d')
+    """
+    for scale, unit in ((86_400.0, "d"), (3_600.0, "h"), (60.0, "min")):
+        if seconds >= scale:
+            return f"{short_number(seconds / scale)} {unit}"
+    return f"{short_number(seconds)} s"
 
 
 def format_interval(low: float, high: float) -> str:
