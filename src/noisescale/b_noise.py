@@ -173,22 +173,26 @@ def hvp_products(
     if not params:
         raise ValueError("the model has no parameter that requires grad: nothing to probe")
     parts = list(zip(inputs.tensor_split(microbatches), targets.tensor_split(microbatches), strict=True))
-    grads: list[torch.Tensor] = []  # [P] each, detached
-    products: list[torch.Tensor | None] = [None] * microbatches
+    grads: list[list[torch.Tensor]] = []  # per micro-batch, per parameter; detached
+    products: list[list[torch.Tensor]] = [[]] * microbatches
     first: Sequence[torch.Tensor] = ()
     for i, (x, y) in enumerate(parts):
         live = _mean_loss_grad(loss_fn(model(x), y), params)  # keeps micro-batch i's graph
-        grads.append(torch.cat([g.detach().reshape(-1) for g in live]))
+        grads.append([g.detach() for g in live])
         if i == 0:
             _refuse_once_differentiable(live)
             first = live  # its Hessian multiplies the LAST gradient, at the end
         else:
-            products[i - 1] = _hvp(live, grads[i - 1], params, retain=False)  # u_{i-1} = H_i g_{i-1}
-    products[-1] = _hvp(first, grads[-1], params, retain=False)  # u_{k-1} = H_0 g_{k-1}
-    g = torch.stack(grads).double()  # [k, P]
-    u = torch.stack([p for p in products if p is not None]).double()  # [k, P]
+            products[i - 1] = _hvp(live, grads[i - 1], params)  # u_{i-1} = H_i g_{i-1}
+    products[-1] = _hvp(first, grads[-1], params)  # u_{k-1} = H_0 g_{k-1}
+    gram = torch.zeros(microbatches, microbatches, dtype=torch.float64, device=params[0].device)
+    cross = torch.zeros_like(gram)
+    for j in range(len(params)):  # in the parameters' dtype, summed in float64 (no [k, P] copy)
+        g = torch.stack([gi[j].reshape(-1) for gi in grads])  # [k, n_j]
+        gram += (g @ g.T).double()
+        cross += torch.stack([g @ ui[j].reshape(-1) for ui in products], 1).double()  # [j, i]: g_j . u_i
     sizes = torch.tensor([len(y) for _, y in parts], dtype=torch.float64)
-    return (g @ g.T).cpu(), (g @ u.T).cpu(), sizes
+    return gram.cpu(), cross.cpu(), sizes
 
 
 def _mean_loss_grad(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -234,24 +238,22 @@ def _refuse_once_differentiable(grads: Sequence[torch.Tensor]) -> None:
 
 
 def _hvp(
-    grads: Sequence[torch.Tensor], vector: torch.Tensor, params: Sequence[torch.Tensor], *, retain: bool
-) -> torch.Tensor:
-    """``H v`` flattened, ``H`` the Hessian whose gradient graph is ``grads``, ``v`` flat ``[P]``."""
-    pieces = vector.split([p.numel() for p in params])
-    pairs = [(g, v.view_as(g)) for g, v in zip(grads, pieces, strict=True) if g.requires_grad]
+    grads: Sequence[torch.Tensor], vector: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``H v`` per parameter, ``H`` the Hessian whose gradient graph is ``grads`` (freed after)."""
+    pairs = [(g, v) for g, v in zip(grads, vector, strict=True) if g.requires_grad]
     try:
         hv = torch.autograd.grad(
-            [g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs], retain_graph=retain,
-            allow_unused=True,
-        )  # fmt: skip
+            [g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs], allow_unused=True
+        )
     except RuntimeError as exc:
         raise DoubleBackwardError(
             "B_noise needs Hessian-vector products (a second backward through the model and the loss), "
             f"and torch could not take one: {exc}. Replace the operation without a double backward (a fused "
-            "or custom autograd kernel; for attention, the math SDPA backend) or probe a model without it."
+            "or custom autograd kernel; for attention, run the probe inside torch.nn.attention.sdpa_kernel("
+            "SDPBackend.MATH)) or probe a model without it."
         ) from exc
-    flat = [(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, params, strict=True)]
-    return torch.cat(flat)
+    return [torch.zeros_like(p) if h is None else h for h, p in zip(hv, params, strict=True)]
 
 
 def hessian_weighted_stats(gram: torch.Tensor, cross: torch.Tensor, sizes: torch.Tensor) -> NoiseStats:
