@@ -215,7 +215,7 @@ def _notes(lr: tuple[float, float] | None, columns: dict[str, Any], unit: str) -
         )
     if columns.get("flops_per_example") is not None:
         notes.append(
-            f"compute = {columns['flops_per_example']:.3g} FLOPs per example x {unit}; 1 PF-day = "
+            f"compute = {columns['flops_per_example']:.3g} FLOPs x {unit}; 1 PF-day = "
             f"{PF_DAY:.3g} FLOPs; C/C_min = 1 + B/B_crit (Kaplan et al. 2020, eq. 5.5)"
         )
     if columns.get("throughput") is not None:
