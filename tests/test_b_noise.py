@@ -148,6 +148,20 @@ def test_estimate_b_noise_on_linreg_task_is_the_closed_form_computation() -> Non
     assert est.to_dict()["b_noise_ci"] == list(est.b_noise_ci)
 
 
+def test_units_per_example_scales_batch_sizes_not_step_sizes() -> None:
+    """Windows of T tokens with a loss averaged over the tokens: B in tokens is T times B in windows."""
+    task = get_task("linreg")
+    model = task.make_model(0).double()
+    data = _linreg_batches(40, 32, seed=2)
+    windows = estimate_b_noise(model, task.loss_fn, data)
+    tokens = estimate_b_noise(model, task.loss_fn, data, units_per_example=64)
+    assert tokens.b_noise == pytest.approx(64 * windows.b_noise, rel=1e-12)
+    assert tokens.b_simple == pytest.approx(64 * windows.b_simple, rel=1e-12)
+    assert tokens.eps_max == pytest.approx(windows.eps_max, rel=1e-12) and tokens.examples == 64 * 1280
+    with pytest.raises(ValueError, match="`units_per_example` to be an integer >= 1 but got 0"):
+        estimate_b_noise(model, task.loss_fn, data, units_per_example=0)
+
+
 def test_negative_curvature_is_not_resolved_and_says_why() -> None:
     """The negated oracle loss is concave: G^T H G < 0, no optimal step, no B_noise, no eps_max."""
     task = get_task("linreg")

@@ -26,7 +26,7 @@ from noisescale.estimators import (
 )
 from noisescale.flops import flops_per_example
 from noisescale.io import package_version
-from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
+from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate, layernorm_groups
 
 __all__ = [
     "BNoiseEstimate",
@@ -46,6 +46,7 @@ __all__ = [
     "effective_batch_size",
     "estimate_b_noise",
     "flops_per_example",
+    "layernorm_groups",
     "microbatch_stats",
     "per_example_stats",
     "two_batch_stats",

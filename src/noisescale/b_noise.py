@@ -105,7 +105,7 @@ class BNoiseEstimate(NamedTuple):
         reason: why B_noise is not resolved, or None.
         batches: batches averaged (non-finite ones excluded).
         skipped_batches: batches with non-finite gradients or products, never averaged in.
-        examples: examples in all the batches.
+        examples: examples in all the batches (in units: tokens with ``units_per_example``).
         microbatches: k, micro-batches per batch.
         confidence: level of the intervals.
     """
@@ -315,6 +315,7 @@ def estimate_b_noise(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     microbatches: int = 4,
+    units_per_example: int = 1,
     confidence: float = 0.95,
 ) -> BNoiseEstimate:
     """B_noise, B_simple and eps_max of a model at its current parameters, from Hessian-vector products.
@@ -331,6 +332,9 @@ def estimate_b_noise(
         batches: yields ``(inputs [B, *F], targets [B, *T])``; 30 or more batches for an interval
             worth reading, at least 2 for any.
         microbatches: k >= 3 micro-batches per batch (each batch needs at least k examples).
+        units_per_example: units each example (row of dim 0) carries when batch sizes count them,
+            e.g. the ``T`` tokens of a language-model window whose loss is the mean over its
+            tokens: B_noise and B_simple are then in tokens (``T`` times their value in windows).
         confidence: level of the intervals, in (0, 1).
 
     Returns:
@@ -362,13 +366,15 @@ def estimate_b_noise(
         )
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"Expected `confidence` in (0, 1) but got {confidence}")
+    if isinstance(units_per_example, bool) or not isinstance(units_per_example, int) or units_per_example < 1:
+        raise ValueError(f"Expected `units_per_example` to be an integer >= 1 but got {units_per_example!r}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows, examples = [], 0
     for index, batch in enumerate(batches):
         x, y = _check_batch(batch, index, microbatches)
         gram, cross, sizes = hvp_products(model, loss_fn, x.to(device), y.to(device), microbatches)
-        rows.append(ratio_rows(hessian_weighted_stats(gram, cross, sizes)))
-        examples += len(y)
+        rows.append(ratio_rows(hessian_weighted_stats(gram, cross, sizes * units_per_example)))
+        examples += len(y) * units_per_example
     if not rows:
         raise ValueError("`batches` yielded no batch: pass an iterable of (inputs, targets) pairs")
     state, finite = ema_fold(ema_init(len(RATIOS)), torch.stack(rows), [1.0] * len(rows))

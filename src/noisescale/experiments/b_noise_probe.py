@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from noisescale.b_noise import BNoiseEstimate, estimate_b_noise
 from noisescale.experiments.tasks import Task
@@ -35,7 +36,7 @@ class BNoiseProbe:
 
     Args:
         task: the run's task (the probe draws its batches from it).
-        batch_size: examples per probe batch (the run's batch size), in the task's unit.
+        batch_size: units per probe batch (the run's batch size), in the task's unit.
         microbatches: k >= 3 micro-batches per probe batch.
         batches: batches per probe (30 or more for an interval worth reading).
         every: steps between probes.
@@ -57,10 +58,11 @@ class BNoiseProbe:
         for name, value in (("--b-noise-batches", self.batches), ("--b-noise-every", self.every)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.batch_size < self.microbatches:
+        per = self.task.units_per_example
+        if self.batch_size // per < self.microbatches:
             raise ValueError(
                 f"--b-noise splits each batch into {self.microbatches} micro-batches: the batch size "
-                f"{self.batch_size} is too small (use --batch-size {self.microbatches} or more)"
+                f"{self.batch_size} is too small (use --batch-size {self.microbatches * per} or more)"
             )
         self._generator = torch.Generator().manual_seed(self.seed + _SEED_OFFSET)
 
@@ -71,9 +73,14 @@ class BNoiseProbe:
         return False
 
     def probe(self, model: nn.Module) -> BNoiseEstimate:
-        """B_noise of ``model`` at its current weights over ``batches`` fresh batches."""
-        data = (self.task.sample_batch(self.batch_size, self._generator) for _ in range(self.batches))
-        return estimate_b_noise(model, self.task.loss_fn, data, microbatches=self.microbatches)
+        """B_noise of ``model`` at its current weights over ``batches`` fresh batches (in the task's unit)."""
+        rows = self.batch_size // self.task.units_per_example  # examples (windows of T tokens)
+        data = (self.task.sample_batch(rows, self._generator) for _ in range(self.batches))
+        with sdpa_kernel(SDPBackend.MATH):  # torch's fused attention kernels have no double backward
+            return estimate_b_noise(
+                model, self.task.loss_fn, data, microbatches=self.microbatches,
+                units_per_example=self.task.units_per_example,
+            )  # fmt: skip
 
     def final(self) -> BNoiseEstimate | None:
         """The estimate at the last step probed, or None before any probe."""
