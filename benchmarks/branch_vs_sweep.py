@@ -123,7 +123,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| spent ({unit}) | examples | share of the sweep's | CPU s |")
     lines.append("|---|---|---|---|")
     runs = f"sweep ({sweep['runs']} runs)"
-    lines.append(f"| {runs} | {sweep['examples']:,} | 100% | ({sweep['wall_time_s']:.0f} s wall, runs summed) |")
+    wall = f"({sweep['wall_time_s']:.0f} s wall, runs summed)"
+    lines.append(f"| {runs} | {sweep['examples']:,} | 100% | {wall} |")
     for r in rules:
         spent, cpu = result["branched"][r]["examples_spent"], result["branched"][r]["cpu_time_s"]
         share = spent["total"] / sweep["examples"]
