@@ -5,6 +5,7 @@ References:
     Large-Batch Training, arXiv:1812.06162.
 """
 
+from noisescale.control import AdamRule, BatchSizeController, SGDRule
 from noisescale.errors import (
     DatasetNotFoundError,
     NoiseScaleError,
@@ -26,6 +27,8 @@ from noisescale.io import package_version
 from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
 
 __all__ = [
+    "AdamRule",
+    "BatchSizeController",
     "DatasetNotFoundError",
     "GradientNoiseScale",
     "GroupEstimate",
@@ -33,6 +36,7 @@ __all__ = [
     "NoiseScaleEstimate",
     "NoiseStats",
     "ParameterGroupError",
+    "SGDRule",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",

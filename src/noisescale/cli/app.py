@@ -7,6 +7,7 @@ import typer
 from noisescale.cli.fit import fit
 from noisescale.cli.measure import measure
 from noisescale.cli.predict import predict
+from noisescale.cli.schedule import schedule
 from noisescale.cli.sweep import sweep
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app.command()(measure)
 app.command()(fit)
 app.command()(predict)
 app.command()(sweep)
+app.command()(schedule)
 
 
 def main() -> None:
