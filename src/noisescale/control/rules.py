@@ -182,14 +182,24 @@ def apply_rule(
 
     Returns:
         The learning rate's factor.
+
+    Raises:
+        ValueError: if the rule refuses the change (:class:`AdamRule`: a beta would fall below 0);
+            then nothing is changed.
     """
     kappa = new / old
     factor = rule.lr_factor(old, new, b_simple)
-    for group in param_groups:
-        group["lr"] = group["lr"] * factor
-        if "initial_lr" in group:
-            group["initial_lr"] = group["initial_lr"] * factor
-        rule.adjust(group, kappa, factor)
+    groups = list(param_groups)
+    updated = []
+    for group in groups:  # every new value first, so that a refused one changes nothing
+        values = {key: value for key, value in group.items() if key != "params"}
+        values["lr"] = values["lr"] * factor
+        if "initial_lr" in values:
+            values["initial_lr"] = values["initial_lr"] * factor
+        rule.adjust(values, kappa, factor)
+        updated.append(values)
+    for group, values in zip(groups, updated, strict=True):
+        group.update(values)
     for scheduler in schedulers:
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
     return factor
