@@ -11,7 +11,7 @@
 
 from noisescale.control.controller import BatchChange, BatchSizeController
 from noisescale.control.policy import BatchSizePolicy, ControllerState, decide, next_batch_size
-from noisescale.control.rules import AdamRule, OptimizerRule, SGDRule, apply_rule
+from noisescale.control.rules import AdamRule, OptimizerRule, SGDRule, apply_rule, check_rule
 from noisescale.control.schedules import WarmupCosine, WarmupStableDecay, key_by_examples
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "WarmupCosine",
     "WarmupStableDecay",
     "apply_rule",
+    "check_rule",
     "decide",
     "key_by_examples",
     "next_batch_size",

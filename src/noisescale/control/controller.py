@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from noisescale.control.policy import BatchSizePolicy, ControllerState, decide
-from noisescale.control.rules import AdamRule, OptimizerRule, apply_rule
+from noisescale.control.rules import OptimizerRule, apply_rule, check_rule
 from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate
 from noisescale.meter.steps import check_count
 
@@ -129,9 +129,8 @@ class BatchSizeController:
         check_count("check_every", check_every, "optimizer steps")
         if (optimizer is None) != (rule is None):
             raise ValueError("give both `optimizer` and `rule` (SGDRule() or AdamRule()) or neither")
-        if isinstance(rule, AdamRule) and optimizer is not None:
-            top = self.policy.max_batch_size
-            rule.check(optimizer, float("inf") if top is None else top / batch_size)
+        if optimizer is not None and rule is not None:
+            check_rule(rule, optimizer, batch_size=batch_size, max_batch_size=max_batch_size)
         self.meter = meter
         self.check_every = int(check_every)
         self.optimizer = optimizer

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["AdamRule", "OptimizerRule", "SGDRule", "apply_rule"]
+__all__ = ["AdamRule", "OptimizerRule", "SGDRule", "apply_rule", "check_rule"]
 
 
 class OptimizerRule(Protocol):
@@ -203,3 +203,21 @@ def apply_rule(
     for scheduler in schedulers:
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
     return factor
+
+
+def check_rule(
+    rule: OptimizerRule, optimizer: torch.optim.Optimizer, *, batch_size: int, max_batch_size: int | None
+) -> None:
+    """Refuse, before training, a rule the policy's largest batch would break (:meth:`AdamRule.check`).
+
+    Args:
+        rule: the rule to apply at each change.
+        optimizer: at the initial batch.
+        batch_size: the initial batch, examples.
+        max_batch_size: the largest, or None (unbounded).
+
+    Raises:
+        ValueError: from :meth:`AdamRule.check`.
+    """
+    if isinstance(rule, AdamRule):
+        rule.check(optimizer, math.inf if max_batch_size is None else max_batch_size / batch_size)
