@@ -107,7 +107,7 @@ class BatchSizeCallback(Callback):
         if self._saved is not None:
             self.controller.load_state_dict(self._saved["controller"])
             pending = self._saved["pending"]
-            self._pending = None if pending is None else tuple(pending)  # type: ignore[assignment]
+            self._pending = None if pending is None else (int(pending[0]), int(pending[1]), float(pending[2]))
             self._saved = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
