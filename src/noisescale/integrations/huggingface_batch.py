@@ -42,9 +42,9 @@ from __future__ import annotations
 from typing import Any
 
 from noisescale.control.controller import BatchSizeController
-from noisescale.control.rules import OptimizerRule, apply_rule, check_rule
+from noisescale.control.rules import OptimizerRule, check_rule
 from noisescale.control.schedules import key_by_examples
-from noisescale.integrations import require
+from noisescale.integrations import BatchCallback, require
 from noisescale.integrations.huggingface import NoiseScaleCallback
 
 require("transformers", "hf")  # the install command if missing, before the import below
@@ -54,7 +54,7 @@ from transformers import TrainerCallback  # noqa: E402
 __all__ = ["BatchSizeCallback"]
 
 
-class BatchSizeCallback(TrainerCallback):
+class BatchSizeCallback(TrainerCallback, BatchCallback):
     """Grow the batch with the measured B_simple, through ``gradient_accumulation_steps``.
 
     Args:
@@ -134,27 +134,14 @@ class BatchSizeCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Count the step and decide (before the Trainer steps its schedule); apply once aligned."""
-        controller = self.controller
-        assert controller is not None, "on_train_begin did not run"
         self._in_epoch += 1
         window, self._in_window = self._in_window + 1, 0
-        change = controller.step(examples=window * self._granule)
-        if change is not None:
-            estimate = controller.last_estimate
-            assert estimate is not None and estimate.b_simple is not None
-            applied = self._granule * int(args.gradient_accumulation_steps)
-            self._pending = (applied, change.batch_size, estimate.b_simple)
+        self._decide(window * self._granule, self._granule * int(args.gradient_accumulation_steps))
         self._apply(args)
 
     def _apply(self, args: Any) -> None:
-        if self._pending is None:
-            return
-        old, new, b_simple = self._pending
-        steps = new // self._granule
-        if self._in_epoch % steps:
+        steps = self._due(self._in_epoch, self._granule)
+        if steps is None:
             return
         args.gradient_accumulation_steps = steps
-        if self.rule is not None:
-            apply_rule(self.rule, self.trainer.optimizer.param_groups, old=old, new=new, b_simple=b_simple,
-                       schedulers=[self.trainer.lr_scheduler])  # fmt: skip
-        self._pending = None
+        self._apply_rule(self.trainer.optimizer.param_groups, [self.trainer.lr_scheduler])

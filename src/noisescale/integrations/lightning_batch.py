@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from noisescale.integrations import require
+from noisescale.integrations import BatchCallback, require
 
 require("lightning.pytorch", "lightning")  # the install command if missing, before the imports below
 _data = require("lightning.pytorch.utilities.data", "lightning")
@@ -41,13 +41,13 @@ _data = require("lightning.pytorch.utilities.data", "lightning")
 from lightning.pytorch import Callback  # noqa: E402
 
 from noisescale.control.controller import BatchSizeController  # noqa: E402
-from noisescale.control.rules import OptimizerRule, apply_rule, check_rule  # noqa: E402
+from noisescale.control.rules import OptimizerRule, check_rule  # noqa: E402
 from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
 
 __all__ = ["BatchSizeCallback"]
 
 
-class BatchSizeCallback(Callback):
+class BatchSizeCallback(Callback, BatchCallback):
     """Grow the batch with the measured B_simple, through ``accumulate_grad_batches``.
 
     Args:
@@ -116,15 +116,9 @@ class BatchSizeCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Count the step (every rank's examples) and decide; a change waits for its window."""
-        controller = self.controller
-        assert controller is not None, "on_fit_start did not run"
         sizes, self._sizes = self._sizes, []
-        change = controller.step(examples=sum(sizes) * trainer.world_size)
-        if change is not None:
-            estimate = controller.last_estimate
-            assert estimate is not None and estimate.b_simple is not None
-            applied = self.micro_batch_size * trainer.world_size * trainer.accumulate_grad_batches
-            self._pending = (applied, change.batch_size, estimate.b_simple)
+        world = trainer.world_size
+        self._decide(sum(sizes) * world, self.micro_batch_size * world * trainer.accumulate_grad_batches)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """A new epoch starts a window: apply a pending change."""
@@ -138,18 +132,12 @@ class BatchSizeCallback(Callback):
         self._apply(trainer, ready=trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _apply(self, trainer: Any, *, ready: int) -> None:
-        if self._pending is None:
-            return
-        old, new, b_simple = self._pending
-        accumulation = new // (self.micro_batch_size * trainer.world_size)
-        if ready % accumulation:
+        accumulation = self._due(ready, self.micro_batch_size * trainer.world_size)
+        if accumulation is None:
             return
         trainer.accumulate_grad_batches = accumulation
-        if self.rule is not None:
-            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            apply_rule(self.rule, trainer.optimizers[0].param_groups, old=old, new=new, b_simple=b_simple,
-                       schedulers=schedulers)  # fmt: skip
-        self._pending = None
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self._apply_rule(trainer.optimizers[0].param_groups, schedulers)
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's state, the pending change and the accumulation in force."""
