@@ -24,7 +24,7 @@ from noisescale.estimators import (
     two_batch_stats,
 )
 from noisescale.io import package_version
-from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
+from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate, layernorm_groups
 
 __all__ = [
     "AdamRule",
@@ -43,6 +43,7 @@ __all__ = [
     "UnsupportedLayerError",
     "UnsupportedTorchError",
     "effective_batch_size",
+    "layernorm_groups",
     "microbatch_stats",
     "per_example_stats",
     "two_batch_stats",

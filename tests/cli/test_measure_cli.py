@@ -8,6 +8,7 @@ on the command line.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -80,6 +81,27 @@ def test_measure_digits(tmp_path: Path, method: str, extra: list[str]) -> None:
     assert 0.0 <= summary["test_error"] <= 1.0
     assert "B_simple" in stdout
     assert "temperature" in stdout
+
+
+@pytest.mark.parametrize("only", ["all", "layernorm"])
+def test_measure_shakespeare_in_tokens(tmp_path: Path, only: str) -> None:
+    """Every batch size in tokens (8 windows of 64), the validation loss in bits per character too."""
+    out = tmp_path / "shakespeare"
+    args = ("--task", "shakespeare", "--steps", "3", "--batch-size", "512", "--only", only, "--no-progress")
+    code, stdout, stderr = _run(*args, "--out", str(out))
+    assert code == 0, stderr
+    summary = _check_outputs(out, steps=3)
+    assert summary["unit"] == "tokens" and summary["examples"] == 3 * 512
+    assert summary["optimizer"] == "adamw" and summary["held_out"] == "validation"
+    assert summary["test_bpc"] == pytest.approx(summary["test_loss"] / math.log(2))
+    assert summary["test_error"] is None
+    assert summary["only"] == (None if only == "all" else "layernorm")
+    measured = set(summary["groups"])
+    assert (measured == {"blocks.0.ln_1", "blocks.0.ln_2", "blocks.1.ln_1", "blocks.1.ln_2", "ln_f"}) == (
+        only == "layernorm"
+    )
+    assert "512 tokens in 1 micro-batch(es)" in stdout
+    assert "bits per character (validation)" in stdout
 
 
 def test_measure_linreg_interval_contains_the_truth(tmp_path: Path) -> None:

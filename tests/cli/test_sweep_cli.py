@@ -13,7 +13,9 @@ from noisescale.cli import common
 from noisescale.cli import measure as measure_cli
 from noisescale.cli import sweep as sweep_cli
 from noisescale.cli.app import app
+from noisescale.experiments.optim import OPTIMIZERS
 from noisescale.experiments.tasks import TASK_NAMES
+from noisescale.experiments.training import ONLY
 from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
 
 runner = CliRunner()
@@ -165,6 +167,8 @@ def test_option_choices_spell_the_library_names_in_order() -> None:
     assert [(m.name, m.value) for m in common.TaskName] == spelled(TASK_NAMES)
     assert [(m.name, m.value) for m in common.MethodName] == spelled(METHODS)
     assert [(m.name, m.value) for m in common.SweepMethodName] == spelled(SINGLE_PROCESS_METHODS)
+    assert [(m.name, m.value) for m in common.OptimizerName] == spelled(OPTIMIZERS)
+    assert [m.value for m in common.OnlyName] == ["all", *[o for o in ONLY if o]]
     assert common.DEFAULT_TASK.value == "mnist"
 
 

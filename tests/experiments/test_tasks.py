@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from noisescale.experiments.evaluation import Probe, evaluate, train_loss
 from noisescale.experiments.tasks import (
     CLASSIFICATION_TASKS,
     LINREG_DELTA,
@@ -16,15 +17,7 @@ from noisescale.experiments.tasks import (
     get_task,
     linreg_truth,
 )
-from noisescale.experiments.training import (
-    Probe,
-    StepRecord,
-    TrainConfig,
-    Trainer,
-    evaluate,
-    train,
-    train_loss,
-)
+from noisescale.experiments.training import StepRecord, TrainConfig, Trainer, train
 
 # ----------------------------------------------------------------------------------------------
 # The closed-form oracle (SCIENCE.md, "A closed-form oracle for tests")
@@ -103,8 +96,9 @@ def test_task_model_data_and_loss_fit_together(name: str) -> None:
     loss = task.loss_fn(model(x), y)
     assert loss.shape == ()
     assert math.isfinite(float(loss.detach()))
-    assert task.unit in ("images", "examples")
-    assert task.batch_size % task.microbatches == 0
+    assert task.unit in ("images", "examples", "tokens")
+    assert (task.unit == "tokens") == (task.units_per_example > 1)  # a window of T tokens is one example
+    assert task.batch_size % (task.microbatches * task.units_per_example) == 0
     assert task.classification == (name in CLASSIFICATION_TASKS)  # the sweep checks goals by name
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from noisescale import GradientNoiseScale
 from noisescale.errors import ParameterGroupError
-from noisescale.meter import default_groups
+from noisescale.experiments.transformer import CharTransformer
+from noisescale.meter import default_groups, layernorm_groups
 from noisescale.meter.partition import measured_groups, partition
 
 
@@ -98,3 +99,44 @@ def test_series_are_groups_then_optimizer_groups_then_total() -> None:
     assert part.series.shape == (2 + 2 + 1, len(part.cells))
     assert part.series[-1].tolist() == [1.0] * len(part.cells)
     assert (part.series[:2].sum(0) == 1).all() and (part.series[2:4].sum(0) == 1).all()
+
+
+@pytest.mark.parametrize("method", ["per_example", "microbatch"])
+def test_layernorm_only_mode_hooks_the_layernorms_alone(method: str) -> None:
+    """``groups=layernorm_groups(model)``: no other layer or tensor gets a hook, and the estimate is
+    exactly the LayerNorm groups' share of a meter over every parameter (their mediant)."""
+    def model_and_meter(cheap: bool) -> tuple[nn.Module, GradientNoiseScale]:
+        torch.manual_seed(0)
+        model = CharTransformer(vocabulary=9, context=5, width=8, depth=2, heads=2).double()
+        groups = layernorm_groups(model) if cheap else None
+        return model, GradientNoiseScale(model, method=method, groups=groups, ema_decay=1.0)
+
+    model, meter = model_and_meter(cheap=True)
+    assert list(meter.group_names) == [
+        "blocks.0.ln_1",
+        "blocks.0.ln_2",
+        "blocks.1.ln_1",
+        "blocks.1.ln_2",
+        "ln_f",
+    ]
+    for name, module in model.named_modules():
+        hooked = bool(module._forward_hooks or module._forward_pre_hooks)
+        assert hooked == (method == "per_example" and isinstance(module, nn.LayerNorm)), name
+    for name, p in model.named_parameters():
+        assert bool(p._backward_hooks) == (".ln_" in name or name.startswith("ln_f")), name
+
+    full_model, full = model_and_meter(cheap=False)
+    ids = torch.randint(9, (6, 5), generator=torch.Generator().manual_seed(1))
+    for m, mtr in ((model, meter), (full_model, full)):
+        for part in ids.chunk(2):
+            (m(part).logsumexp(-1).mean() / 2).backward()
+        mtr.update(6)
+    cheap, every = meter.compute(), full.compute()
+    norms = [every.groups[name] for name in meter.group_names]
+    assert cheap.trace_sigma == pytest.approx(sum(g.trace_sigma for g in norms), rel=1e-12)
+    assert cheap.grad_norm_sq == pytest.approx(sum(g.grad_norm_sq for g in norms), rel=1e-12)
+
+
+def test_layernorm_only_mode_needs_a_layernorm() -> None:
+    with pytest.raises(ParameterGroupError, match=r"no nn\.LayerNorm or nn\.RMSNorm"):
+        layernorm_groups(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2, elementwise_affine=False)))

@@ -23,6 +23,8 @@ __all__ = [
     "BootstrapOption",
     "ConfidenceOption",
     "MethodName",
+    "OnlyName",
+    "OptimizerName",
     "SweepMethodName",
     "TaskName",
     "check_writable",
@@ -38,6 +40,21 @@ class TaskName(str, enum.Enum):
     fashion_mnist = "fashion-mnist"
     digits = "digits"
     linreg = "linreg"
+    shakespeare = "shakespeare"
+
+
+class OptimizerName(str, enum.Enum):
+    """``--optimizer``: :data:`~noisescale.experiments.optim.OPTIMIZERS`."""
+
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class OnlyName(str, enum.Enum):
+    """``--only`` of ``measure``: every parameter, or the LayerNorms only (``training.ONLY``)."""
+
+    all = "all"
+    layernorm = "layernorm"
 
 
 class MethodName(str, enum.Enum):

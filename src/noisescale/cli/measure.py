@@ -5,6 +5,7 @@ Usage::
     noisescale measure                                   # MNIST, per-example norms, runs/mnist
     noisescale measure --task linreg                     # the oracle: also prints the true value
     noisescale measure --task digits --method microbatch --microbatches 4 --out runs/digits
+    noisescale measure --task shakespeare --only layernorm   # a transformer's LayerNorms only (cheap)
 
 It shows a progress bar, then a table of B_simple with its interval, |G|^2, tr(Sigma),
 the loss, the learning rate and batch size (the temperature lr/B), and whether the
@@ -18,8 +19,10 @@ atomically:
   ``lr``, ``temperature``, ``seed``, ``ema_decay``, ``ema_examples``, ``threads``...), the final
   estimate (``b_simple``, ``b_simple_ci`` as ``[low, high]``, ``grad_norm_sq``, ``trace_sigma``,
   ``resolved``, per-group values), ``loss`` (training loss on a fixed subset of at most 10,000
-  examples, at the end), ``test_loss``, ``test_error``, ``wall_time_s``; for ``linreg`` also
-  ``b_simple_true`` and ``b_noise_true``.
+  examples, at the end), ``test_loss`` and ``test_error`` on the held-out set (``held_out``: the
+  test set, or the validation plays of ``shakespeare``, whose losses are in nats per token and
+  ``test_bpc`` in bits per character), ``wall_time_s``; for ``linreg`` also ``b_simple_true`` and
+  ``b_noise_true``. Every batch size is in ``unit`` (images, examples, tokens).
 - ``noise_scale.png``: B_simple with its band, and the loss, against examples seen.
 
 A B_simple that is not resolved prints as "not resolved" and is ``null`` in JSON. A missing
@@ -41,12 +44,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import noisescale.distributed as nsdist
-from noisescale.cli.common import DEFAULT_TASK, MethodName, TaskName, check_writable, fail
+from noisescale.cli.common import (
+    DEFAULT_TASK,
+    MethodName,
+    OnlyName,
+    OptimizerName,
+    TaskName,
+    check_writable,
+    fail,
+)
 from noisescale.critical.goals import run_mean
 from noisescale.errors import NoiseScaleError
+from noisescale.experiments.evaluation import bits, evaluate, train_loss
 from noisescale.experiments.plotting import plot_run
 from noisescale.experiments.tasks import Task, get_task
-from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, evaluate, train, train_loss
+from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, train
 from noisescale.io import package_version, write_json, write_jsonl
 
 __all__ = ["measure"]
@@ -103,6 +115,10 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "lr": config.lr,
         "temperature": config.lr / config.batch_size,
         "momentum": config.momentum,
+        "optimizer": config.optimizer,
+        "warmup_steps": config.warmup_steps,
+        "weight_decay": config.weight_decay,
+        "only": config.only,
         "steps": len(result.records),
         "examples": result.records[-1].examples if result.records else 0,
         "seed": config.seed,
@@ -123,7 +139,9 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "b_simple_run_mean": mean,
         "resolved_steps": resolved,
         "loss": train_loss(task, result.model),
+        "held_out": task.held_out,
         "test_loss": test_loss,
+        "test_bpc": bits(test_loss) if task.unit == "tokens" else None,
         "test_error": test_error,
         "wall_time_s": wall_time,
         "train_time_s": result.wall_time,
@@ -189,12 +207,14 @@ def _table(summary: dict[str, Any]) -> Table:
         ("|G|^2", _fmt(summary["grad_norm_sq"])),
         ("tr Sigma", _fmt(summary["trace_sigma"])),
         ("loss (train)", _fmt(summary["loss"])),
-        ("loss (test)", _fmt(summary["test_loss"])),
+        (f"loss ({summary['held_out']})", _fmt(summary["test_loss"])),
     ]
+    if summary["test_bpc"] is not None:
+        rows.append((f"bits per character ({summary['held_out']})", _fmt(summary["test_bpc"])))
     if summary["test_error"] is not None:
         rows.append(("error (test)", f"{summary['test_error']:.2%}"))
     rows += [
-        ("learning rate", _fmt(summary["lr"])),
+        ("learning rate", f"{_fmt(summary['lr'])} ({summary['optimizer']})"),
         ("batch size", f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"),
         ("temperature lr/B", _fmt(summary["temperature"])),
         ("resolved", "yes" if summary["resolved"] else "no"),
@@ -227,7 +247,16 @@ def measure(
         int | None,
         typer.Option(help="Micro-batches per step (default 1 for per-example, the task's for microbatch)."),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="SGD learning rate (default: the task's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the task's).")] = None,
+    optimizer: Annotated[
+        OptimizerName | None, typer.Option(help="sgd or adamw (default: the task's; adamw for shakespeare).")
+    ] = None,
+    only: Annotated[
+        OnlyName,
+        typer.Option(
+            help="all: every parameter; layernorm: the LayerNorm parameters only (hooks nothing else)."
+        ),
+    ] = OnlyName.all,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the task's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data stream.")] = 0,
     ema_decay: Annotated[
@@ -264,6 +293,8 @@ def measure(
             batch_size=batch_size,
             microbatches=microbatches,
             lr=lr,
+            optimizer=None if optimizer is None else optimizer.value,
+            only=None if only is OnlyName.all else only.value,
             steps=steps,
             seed=seed,
             ema_decay=ema_decay,

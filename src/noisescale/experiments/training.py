@@ -1,16 +1,24 @@
-"""Train a built-in task with plain SGD while measuring the gradient noise scale.
+"""Train a built-in task with SGD or AdamW while measuring the gradient noise scale.
 
-One optimizer step draws ``B`` examples (:meth:`noisescale.experiments.tasks.Task.sample_batch`),
-splits them into ``k`` equal micro-batches, back-propagates ``loss_j / k`` for each
-(mean loss per micro-batch, divided by ``k``: the gradient is that of the mean loss
-over all ``B`` examples), lets the meter read the gradients, then steps::
+One optimizer step draws ``B`` units (images, examples or tokens: ``B / units_per_example``
+examples, :meth:`noisescale.experiments.tasks.Task.sample_batch`), splits them into ``k``
+equal micro-batches, back-propagates ``loss_j / k`` for each (mean loss per micro-batch,
+divided by ``k``: the gradient is that of the mean loss over all ``B`` units), lets the
+meter read the gradients, then steps (:mod:`noisescale.experiments.optim`)::
 
     for step in range(steps):
-        for xb, yb in micro_batches:          # k of B/k examples
+        for xb, yb in micro_batches:          # k of B/k units
             (loss_fn(model(xb), yb) / k).backward()
-        meter.update(batch_size=B)            # before any clipping or optimizer.step()
-        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        meter.update(microbatch_sizes=[B/k] * k)   # before any clipping or optimizer.step()
+        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
         estimate = meter.compute()            # every `measure_every` steps
+
+Batch sizes are in the task's unit. For ``shakespeare`` (unit tokens, windows of ``T``
+predicted tokens, the loss the mean over all of them) the micro-batch sizes are in tokens,
+and ``per_example`` is told that each window carries ``T`` tokens
+(``update(example_sizes=T)``), so B_simple is in tokens for both methods: with a loss that
+is the mean over the ``T`` tokens of each of ``b`` windows, the noise term of a batch is
+``tr(Sigma_window)/b = T tr(Sigma_window)/(b T)``, hence ``B_tokens = T B_windows``.
 
 :class:`Trainer` exposes that step for callers with their own loop (a batch-size
 sweep that trains to a loss goal); :func:`train` runs it for a number of steps with
@@ -18,11 +26,8 @@ an optional per-step callback and stop condition. Runs are deterministic given
 ``seed`` and the number of torch threads.
 
 The noise scale depends on the temperature ``lr / B`` (McCandlish et al. 2018,
-appendix C): every :class:`StepRecord` keeps the learning rate and the batch size.
-
-:class:`Probe` is the one evaluation of a model on fixed subsets (training loss on a subset of
-the training set, loss and error on a subset of the test set), the same for every run of a
-seed: ``noisescale measure`` and every run of a sweep evaluate through it.
+appendix C): every :class:`StepRecord` keeps the learning rate and the batch size. Models
+are evaluated by :mod:`noisescale.experiments.evaluation`.
 """
 
 from __future__ import annotations
@@ -36,25 +41,14 @@ import torch
 from torch import nn
 
 import noisescale.distributed as nsdist
+from noisescale.experiments.optim import check_optimizer, make_optimizer
 from noisescale.experiments.tasks import Task
-from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate
+from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, layernorm_groups
 from noisescale.options import Averaging, parse_method
 
-__all__ = [
-    "Probe",
-    "StepRecord",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "evaluate",
-    "make_meter",
-    "train",
-    "train_loss",
-]
+__all__ = ["ONLY", "StepRecord", "TrainConfig", "TrainResult", "Trainer", "make_meter", "train"]
 
-_SUBSET_SEED = 0  # seed of the fixed evaluation subsets, the same for every run
-_TRAIN_SUBSET_SIZE = 10_000
-_EVAL_CHUNK = 2048  # examples per forward pass when evaluating (memory only)
+ONLY = (None, "layernorm")  # what a run measures: every parameter, or the LayerNorms only
 
 
 def make_meter(
@@ -64,6 +58,7 @@ def make_meter(
     ema_decay: float | None,
     ema_examples: float | None,
     confidence: float = 0.95,
+    only: str | None = None,
 ) -> GradientNoiseScale:
     """The one place that picks and builds the meter for a training run.
 
@@ -74,11 +69,18 @@ def make_meter(
         ema_decay: per-step decay of the averages, or None when ``ema_examples`` is given.
         ema_examples: averaging time constant in examples, or None.
         confidence: level of the interval of B_simple.
+        only: ``"layernorm"``: measure (and hook) the LayerNorm parameters only
+            (:func:`noisescale.meter.layernorm_groups`); None: every parameter.
 
     Returns:
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
         micro-batch, micro-batch losses divided by k before backward).
+
+    Raises:
+        ValueError: on an unknown ``only``.
     """
+    if only not in ONLY:
+        raise ValueError(f"unknown --only {only!r}: expected {' or '.join(str(o) for o in ONLY if o)}")
     return GradientNoiseScale(
         model,
         method=parse_method(method),
@@ -87,6 +89,7 @@ def make_meter(
         ema_decay=ema_decay,
         ema_examples=ema_examples,
         confidence=confidence,
+        groups=None if only is None else layernorm_groups(nsdist.unwrap_model(model)),
     )
 
 
@@ -95,14 +98,22 @@ class TrainConfig:
     """Hyperparameters of one run; :meth:`for_task` fills the task's defaults.
 
     Attributes:
-        batch_size: B, examples per optimizer step (in the task's unit).
-        microbatches: k, equal micro-batches per step (B divisible by k).
-        lr: SGD learning rate (0 keeps the weights fixed: a measurement at one point).
+        batch_size: B, per optimizer step, in the task's unit (images, examples or tokens).
+        microbatches: k, equal micro-batches per step (B divisible by k x units_per_example).
+        lr: learning rate after the warmup (0 keeps the weights fixed: a measurement at one point).
         steps: optimizer steps :func:`train` runs (a stop condition may end it sooner).
         method: ``"per_example"``, ``"microbatch"``, ``"ddp"`` (any spelling of
             :func:`noisescale.options.parse_method`), or None to train without measuring.
         seed: initial weights and the data stream.
         momentum: SGD momentum (0: plain SGD, the optimizer of the paper's analysis).
+        optimizer: ``"sgd"`` or ``"adamw"`` (:func:`noisescale.experiments.optim.make_optimizer`).
+        weight_decay: SGD's L2 penalty, or AdamW's decoupled decay of the matrices.
+        betas: AdamW's moment decays.
+        warmup_steps: steps of the linear learning-rate warmup (0: none).
+        units_per_example: units of the task's unit one example carries (1, or the ``T``
+            predicted tokens of a ``shakespeare`` window); B is a multiple of it.
+        only: ``"layernorm"`` to measure the LayerNorm parameters only (the cheap transformer
+            mode, :func:`make_meter`), or None for every parameter.
         ema_decay: per-step decay of the meter's averages (1: plain mean), or None.
         ema_examples: averaging time constant in examples, or None (exactly one of the two,
             validated by :class:`noisescale.options.Averaging`).
@@ -121,6 +132,12 @@ class TrainConfig:
     method: str | None = "per_example"
     seed: int = 0
     momentum: float = 0.0
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    units_per_example: int = 1
+    only: str | None = None
     ema_decay: float | None = 0.99
     ema_examples: float | None = None
     confidence: float = 0.95
@@ -132,7 +149,7 @@ class TrainConfig:
         """Validate every field; the messages say what to change."""
         if self.method is not None:
             object.__setattr__(self, "method", parse_method(self.method))
-        for name in ("batch_size", "microbatches", "measure_every"):
+        for name in ("batch_size", "microbatches", "measure_every", "units_per_example"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"expected `{name}` >= 1 but got {getattr(self, name)}")
         if self.steps < 0 or self.lr < 0 or self.momentum < 0:
@@ -143,16 +160,29 @@ class TrainConfig:
             raise ValueError(f"expected `seed` in [-2**63, 2**64) but got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"expected `threads` >= 1 but got {self.threads}")
-        if self.batch_size % self.microbatches:
+        check_optimizer(
+            self.optimizer,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            warmup_steps=self.warmup_steps,
+        )
+        step = self.microbatches * self.units_per_example
+        if self.batch_size % step:
+            whole = (
+                f" of whole examples ({self.units_per_example} units each)"
+                if self.units_per_example > 1
+                else ""
+            )
             raise ValueError(
-                f"batch size {self.batch_size} is not divisible by {self.microbatches} micro-batches: "
-                "choose a batch size that is a multiple of the number of micro-batches"
+                f"batch size {self.batch_size} is not divisible by {self.microbatches} micro-batches{whole}: "
+                f"choose a multiple of {step}"
             )
         if self.method == "microbatch" and self.microbatches < 2:
             raise ValueError(
                 "the microbatch method needs at least 2 micro-batches per step (use --microbatches 2 or more)"
             )
-        if self.method == "per_example" and self.batch_size < 2:
+        if self.method == "per_example" and self.batch_size < 2 * self.units_per_example:
             raise ValueError("the per-example method needs batches of at least 2 examples")
         Averaging(ema_decay=self.ema_decay, ema_examples=self.ema_examples)  # exactly one, in range
 
@@ -183,6 +213,10 @@ class TrainConfig:
             "microbatches": 1 if per_example else task.microbatches,
             "lr": task.lr,
             "steps": task.steps,
+            "optimizer": task.optimizer,
+            "weight_decay": task.weight_decay,
+            "warmup_steps": task.warmup_steps,
+            "units_per_example": task.units_per_example,
             "ema_decay": task.ema_decay,
             "ema_examples": task.ema_examples,
         }
@@ -248,7 +282,7 @@ class StepRecord:
 
 
 class Trainer:
-    """A model, its SGD optimizer, its meter and a seeded data stream, advanced one step at a time.
+    """A model, its optimizer, its meter and a seeded data stream, advanced one step at a time.
 
     Use it as a context manager (or call :meth:`close`) so that the meter's hooks are removed.
 
@@ -281,7 +315,15 @@ class Trainer:
         self.model.train()
         if dist is not None:
             self.model = nsdist.wrap_ddp(self.model, dist)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum)
+        self.optimizer, self.scheduler = make_optimizer(
+            self.model.parameters(),
+            config.optimizer,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            betas=config.betas,
+            warmup_steps=config.warmup_steps,
+        )
         self.meter: GradientNoiseScale | None = (
             None
             if config.method is None
@@ -291,6 +333,7 @@ class Trainer:
                 ema_decay=config.ema_decay,
                 ema_examples=config.ema_examples,
                 confidence=config.confidence,
+                only=config.only,
             )
         )
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -299,9 +342,9 @@ class Trainer:
         self._start = time.perf_counter()
 
     def step(self) -> StepRecord:
-        """One optimizer step (k micro-batches, meter update, SGD); an estimate every ``measure_every``."""
-        cfg, k = self.config, self.config.microbatches
-        x, y = self.task.sample_batch(cfg.batch_size, self.generator)
+        """One optimizer step (k micro-batches, meter update, update); an estimate every ``measure_every``."""
+        cfg, k, units = self.config, self.config.microbatches, self.config.units_per_example
+        x, y = self.task.sample_batch(cfg.batch_size // units, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
         if self.dist is not None:  # this rank's share: global micro-batches r m .. r m + m - 1
             x, y = nsdist.shard_batch(x, y, rank=self.dist.rank, world_size=self.dist.world_size)
@@ -314,12 +357,15 @@ class Trainer:
                 (loss / k).backward()
             loss_sum += loss.detach()
         if self.meter is not None:  # before the optimizer changes the gradients; this rank's sizes
-            self.meter.update(microbatch_sizes=[len(yb) for _, yb in micro])
+            sizes = [len(yb) * units for _, yb in micro]
+            per_unit = units > 1 and self.meter.method == "per_example"  # sizes in units, not examples
+            self.meter.update(microbatch_sizes=sizes, example_sizes=units if per_unit else None)
         if self.dist is not None:  # the mean loss of the global batch (equal shares)
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= self.dist.world_size
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         self.examples += cfg.batch_size
@@ -415,85 +461,3 @@ def train(
         estimate = trainer.estimate()  # every step (under DDP a collective, on every rank)
         model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
     return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped)
-
-
-@torch.no_grad()
-def _mean_loss_and_error(
-    task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = _EVAL_CHUNK
-) -> tuple[float, float | None]:
-    """Mean loss and error fraction of ``model`` over ``(x, y)``, in chunks of ``batch_size``."""
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    loss_total, wrong = 0.0, 0
-    try:
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-            xb, yb = xb.to(device), yb.to(device)
-            out = model(xb)
-            loss_total += float(task.loss_fn(out, yb)) * len(yb)
-            if task.classification:
-                wrong += int((out.argmax(-1) != yb).sum())
-    finally:
-        model.train(was_training)
-    n = len(y)
-    return loss_total / n, (wrong / n if task.classification else None)
-
-
-class Probe:
-    """Fixed evaluation subsets of a task, the same for every run: training loss, test loss and error.
-
-    The subsets are drawn once from a generator seeded with ``seed``: the training subset first
-    (a random permutation of the training set, or fresh draws of an infinite task), then the test
-    subset from the same generator.
-
-    Args:
-        task: the task.
-        train_examples: examples in the training subset (all of them if the set is smaller).
-        test_examples: examples in the test subset; None for the whole test set.
-        seed: seed of the subsets.
-
-    Example:
-        >>> from noisescale.experiments.tasks import get_task
-        >>> probe = Probe(get_task("linreg"), train_examples=64, test_examples=32)
-        >>> len(probe.y), len(probe.y_test)
-        (64, 32)
-    """
-
-    def __init__(
-        self, task: Task, train_examples: int, test_examples: int | None = None, *, seed: int = _SUBSET_SEED
-    ) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        if task.x_train is None or task.y_train is None:
-            self.x, self.y = task.sample_batch(train_examples, gen)
-        else:
-            idx = torch.randperm(len(task.x_train), generator=gen)[:train_examples]
-            self.x, self.y = task.x_train[idx], task.y_train[idx]
-        if test_examples is None:
-            self.x_test, self.y_test = task.x_test, task.y_test
-        else:
-            idx = torch.randperm(len(task.x_test), generator=gen)[:test_examples]
-            self.x_test, self.y_test = task.x_test[idx], task.y_test[idx]
-        self.task = task
-
-    def train_loss(self, model: nn.Module) -> float:
-        """Mean loss per example on the training subset."""
-        return _mean_loss_and_error(self.task, model, self.x, self.y)[0]
-
-    def test(self, model: nn.Module) -> tuple[float, float | None]:
-        """``(test_loss, test_error)`` on the test subset; the error is None for regression tasks."""
-        return _mean_loss_and_error(self.task, model, self.x_test, self.y_test)
-
-
-def evaluate(task: Task, model: nn.Module, *, batch_size: int = _EVAL_CHUNK) -> tuple[float, float | None]:
-    """Test loss and test error of ``model`` on the task's whole test set.
-
-    Returns:
-        ``(test_loss, test_error)``: mean loss per example, and the fraction misclassified
-        (None for regression tasks). ``batch_size`` only bounds the memory of a forward pass.
-    """
-    return _mean_loss_and_error(task, model, task.x_test, task.y_test, batch_size)
-
-
-def train_loss(task: Task, model: nn.Module, *, size: int = _TRAIN_SUBSET_SIZE) -> float:
-    """Mean loss per example on the fixed training subset of :class:`Probe` of ``size`` examples."""
-    return Probe(task, size, test_examples=0).train_loss(model)

@@ -5,7 +5,9 @@ A thin stateful wrapper: hooks record squared gradient norms (:mod:`noisescale.c
 the estimators as matrices of :mod:`noisescale.estimators`, makes its unbiased |G|^2 and
 tr(Sigma); :mod:`noisescale.meter.state` averages them apart (:mod:`noisescale.smoothing`);
 B_simple with its interval is formed only in :meth:`GradientNoiseScale.compute`
-(:mod:`noisescale.uncertainty`, :mod:`noisescale.meter.results`). Under DDP the steps
+(:mod:`noisescale.meter.averages`, :mod:`noisescale.uncertainty`, :mod:`noisescale.meter.results`).
+Under a diagonal preconditioner (Adam's) the same rows, weighted, give the preconditioned
+noise scale next to the raw one (:mod:`noisescale.preconditioner`). Under DDP the steps
 travel between the ranks through :mod:`noisescale.meter.exchange`; which parameters are
 measured and how they are reported is :mod:`noisescale.meter.partition`.
 
@@ -51,13 +53,13 @@ from noisescale.estimators import (
     Accumulation,
     Reduction,
     check_dataset_size,
-    contradiction_rtol,
     loss_factors,
 )
+from noisescale.meter.averages import Averages
 from noisescale.meter.exchange import Exchange
-from noisescale.meter.partition import default_groups, measured_groups, partition
-from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate, noise_scale_estimate
-from noisescale.meter.state import MeterState, check_settings, settings_of
+from noisescale.meter.partition import default_groups, layernorm_groups, measured_groups, partition
+from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate
+from noisescale.meter.state import check_settings, settings_of
 from noisescale.meter.steps import (
     MicrobatchStep,
     check_count,
@@ -66,13 +68,13 @@ from noisescale.meter.steps import (
     per_example_matrix,
     per_example_step,
     split_sizes,
+    unit_rows,
 )
 from noisescale.options import Averaging, Method, parse_method
-from noisescale.uncertainty import b_simple_interval
+from noisescale.preconditioner import Preconditioner, PreconditionerSpec
 
-__all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate", "default_groups"]
+__all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate", "default_groups", "layernorm_groups"]
 
-_MAX_PENDING = 32  # one process: steps whose rows update() keeps before folding them in
 DEFAULT_SYNC_EVERY = 16  # DDP: steps whose rows one collective exchanges
 ReadGrad = Literal["at_update", "after_backward"]
 
@@ -95,27 +97,17 @@ class GradientNoiseScale:
     passes on every rank (sizes may differ); the big gradient is the mean DDP's own
     all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
     after it, so clipping before :meth:`update` does no harm). The ranks exchange their
-    rows in one small asynchronous collective every ``sync_every`` steps, not every
-    step (a collective per step cost up to 6% of a DDP step on CPU in
-    ``benchmarks/ddp_overhead.py``); an exchange costs a few host synchronisations
-    (its sizes sent, every rank's sizes read back, the estimators' small matrices sent),
-    the steps in between none. :meth:`compute` needs no collective (rank 0 may call it
-    alone) and covers the steps exchanged so far, on every rank: up to
-    ``sync_every - 1`` steps behind, and nothing before the first exchange
-    (``compute().steps`` says how many). :meth:`sync`, called on every rank, exchanges
-    the rest first (the integrations do this before they log, the CLI at the end).
+    rows in one small asynchronous collective every ``sync_every`` steps
+    (:mod:`noisescale.meter.exchange`); :meth:`compute` needs no collective and covers
+    the steps exchanged so far (``compute().steps``); :meth:`sync`, called on every
+    rank, exchanges the rest first (the integrations do this before they log).
 
-    Impossible records are never a number: the big batch must be the (weighted) mean of
-    the small ones, so a step whose big-batch squared norm exceeds the weighted mean of
-    the small ones' squared norms (beyond float rounding), or an averaged tr(Sigma)
-    significantly negative, sets ``contradiction`` on the estimate (saying what to check:
-    the loss conventions, a DDP communication hook that sums without dividing by the
-    world size, a GradScaler not passed, ``.grad`` changed before :meth:`update`), keeps it
-    unresolved until :meth:`reset`, and :meth:`compute` warns once.
+    Impossible records are never a number: a step whose big-batch squared norm exceeds
+    the weighted mean of the small ones' (beyond float rounding), or an averaged tr(Sigma)
+    significantly negative, sets ``contradiction`` on the estimate (saying what to check),
+    keeps it unresolved until :meth:`reset`, and :meth:`compute` warns once.
 
-    The meter holds hooks on the model and cannot be pickled or deep-copied (a
-    ``TypeError`` says so): save :meth:`state_dict`, and :meth:`load_state_dict` it into a
-    meter made on the restored model.
+    It holds hooks and cannot be pickled: :meth:`load_state_dict` a :meth:`state_dict` instead.
 
     Args:
         model: the module being trained, or its DistributedDataParallel wrapper. Only
@@ -123,9 +115,8 @@ class GradientNoiseScale:
         method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
             batch (the usual gradient-accumulation loop; no extra cost).
             ``"per_example"``: exact per-example squared norms from layer hooks
-            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``,
-            ``nn.RMSNorm``, ``nn.GroupNorm``);
-            lowest variance, works with one backward per step.
+            (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+            ``nn.GroupNorm``); lowest variance, works with one backward per step.
             ``"ddp"``: the k-way estimator over ``W`` replicas x ``m`` micro-batches
             (``m >= 1``); selected automatically when a DDP model is given with
             ``"microbatch"``. Spellings such as ``"per-example"`` are accepted
@@ -134,40 +125,38 @@ class GradientNoiseScale:
             ``"mean"`` or ``"sum"``.
         accumulation: ``"mean"`` if each micro-batch loss is divided by k before
             backward, ``"sum"`` if not (under DDP: the k of this rank).
-            ``"example_mean"``: each micro-batch loss is the SUM of its per-example
-            losses divided by the number of examples in the whole step (under DDP:
-            of all ranks, times W to undo DDP's averaging), so the step's gradient is
-            the mean over all its examples whatever the micro-batch sizes (HF Trainer
-            with ``num_items_in_batch``, token-weighted language-model losses);
-            ``reduction`` is then not used (:func:`noisescale.estimators.loss_factors`).
+            ``"example_mean"``: each micro-batch loss is the SUM of its per-example losses
+            divided by the examples (tokens) of the whole step, every rank's (token-weighted
+            LM losses, HF's ``num_items_in_batch``; :func:`noisescale.estimators.loss_factors`).
         ema_decay: per-step decay of the averages (default 0.99; 1.0 = plain mean).
-        ema_examples: instead of ``ema_decay``, a time constant in examples:
-            decay ``exp(-B / ema_examples)`` per step of B examples
-            (:class:`noisescale.options.Averaging`).
+        ema_examples: instead of ``ema_decay``, a time constant in examples: decay
+            ``exp(-B / ema_examples)`` per step of B examples (:class:`noisescale.options.Averaging`).
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
         confidence: level of ``b_simple_ci``.
         groups: named parameter groups (default: one per module owning parameters).
-            The total is their mediant ``sum trSigma_j / sum |G_j|^2``. A tensor listed
-            twice in one group counts once; one tensor in two groups is refused.
+            The total is their mediant ``sum trSigma_j / sum |G_j|^2``; only their layers and
+            tensors are hooked (:func:`layernorm_groups`: the cheap transformer mode). A tensor
+            listed twice in one group counts once; one tensor in two groups is refused.
         fallback: per_example only: allow the slower exact fallback for layers
             without a kernel (e.g. BatchNorm) instead of raising.
         optimizer: also report B_simple per optimizer parameter group (named by the
             group's ``"name"`` key, else ``param_group_<i>``).
-        read_grad: when the big batch is read: ``"at_update"`` (the accumulated
-            ``.grad`` when :meth:`update` runs) or ``"after_backward"`` (snapshot at the
-            end of every backward, under DDP after its all-reduce has reached ``.grad``:
-            right even if the gradients are clipped before :meth:`update`; one more
-            fused norm per backward).
+        preconditioner: also measure the noise scale under a diagonal preconditioner ``P``,
+            B_P = tr(P Sigma)/(G^T P G), reported next to the raw one in
+            ``compute().preconditioned``: ``"adam"`` (``optimizer`` an Adam/AdamW; ``P =
+            1/(sqrt(v_hat) + eps)`` read from its state before each step's ``optimizer.step()``;
+            steps before it has state are not counted) or ``{parameter: non-negative weights
+            of its shape}`` (:mod:`noisescale.preconditioner`).
+        read_grad: when the big batch is read: ``"at_update"`` (``.grad`` at :meth:`update`) or
+            ``"after_backward"`` (a snapshot after every backward, under DDP after its all-reduce:
+            right even if the gradients are clipped before :meth:`update`; one more norm per backward).
         sync_every: under DDP, the optimiser steps whose rows one collective exchanges
             (1 = every step); ignored in one process. The same on every rank.
         dataset_size: N, examples in the dataset, when every step's examples are drawn
-            WITHOUT replacement from it (shuffled epochs, full-batch steps): applies the
-            finite-population correction ``E|G_B|^2 = |G|^2 + (tr Sigma_N / B)(N - B)/(N - 1)``
-            exactly (SCIENCE.md; at B = N ``per_example`` gives the exact full-dataset |G|^2 and
-            tr(Sigma_N), Sigma_N the population covariance). None (default) assumes sampling
-            with replacement: draws without replacement then give B_simple about
-            ``N / (N - 1 - B_simple)`` times too large (tr(Sigma) by N/(N-1), |G|^2 low by
-            tr(Sigma_N)/(N-1), whatever B), negligible while B_simple << N.
+            WITHOUT replacement from it (shuffled epochs, full-batch steps): the exact
+            finite-population correction (:mod:`noisescale.estimators`). None (default)
+            assumes sampling with replacement: draws without replacement then give B_simple
+            about ``N / (N - 1 - B_simple)`` times too large, negligible while B_simple << N.
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
@@ -178,6 +167,8 @@ class GradientNoiseScale:
         noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model.
         noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
             layer that has no kernel (and ``fallback=False``); the message names it.
+        ValueError: (preconditioner) ``"adam"`` without an Adam/AdamW ``optimizer``, or a
+            measured parameter without weights; weights of the wrong shape, negative or not finite.
     """
 
     def __init__(
@@ -197,6 +188,7 @@ class GradientNoiseScale:
         read_grad: ReadGrad = "at_update",
         sync_every: int = DEFAULT_SYNC_EVERY,
         dataset_size: int | None = None,
+        preconditioner: PreconditionerSpec | None = None,
     ) -> None:
         method = parse_method(method)
         for arg, value, allowed in (
@@ -231,19 +223,25 @@ class GradientNoiseScale:
         self.group_names = part.group_names
         self.param_group_names = part.param_group_names
         params = [p for ps in part.cells for p in ps]
-        self._device = params[0].device
-        self._rtol = max(contradiction_rtol(p.dtype) for p in params)
-        self._series = part.series.to(self._device)  # [S, C]
-        cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
-        self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
+        self.preconditioner = (
+            None if preconditioner is None else Preconditioner(params, preconditioner, optimizer, module)
+        )
+        self._averages = Averages(part, preconditioned=self.preconditioner is not None)
         per_example = None
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
 
-            per_example = PerExampleNorms(module, part.cells, fallback=fallback)
+            per_example = PerExampleNorms(
+                module, part.cells, fallback=fallback, preconditioner=self.preconditioner
+            )
         snapshot, local = read_grad == "after_backward", ddp is not None  # DDP: each backward's norms too
         self._recorder = GradientRecorder(
-            params, scaler=scaler, per_example=per_example, snapshot=snapshot, backward_norms=local
+            params,
+            scaler=scaler,
+            per_example=per_example,
+            snapshot=snapshot,
+            backward_norms=local,
+            preconditioner=self.preconditioner,
         )
         self._sync_counter: nsdist.SyncCounter | None = None
         self._exchange: Exchange | None = None
@@ -260,9 +258,7 @@ class GradientNoiseScale:
                 dataset_size=self.dataset_size,
             )
         self.sync_every = int(sync_every)
-        self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [4, C] rows, examples
         self._warned = False  # compute() warned about a contradiction since the last reset
-        self._state = MeterState.empty(self._series.shape[0], self._device)
         self.reset()
 
     @property
@@ -291,7 +287,7 @@ class GradientNoiseScale:
     def reset(self) -> None:
         """Forget every step so far (hooks stay attached). Needs no collective."""
         self._drop_pending()
-        self._state = MeterState.empty(self._series.shape[0], self._device)
+        self._averages.reset()
         self._warned = False
         self._recorder.pop()
         if self._sync_counter is not None:
@@ -305,22 +301,18 @@ class GradientNoiseScale:
         up to ``sync_every - 1`` steps.
         """
         self._settle()
-        state = self._state.state_dict(self.group_names, self.param_group_names)
-        return {**state, "settings": settings_of(self)}
+        return {**self._averages.state_dict(), "settings": settings_of(self)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also one saved before ``contradicted_steps`` existed).
 
         Raises:
-            ValueError: if the groups, method, loss conventions, dataset_size or averaging differ.
+            ValueError: if the groups, method, loss conventions, dataset_size, averaging or
+                preconditioner differ.
         """
         check_settings(state_dict.get("settings", {}), settings_of(self))
-        for key, mine in (("group_names", self.group_names), ("param_group_names", self.param_group_names)):
-            theirs = list(state_dict.get(key, []))
-            if theirs != mine:
-                raise ValueError(f"state_dict was saved for {key} {theirs} but this meter has {mine}")
+        self._averages.load_state_dict(state_dict)
         self._drop_pending()
-        self._state = MeterState.from_state_dict(state_dict, self._device)
 
     def discard(self) -> None:
         """Drop the backward passes since the last :meth:`update` without folding them in.
@@ -349,11 +341,19 @@ class GradientNoiseScale:
                     stacklevel=2,
                 )
         self._recorder.remove()
+        if self.preconditioner is not None:
+            self.preconditioner.remove()
         if self._sync_counter is not None:
             self._sync_counter.remove()
 
     # -- per step ------------------------------------------------------------------------------
-    def update(self, batch_size: int | None = None, *, microbatch_sizes: Iterable[int] | None = None) -> None:
+    def update(
+        self,
+        batch_size: int | None = None,
+        *,
+        microbatch_sizes: Iterable[int] | None = None,
+        example_sizes: int | Iterable[int] | None = None,
+    ) -> None:
         """Fold in the optimiser step whose backward passes ran since the last call.
 
         Args:
@@ -362,6 +362,9 @@ class GradientNoiseScale:
                 given (equal micro-batches are assumed); optional for ``per_example``
                 (counted from the inputs).
             microbatch_sizes: examples in each micro-batch, in backward order (this rank's).
+            example_sizes: ``per_example`` in one process only: the loss units (tokens) of each
+                example (row of dim 0), in backward order, or one int for all; B_simple is then
+                in these units (:func:`noisescale.meter.steps.unit_rows`; sizes on the host).
 
         Raises:
             RuntimeError: if no backward pass ran since the last update, or one raised
@@ -387,12 +390,12 @@ class GradientNoiseScale:
             )
         if self._sync_counter is not None:
             self._sync_counter.check_step(len(records))
-        if self.method == "per_example":
+        if example_sizes is not None:  # per_example in loss units (tokens)
+            self._units(records, batch_size, example_sizes)
+        elif self.method == "per_example":
             self._per_example(records, batch_size)
         else:
             self._microbatch(records, split_sizes(len(records), batch_size, microbatch_sizes))
-        if len(self._pending) >= _MAX_PENDING:
-            self._settle()
         if self._exchange is not None and len(self._exchange.unsent) >= self.sync_every:
             self._settle()  # the exchange started before: its collective had sync_every steps to finish
             self._exchange.start()
@@ -412,7 +415,7 @@ class GradientNoiseScale:
 
     def _microbatch(self, records: list[MicrobatchRecord], sizes: tuple[int, ...]) -> None:
         """Record i holds |c_i g_i|^2; ``.grad`` holds sum_i c_i g_i (/ W under DDP)."""
-        cells = self._recorder.sq_norms(records, big=True) @ self._param_cells  # [k + 1, C]
+        cells = self._averages.cells_of(self._recorder.sq_norms(records, big=True))  # [k + 1, C]
         check_within_dataset(sum(sizes), self.dataset_size)  # under DDP this rank's; every rank's later
         if self._exchange is not None:
             if len(records) * self.world_size < 2:  # raise now, not when the step settles
@@ -423,14 +426,14 @@ class GradientNoiseScale:
             self._exchange.add(MicrobatchStep(cells[:-1], cells[-1], sizes))
             return
         factors = loss_factors(sizes, reduction=self.reduction, accumulation=self.accumulation)
-        matrix = microbatch_matrix(sizes, factors, 1, self.dataset_size, self._device)
-        self._pending.append((matrix @ cells, sum(sizes)))  # the estimator is linear: one product
+        matrix = microbatch_matrix(sizes, factors, 1, self.dataset_size, cells.device)
+        self._averages.add(matrix @ cells, sum(sizes), self.averaging)  # the estimator is linear: one product
 
     def _per_example(self, records: list[MicrobatchRecord], batch_size: int | None) -> None:
         """Record i holds |a_i g_n|^2 per example (a_i: micro-batch i's loss factor); DDP: |c_i g_i|^2 too."""
         step = per_example_step(
             [r.per_example for r in records],
-            self._recorder.sq_norms(records if self._exchange else [], big=True) @ self._param_cells,
+            self._averages.cells_of(self._recorder.sq_norms(records if self._exchange else [], big=True)),
             batch_size=batch_size,
             reduction=self.reduction,
             accumulation=self.accumulation,
@@ -441,13 +444,25 @@ class GradientNoiseScale:
             self._exchange.add(step)
             return
         matrix = per_example_matrix(
-            step.examples, step.weight, step.weight2, 1, self.dataset_size, self._device
+            step.examples, step.weight, step.weight2, 1, self.dataset_size, step.big.device
         )
-        self._pending.append((matrix @ torch.cat([step.sums, step.big[None]]), step.examples))
+        self._averages.add(matrix @ torch.cat([step.sums, step.big[None]]), step.examples, self.averaging)
+
+    def _units(
+        self, records: list[MicrobatchRecord], batch_size: int | None, sizes: int | Iterable[int]
+    ) -> None:
+        """A ``per_example`` step whose examples carry ``sizes`` loss units each (one process)."""
+        if self.method != "per_example" or self._exchange is not None or self.dataset_size is not None:
+            raise ValueError("example_sizes is for method='per_example' in one process, without dataset_size")
+        big = self._averages.cells_of(self._recorder.sq_norms([], big=True))[0]
+        rows, units = unit_rows(
+            [r.per_example for r in records], big, sizes, batch_size, self.reduction, self.accumulation
+        )
+        self._averages.add(rows, units, self.averaging)
 
     def _drop_pending(self) -> None:
         """Forget the steps not folded in yet; the unsent DDP ones are still sent (shapes match)."""
-        self._pending = []
+        self._averages.drop_pending()
         if self._exchange is not None:
             self._exchange.drop()
 
@@ -457,17 +472,10 @@ class GradientNoiseScale:
         One process: the pending steps' rows. DDP: the exchange started, less the steps
         dropped before it was sent.
         """
-        if self._exchange is None:
-            pending, self._pending = self._pending, []
-            if not pending:
-                return
-            rows, examples = torch.stack([r for r, _ in pending]), [e for _, e in pending]
-        else:
-            collected = self._exchange.collect()
-            if collected is None:
-                return
-            rows, examples = collected
-        self._state.fold(rows, examples, self._series, self.averaging, self._rtol)
+        self._averages.settle(self.averaging)
+        collected = None if self._exchange is None else self._exchange.collect()
+        if collected is not None:
+            self._averages.fold(*collected, self.averaging)
 
     # -- results -------------------------------------------------------------------------------
     def compute(self) -> NoiseScaleEstimate:
@@ -478,20 +486,13 @@ class GradientNoiseScale:
         (every ``sync_every`` steps, or at :meth:`sync`) and waits for the last exchange's
         collective; no collective of its own. Warns once (until :meth:`reset`) when the
         records contradict "the big batch is the mean of the small ones" (``contradiction``).
+        Under a preconditioner ``preconditioned`` holds the preconditioned estimate.
         """
         self._settle()
-        state = self._state
-        estimate = noise_scale_estimate(
-            b_simple_interval(state.ema, self.confidence),
-            state.contradicted.tolist(),
-            group_names=self.group_names,
-            param_group_names=self.param_group_names,
-            steps=state.steps,
-            examples=state.examples,
-            skipped_steps=int(state.skipped),
-            rtol=self._rtol,
-        )
+        estimate = self._averages.estimate(self.confidence)
         parts = [estimate.contradiction] + [g.contradiction for g in estimate.groups.values()]
+        if estimate.preconditioned is not None:
+            parts.append(estimate.preconditioned.contradiction)
         reason = next((r for r in parts if r is not None), None)
         if reason is not None and not self._warned:
             self._warned = True

@@ -24,7 +24,9 @@ from torch import nn
 
 from noisescale.errors import ParameterGroupError
 
-__all__ = ["Partition", "default_groups", "partition"]
+__all__ = ["Partition", "default_groups", "layernorm_groups", "partition"]
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 
 
 def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -47,6 +49,48 @@ def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 groups.setdefault(name or "model", []).append(p)
+    return groups
+
+
+def layernorm_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The groups of the cheap transformer mode: the trainable parameters of every LayerNorm and RMSNorm.
+
+    Pass them as ``GradientNoiseScale(model, groups=layernorm_groups(model))``: the meter then
+    hooks these layers and their parameters only (no other layer gets a hook, no other gradient is
+    read), and B_simple is that of the normalisation layers, ``sum tr Sigma_j / sum |G_j|^2`` over
+    them. Gray et al. (2024) found that it predicts the whole model's B_simple in transformers, at
+    almost no cost; ``noisescale measure --only layernorm`` reports how closely on ``shakespeare``.
+
+    Args:
+        model: the module (unwrapped from DDP).
+
+    Returns:
+        ``{module name: [its trainable parameters]}`` for every ``nn.LayerNorm`` and ``nn.RMSNorm``,
+        in module order (the same names as :func:`default_groups`).
+
+    Raises:
+        ParameterGroupError: if the model has no normalisation layer with a trainable parameter.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+        >>> {name: len(ps) for name, ps in layernorm_groups(model).items()}
+        {'1': 2}
+
+    References:
+        Gray et al. (2024), Normalization Layer Per-Example Gradients are Sufficient to Predict
+        Gradient Noise Scale in Transformers, arXiv:2411.00999.
+    """
+    groups = {
+        name or "model": [p for p in m.parameters(recurse=False) if p.requires_grad]
+        for name, m in model.named_modules()
+        if isinstance(m, NORM_LAYERS)
+    }
+    groups = {name: ps for name, ps in groups.items() if ps}
+    if not groups:
+        raise ParameterGroupError(
+            "the model has no nn.LayerNorm or nn.RMSNorm with trainable parameters: the LayerNorm-only mode "
+            "has nothing to measure (measure every parameter instead)"
+        )
     return groups
 
 

@@ -15,6 +15,7 @@ Shape letters: ``C`` cells (:mod:`noisescale.meter.partition`), ``k`` backward p
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -39,6 +40,7 @@ __all__ = [
     "per_example_matrix",
     "per_example_step",
     "split_sizes",
+    "unit_rows",
 ]
 
 
@@ -117,6 +119,87 @@ def split_sizes(k: int, batch_size: int | None, given: Iterable[int] | None) -> 
     return (batch_size // k,) * k
 
 
+def _checked(per_example: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Each backward pass's ``[n_i, C]`` per-example squared norms.
+
+    Raises:
+        RuntimeError: if a backward pass produced gradients but no per-example norms.
+    """
+    if any(x is None for x in per_example):
+        raise RuntimeError(
+            "a backward pass produced parameter gradients but no per-example norms: a parameter "
+            "was used outside the layer that owns it (e.g. `h @ emb.weight.T`). Tie weights through "
+            "a module (`head.weight = emb.weight`) or use method='microbatch'."
+        )
+    return [x for x in per_example if x is not None]
+
+
+def unit_rows(
+    per_example: Sequence[torch.Tensor | None],
+    big: torch.Tensor,
+    example_sizes: int | Iterable[int],
+    batch_size: int | None,
+    reduction: Reduction,
+    accumulation: Accumulation,
+) -> tuple[torch.Tensor, int]:
+    r"""A ``per_example`` step in loss units (tokens): each example is a small batch of its units.
+
+    Example ``s`` (a sequence: a row of dim 0) carries ``w_s`` loss units (its predicted,
+    unmasked tokens). Backward pass ``i`` reduced its loss over its ``N_i = sum_s w_s`` units
+    (``reduction``, ``accumulation`` of :func:`~noisescale.estimators.loss_factors` over the
+    ``N_i``), so every unit entered with ``c_i / N_i`` and sequence ``s`` with
+    ``c_s = w_s c_i / N_i`` times the mean-loss gradient ``g_s`` over its own units: the hooks
+    recorded ``|c_s g_s|^2``, exactly what a micro-batch of ``w_s`` units records. The k-way
+    estimator over the sequences (:func:`~noisescale.estimators.microbatch_coefficients`) then
+    gives |G|^2 and tr(Sigma) per unit, unbiased when ``E|g_s|^2 = |G|^2 + tr(Sigma)/w_s``.
+    With ``T`` units in every sequence it is exactly ``T`` times the per-sequence estimate
+    (``B_tokens = T B_sequences``); sequences without units (fully masked) are left out.
+
+    Args:
+        per_example: per backward pass, ``[n_i, C]`` squared norms of each example's gradient.
+        big: ``[C]`` squared norms of ``.grad``.
+        example_sizes: units of every example (an int), or of each, in backward order.
+        batch_size: units the caller says the step had, or None.
+        reduction: the loss's reduction over a backward pass's units.
+        accumulation: how the backward passes' losses combine.
+
+    Returns:
+        The step's ``[4, C]`` rows (:data:`~noisescale.estimators.COEFFICIENT_ROWS`) and its units.
+
+    Raises:
+        ValueError: if the sizes do not match the examples the hooks saw or ``batch_size``, or
+            a backward pass has no unit.
+        noisescale.errors.SingleMicrobatchError: if fewer than 2 examples carry units.
+    """
+    norms = _checked(per_example)
+    counts = [int(x.shape[0]) for x in norms]
+    if isinstance(example_sizes, Iterable):
+        sizes = [int(w) for w in example_sizes]
+    else:
+        sizes = [int(example_sizes)] * sum(counts)
+    if len(sizes) != sum(counts) or any(w < 0 for w in sizes):
+        raise ValueError(
+            f"got {len(sizes)} example_sizes for the {sum(counts)} examples the per-example hooks saw "
+            f"(dim 0 of the layer inputs): give one count >= 0 of loss units (tokens) per example"
+        )
+    ends = list(itertools.accumulate(counts))
+    units = [sum(sizes[e - n : e]) for e, n in zip(ends, counts, strict=True)]
+    if batch_size is not None and batch_size != sum(units):
+        raise ValueError(f"batch_size={batch_size} but example_sizes sum to {sum(units)}")
+    for n in units:
+        check_count("units of a backward pass (sum of its example_sizes)", n, "tokens")
+    factors = loss_factors(units, reduction=reduction, accumulation=accumulation)
+    per_unit = [c / n for c, n, m in zip(factors, units, counts, strict=True) for _ in range(m)]
+    keep = [s for s, w in enumerate(sizes) if w > 0]
+    small = torch.cat(norms).to(torch.float64)  # [n, C]
+    if len(keep) < len(sizes):
+        small = small[torch.tensor(keep, device=small.device)]
+    matrix = microbatch_matrix(
+        tuple(sizes[s] for s in keep), tuple(sizes[s] * per_unit[s] for s in keep), 1, None, big.device
+    )
+    return matrix @ torch.cat([small, big[None].to(torch.float64)]), sum(units)
+
+
 def per_example_step(
     per_example: Sequence[torch.Tensor | None],
     grad_norms: torch.Tensor,
@@ -146,13 +229,7 @@ def per_example_step(
         RuntimeError: if a backward pass produced gradients but no per-example norms.
         ValueError: if ``batch_size`` is not the examples the hooks saw.
     """
-    if any(x is None for x in per_example):
-        raise RuntimeError(
-            "a backward pass produced parameter gradients but no per-example norms: a parameter "
-            "was used outside the layer that owns it (e.g. `h @ emb.weight.T`). Tie weights through "
-            "a module (`head.weight = emb.weight`) or use method='microbatch'."
-        )
-    norms = [x for x in per_example if x is not None]
+    norms = _checked(per_example)
     sizes = [int(x.shape[0]) for x in norms]
     if batch_size is not None:
         check_count("batch_size", batch_size)

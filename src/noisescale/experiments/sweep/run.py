@@ -33,10 +33,11 @@ import torch
 
 from noisescale.critical.goals import GoalCrossing, crossing, run_mean
 from noisescale.errors import SweepDataError
+from noisescale.experiments.evaluation import Probe
 from noisescale.experiments.sweep.config import Goal, RunSpec, SweepConfig
 from noisescale.experiments.sweep.store import CurvePoint, GoalRecord, RunRecord, write_record
 from noisescale.experiments.tasks import Task, get_task
-from noisescale.experiments.training import Probe, Trainer
+from noisescale.experiments.training import Trainer
 
 __all__ = ["execute_runs", "goal_crossing", "run_one", "train_run"]
 
