@@ -110,3 +110,18 @@ def test_adam_rule_refuses_a_growth_that_makes_a_beta_negative() -> None:
         0.9,
         0.999,
     )  # nothing changed
+
+
+def test_max_lr_caps_the_base_rate_per_group_and_its_scheduler() -> None:
+    params = _params()
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.5}, {"params": params[1:], "lr": 0.05}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    factor = apply_rule(
+        SGDRule(max_lr=0.8), opt.param_groups, old=32, new=128, b_simple=1e12, schedulers=[sched]
+    )
+    assert factor == pytest.approx(0.8 / 0.5)  # linear would give 4: capped at max_lr
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.8, 0.2])  # the other: linear
+    assert sched.base_lrs == pytest.approx([0.8, 0.2])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 0.1])
+    apply_rule(SGDRule(max_lr=0.1), opt.param_groups, old=128, new=32, b_simple=1e12, schedulers=[sched])
+    assert sched.base_lrs == pytest.approx([0.2, 0.05])  # a decrease is never held back by the cap

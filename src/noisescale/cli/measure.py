@@ -331,6 +331,9 @@ def measure(
     exchange_rate: Annotated[
         float | None, typer.Option(help="With --adaptive: track B = sqrt(r B_simple) (r: units per step).")
     ] = None,
+    max_lr: Annotated[
+        float | None, typer.Option(help="With --adaptive: never raise the learning rate above this.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<task>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -369,10 +372,12 @@ def measure(
             )
         settings = None
         if adaptive:
-            settings = AdaptiveSettings(max_batch_size, critical_factor, exchange_rate)
+            settings = AdaptiveSettings(max_batch_size, critical_factor, exchange_rate, max_lr=max_lr)
             policy_of(settings, config, nsdist.world_size())  # bad settings fail now, not after start-up
-        elif (max_batch_size, critical_factor, exchange_rate) != (None, None, None):
-            raise ValueError("--max-batch-size, --critical-factor and --exchange-rate need --adaptive")
+        elif (max_batch_size, critical_factor, exchange_rate, max_lr) != (None, None, None, None):
+            raise ValueError(
+                "--max-batch-size, --critical-factor, --exchange-rate and --max-lr need --adaptive"
+            )
         out_dir = out if out is not None else Path("runs") / the_task.name
         if nsdist.is_rank_zero():  # fail now, not after training
             check_writable(out_dir)

@@ -38,6 +38,11 @@ __all__ = ["AdamRule", "OptimizerRule", "SGDRule", "apply_rule", "check_rule"]
 class OptimizerRule(Protocol):
     """What :func:`apply_rule` needs of a rule."""
 
+    @property
+    def max_lr(self) -> float | None:
+        """The base learning rate never rises above this (None: no cap)."""
+        ...
+
     def lr_factor(self, old: int, new: int, b_simple: float) -> float:
         """The learning rate's factor for a change from ``old`` to ``new`` examples per step."""
         ...
@@ -55,6 +60,12 @@ class SGDRule:
 
         \frac{\epsilon_{opt}(B')}{\epsilon_{opt}(B)} = \frac{1 + B_{simple}/B}{1 + B_{simple}/B'}
 
+    Attributes:
+        max_lr: eps_max of eq. 2.6, if known (e.g. the largest stable rate): the base learning
+            rate is never raised above it. B_simple overestimates B_noise when the Hessian is far
+            from isotropic (eq. 2.8-2.9), and the ratio then scales nearly linearly; the cap keeps
+            the rate below the edge of stability. None: no cap.
+
     Example:
         >>> SGDRule().lr_factor(32, 64, b_simple=1e-9)        # far above B_simple: flat
         1.0000000000156248
@@ -66,6 +77,8 @@ class SGDRule:
     References:
         McCandlish et al. (2018), arXiv:1812.06162, eq. 2.6.
     """
+
+    max_lr: float | None = None
 
     def lr_factor(self, old: int, new: int, b_simple: float) -> float:
         """``(1 + B_simple/old) / (1 + B_simple/new)``, between 1 and ``new/old`` (linear scaling)."""
@@ -86,6 +99,7 @@ class AdamRule:
         weight_decay: for decoupled weight decay (``torch.optim.AdamW``, or a group with
             ``decoupled_weight_decay``), ``lambda -> lambda kappa / lr_factor`` so that
             ``B / (eta lambda D)`` stays constant; coupled (L2) weight decay is left alone.
+        max_lr: the base learning rate is never raised above it (None: no cap).
 
     Example:
         >>> group = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1,
@@ -104,6 +118,7 @@ class AdamRule:
     betas: bool = True
     eps: bool = True
     weight_decay: bool = True
+    max_lr: float | None = None
 
     def lr_factor(self, old: int, new: int, b_simple: float) -> float:
         """``sqrt(new/old)``, or 1 with ``lr=False``."""
@@ -169,8 +184,10 @@ def apply_rule(
     """Rescale every param group (and each scheduler's base learning rates) for a batch change.
 
     The learning rate is multiplied in ``lr`` and, when present, in ``initial_lr`` (the base value
-    PyTorch's LR schedulers keep in the group); each scheduler's ``base_lrs`` likewise, so that a
-    schedule keeps multiplying the rescaled base.
+    PyTorch's LR schedulers keep in the group); each scheduler's ``base_lrs`` likewise (one per
+    group), so that a schedule keeps multiplying the rescaled base. With the rule's ``max_lr`` a
+    group's factor is lowered so that its base rate (``initial_lr``, else ``lr``) stays at most
+    ``max_lr``.
 
     Args:
         rule: :class:`SGDRule`, :class:`AdamRule` or your own :class:`OptimizerRule`.
@@ -181,28 +198,32 @@ def apply_rule(
         schedulers: ``torch.optim.lr_scheduler`` objects on this optimizer.
 
     Returns:
-        The learning rate's factor.
+        The learning rate's factor (of the first group).
 
     Raises:
         ValueError: if the rule refuses the change (:class:`AdamRule`: a beta would fall below 0);
             then nothing is changed.
     """
     kappa = new / old
-    factor = rule.lr_factor(old, new, b_simple)
     groups = list(param_groups)
-    updated = []
+    updated, factors = [], []
     for group in groups:  # every new value first, so that a refused one changes nothing
+        factor = rule.lr_factor(old, new, b_simple)
+        base = float(group.get("initial_lr", group["lr"]))
+        if rule.max_lr is not None and base > 0:  # raised at most to max_lr; a decrease is never held back
+            factor = min(factor, max(rule.max_lr / base, 1.0))
         values = {key: value for key, value in group.items() if key != "params"}
         values["lr"] = values["lr"] * factor
         if "initial_lr" in values:
             values["initial_lr"] = values["initial_lr"] * factor
         rule.adjust(values, kappa, factor)
         updated.append(values)
+        factors.append(factor)
     for group, values in zip(groups, updated, strict=True):
         group.update(values)
     for scheduler in schedulers:
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    return factor
+        scheduler.base_lrs = [lr * f for lr, f in zip(scheduler.base_lrs, factors, strict=True)]
+    return factors[0]
 
 
 def check_rule(

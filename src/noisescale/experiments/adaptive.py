@@ -41,6 +41,7 @@ class AdaptiveSettings:
         exchange_rate: track ``B = sqrt(r B_simple)`` instead (r units per step).
         hysteresis: the margin the interval's bound must clear.
         min_examples_between: units seen between two changes.
+        max_lr: the learning rate is never raised above it (eps_max of eq. 2.6), or None.
     """
 
     max_batch_size: int | None = None
@@ -48,6 +49,7 @@ class AdaptiveSettings:
     exchange_rate: float | None = None
     hysteresis: float = 0.1
     min_examples_between: int = 0
+    max_lr: float | None = None
 
 
 def policy_of(settings: AdaptiveSettings, config: TrainConfig, world_size: int) -> BatchSizePolicy:
@@ -62,7 +64,11 @@ def policy_of(settings: AdaptiveSettings, config: TrainConfig, world_size: int) 
         batch_size=config.batch_size,
         micro_batch_size=config.batch_size // config.microbatches,
         world_size=world_size,
-        **dataclasses.asdict(settings),
+        max_batch_size=settings.max_batch_size,
+        critical_factor=settings.critical_factor,
+        exchange_rate=settings.exchange_rate,
+        hysteresis=settings.hysteresis,
+        min_examples_between=settings.min_examples_between,
     )
 
 
@@ -87,7 +93,10 @@ def make_controller(
     Raises:
         ValueError: for invalid settings (:func:`policy_of`).
     """
-    rule: OptimizerRule = SGDRule() if config.optimizer == "sgd" else AdamRule(betas=False)
+    cap = settings.max_lr
+    rule: OptimizerRule = (
+        SGDRule(max_lr=cap) if config.optimizer == "sgd" else AdamRule(betas=False, max_lr=cap)
+    )
     controller = BatchSizeController(
         meter,
         **dataclasses.asdict(policy_of(settings, config, meter.world_size)),
