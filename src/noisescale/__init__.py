@@ -6,6 +6,7 @@ References:
 """
 
 from noisescale.b_noise import BNoiseEstimate, estimate_b_noise
+from noisescale.control import AdamRule, BatchSizeController, SGDRule
 from noisescale.errors import (
     DatasetNotFoundError,
     DoubleBackwardError,
@@ -29,7 +30,9 @@ from noisescale.io import package_version
 from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate, layernorm_groups
 
 __all__ = [
+    "AdamRule",
     "BNoiseEstimate",
+    "BatchSizeController",
     "DatasetNotFoundError",
     "DoubleBackwardError",
     "GradientNoiseScale",
@@ -38,6 +41,7 @@ __all__ = [
     "NoiseScaleEstimate",
     "NoiseStats",
     "ParameterGroupError",
+    "SGDRule",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",

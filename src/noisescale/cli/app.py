@@ -8,6 +8,7 @@ from noisescale.cli.branch import branch
 from noisescale.cli.fit import fit
 from noisescale.cli.measure import measure
 from noisescale.cli.predict import predict
+from noisescale.cli.schedule import schedule
 from noisescale.cli.sweep import sweep
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app.command()(fit)
 app.command()(predict)
 app.command()(sweep)
 app.command()(branch)
+app.command()(schedule)
 
 
 def main() -> None:

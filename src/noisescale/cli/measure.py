@@ -7,6 +7,7 @@ Usage::
     noisescale measure --task digits --method microbatch --microbatches 4 --out runs/digits
     noisescale measure --task shakespeare --only layernorm   # a transformer's LayerNorms only (cheap)
     noisescale measure --task linreg --b-noise                # B_noise (eq. 2.8) from Hessian-vector products
+    noisescale measure --task mnist --adaptive --batch-size 32   # the batch grows with B_simple
 
 It shows a progress bar, then a table of B_simple with its interval, |G|^2, tr(Sigma),
 the loss, the learning rate and batch size (the temperature lr/B), and whether the
@@ -32,12 +33,21 @@ atomically:
   ``g_h_g``, ``trace_h_sigma`` in the ``metrics.jsonl`` records of the probed steps.
 - ``noise_scale.png``: B_simple with its band, and the loss, against examples seen.
 
+With ``--adaptive`` the batch follows the noise scale
+(:class:`~noisescale.control.controller.BatchSizeController`, :mod:`noisescale.experiments.adaptive`):
+the micro-batch stays ``--batch-size / --microbatches`` and the number of micro-batches grows by
+integer factors, up to ``--max-batch-size``; the progress bar shows the batch, ``summary.json`` gets
+``batch_schedule`` (one record per change, ``{"step", "examples", "batch_size", "lr"}``, starting
+with the initial batch), ``adaptive`` (the settings) and ``micro_batch_size``, and ``batch_size.png``
+draws the batch against examples seen.
+
 A B_simple that is not resolved prints as "not resolved" and is ``null`` in JSON. A missing
 dataset or a bad option prints one line saying what to do and exits with status 1 or 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -62,9 +72,10 @@ from noisescale.cli.common import (
 )
 from noisescale.critical.goals import run_mean
 from noisescale.errors import NoiseScaleError
+from noisescale.experiments.adaptive import AdaptiveSettings, policy_of
 from noisescale.experiments.b_noise_probe import BNoiseProbe
 from noisescale.experiments.evaluation import bits, evaluate, train_loss
-from noisescale.experiments.plotting import plot_run
+from noisescale.experiments.plotting import plot_batch_schedule, plot_run
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, train
 from noisescale.flops import flops_per_example
@@ -87,24 +98,25 @@ def _run_with_progress(
     show: bool,
     dist: nsdist.DistInfo | None = None,
     probe: BNoiseProbe | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> TrainResult:
-    """Train with a rich progress bar showing the loss and the current B_simple."""
+    """Train with a rich progress bar showing the loss, the current B_simple and the batch size."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  B_simple {task.fields[b_simple]}"),
+        TextColumn("loss {task.fields[loss]}  B_simple {task.fields[b_simple]}  batch {task.fields[batch]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, disable=not show, transient=False) as progress:
-        bar = progress.add_task(f"{task.name}", total=config.steps, loss="-", b_simple="-")
+        bar = progress.add_task(f"{task.name}", total=config.steps, loss="-", b_simple="-", batch="-")
 
         def on_step(record: StepRecord) -> None:
             est = record.estimate
             b = "not resolved" if est is None or est.b_simple is None else _fmt(est.b_simple)
-            progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b)
+            progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b, batch=record.batch_size)
 
-        return train(task, config, callback=on_step, stop=probe, dist=dist)
+        return train(task, config, callback=on_step, stop=probe, dist=dist, adaptive=adaptive)
 
 
 def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: float) -> dict[str, Any]:
@@ -195,15 +207,23 @@ def _write_outputs(
     result: TrainResult,
     out_dir: Path,
     start: float,
-    probe: BNoiseProbe | None,
+    probe: BNoiseProbe | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.jsonl, noise_scale.png and summary.json (each atomically); return the summary."""
+    """Write metrics.jsonl, noise_scale.png, summary.json (and batch_size.png) atomically; the summary."""
     summary = _summary(task, config, result, time.perf_counter() - start)
     if probe is not None:
         summary.update(probe.summary(task.truth(result.model) if task.truth is not None else None))
     records = [{**r.to_dict(), **(probe.record_fields(r.step) if probe else {})} for r in result.records]
     write_jsonl(out_dir / "metrics.jsonl", records)
     title = f"{task.name}: {config.method}, B={config.batch_size} {task.unit}, lr={config.lr:g}"
+    if adaptive is not None and result.batch_schedule is not None:
+        summary.update(
+            batch_schedule=[change.to_dict() for change in result.batch_schedule],
+            adaptive=dataclasses.asdict(adaptive),
+            micro_batch_size=config.batch_size // config.microbatches,
+        )
+        plot_batch_schedule(records, out_dir / "batch_size.png", title=f"{title}, adaptive", unit=task.unit)
     plot_run(
         records,
         out_dir / "noise_scale.png",
@@ -215,6 +235,26 @@ def _write_outputs(
     summary["wall_time_s"] = time.perf_counter() - start
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _batch_text(summary: dict[str, Any]) -> str:
+    """``128 images in 1 micro-batch(es)``, or an adaptive run's ``32 -> 256 images (3 changes)``."""
+    unit, schedule = summary["unit"], summary.get("batch_schedule")
+    if schedule is None:
+        return f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"
+    changes = len(schedule) - 1
+    return (
+        f"{schedule[0]['batch_size']} -> {schedule[-1]['batch_size']} {unit} ({changes} change(s), adaptive)"
+    )
+
+
+def _lr_text(summary: dict[str, Any]) -> str:
+    """``0.1 (sgd)``, or an adaptive run's ``0.1 -> 0.266 (sgd, rescaled with the batch)``."""
+    schedule = summary.get("batch_schedule")
+    if schedule is None:
+        return f"{_fmt(summary['lr'])} ({summary['optimizer']})"
+    final = _fmt(schedule[-1]["lr"])
+    return f"{_fmt(summary['lr'])} -> {final} ({summary['optimizer']}, rescaled with the batch)"
 
 
 def _table(summary: dict[str, Any]) -> Table:
@@ -244,8 +284,8 @@ def _table(summary: dict[str, Any]) -> Table:
     if summary["test_error"] is not None:
         rows.append(("error (test)", f"{summary['test_error']:.2%}"))
     rows += [
-        ("learning rate", f"{_fmt(summary['lr'])} ({summary['optimizer']})"),
-        ("batch size", f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"),
+        ("learning rate", _lr_text(summary)),
+        ("batch size", _batch_text(summary)),
         ("temperature lr/B", _fmt(summary["temperature"])),
         ("FLOPs per example", f"{summary['flops_per_example']:.3g} (forward + backward)"),
         ("resolved", "yes" if summary["resolved"] else "no"),
@@ -324,6 +364,21 @@ def measure(
             help="torch CPU threads (default: 2; under torchrun, the cores per rank on this machine)."
         ),
     ] = None,
+    adaptive: Annotated[
+        bool, typer.Option(help="Grow the batch with B_simple (integer factors of the micro-batches).")
+    ] = False,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="With --adaptive: the largest batch (default: no limit).")
+    ] = None,
+    critical_factor: Annotated[
+        float | None, typer.Option(help="With --adaptive: track B = c B_simple (default c = 1).")
+    ] = None,
+    exchange_rate: Annotated[
+        float | None, typer.Option(help="With --adaptive: track B = sqrt(r B_simple) (r: units per step).")
+    ] = None,
+    max_lr: Annotated[
+        float | None, typer.Option(help="With --adaptive: never raise the learning rate above this.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<task>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     b_noise: Annotated[
@@ -380,6 +435,14 @@ def measure(
                 last_step=config.steps,
                 seed=seed,
             )
+        settings = None
+        if adaptive:
+            settings = AdaptiveSettings(max_batch_size, critical_factor, exchange_rate, max_lr=max_lr)
+            policy_of(settings, config, nsdist.world_size())  # bad settings fail now, not after start-up
+        elif (max_batch_size, critical_factor, exchange_rate, max_lr) != (None, None, None, None):
+            raise ValueError(
+                "--max-batch-size, --critical-factor, --exchange-rate and --max-lr need --adaptive"
+            )
         out_dir = out if out is not None else Path("runs") / the_task.name
         if nsdist.is_rank_zero():  # fail now, not after training
             check_writable(out_dir)
@@ -389,14 +452,15 @@ def measure(
         raise fail(str(exc), 2) from None
     try:
         result = _run_with_progress(
-            the_task, config, Console(stderr=True), progress and nsdist.is_rank_zero(), info, probe
+            the_task, config, Console(stderr=True), progress and nsdist.is_rank_zero(), info, probe, settings
         )
     except NoiseScaleError as exc:  # e.g. a layer without a per-example kernel
         raise fail(str(exc), 1) from None
     if not nsdist.is_rank_zero():  # rank 0 alone evaluates (the unwrapped model), writes and prints
         nsdist.close()
         return
-    summary = _write_outputs(the_task, config, result, out_dir, start, probe)
+    summary = _write_outputs(the_task, config, result, out_dir, start, probe, settings)
     Console().print(_table(summary))
-    Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png")
+    extra = ", batch_size.png" if settings is not None else ""
+    Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png{extra}")
     nsdist.close()

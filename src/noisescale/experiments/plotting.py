@@ -1,7 +1,8 @@
-"""The run figures: ``noise_scale.png`` (B_simple and the loss) and ``branch.png`` (B_crit along a run).
+"""The run figures: ``noise_scale.png``, ``branch.png`` and, for an adaptive run, ``batch_size.png``.
 
 ``noise_scale.png`` draws B_simple with its interval, and the loss, against examples seen;
-``branch.png`` the B_crit of branched training next to B_simple along the base run.
+``branch.png`` the B_crit of branched training next to B_simple along the base run;
+``batch_size.png`` an adaptive run's batch against examples seen, next to B_simple.
 
 Steps where B_simple is not resolved are left out of the upper panel (a gap, never a
 huge number). Both panels share a linear x axis in examples seen; B_simple and
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 
 from noisescale.io import save_figure
 
-__all__ = ["plot_branch", "plot_run"]
+__all__ = ["plot_batch_schedule", "plot_branch", "plot_run"]
 
 
 class _PlainLogFormatter(ticker.LogFormatterSciNotation):
@@ -187,4 +188,36 @@ def plot_branch(
     ax_l.plot(px, _column(points, "loss"), "o", color="C1", label="branch points")
     _log_axis(ax_l)
     _finish(ax_l, "training loss", xlabel=f"{unit} seen (base run)")
+    _save(fig, path, title)
+
+
+def plot_batch_schedule(
+    records: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "", unit: str = "examples"
+) -> None:
+    """Draw an adaptive run's batch against examples seen, with the B_simple it followed; save atomically.
+
+    Args:
+        records: per-step dicts with ``examples``, ``batch_size``, ``b_simple`` and ``b_simple_ci``,
+            as in ``metrics.jsonl``.
+        path: output image, e.g. ``runs/mnist/batch_size.png``.
+        title: figure title.
+        unit: unit of the batch sizes and of the x axis.
+    """
+    examples = _column(records, "examples")
+    b_simple = _column(records, "b_simple")
+    low = np.array([(r.get("b_simple_ci") or (np.nan,))[0] for r in records], dtype=np.float64)
+    fig = Figure(figsize=(7.0, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.step(examples, _column(records, "batch_size"), where="pre", color="C2", label="batch size")
+    ax.plot(examples, np.where(b_simple > 0, b_simple, np.nan), color="C0", alpha=0.6, label="B_simple (EMA)")
+    ax.plot(
+        examples,
+        np.where(low > 0, low, np.nan),
+        color="C0",
+        alpha=0.6,
+        linestyle=":",
+        label="its lower bound",
+    )
+    _log_axis(ax)
+    _finish(ax, f"{unit} per step", xlabel=f"{unit} seen")
     _save(fig, path, title)

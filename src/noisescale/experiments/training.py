@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 import noisescale.distributed as nsdist
+from noisescale.control.controller import BatchChange, BatchSizeController
+from noisescale.experiments.adaptive import AdaptiveSettings, make_controller
 from noisescale.experiments.optim import check_optimizer, make_optimizer
 from noisescale.experiments.tasks import Task
 from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, layernorm_groups
@@ -289,6 +291,9 @@ class Trainer:
     Args:
         task: what to train.
         config: hyperparameters (see :meth:`TrainConfig.for_task`).
+        dist: this process's rank and world size under DDP, or None.
+        adaptive: grow the batch with the noise scale (:mod:`noisescale.experiments.adaptive`):
+            ``batch_size`` and ``microbatches`` then follow ``controller``; None: fixed.
 
     Example:
         >>> from noisescale.experiments.tasks import get_task
@@ -300,7 +305,14 @@ class Trainer:
         (1, 16)
     """
 
-    def __init__(self, task: Task, config: TrainConfig, *, dist: nsdist.DistInfo | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        config: TrainConfig,
+        *,
+        dist: nsdist.DistInfo | None = None,
+        adaptive: AdaptiveSettings | None = None,
+    ) -> None:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         if dist is not None and config.microbatches % dist.world_size:
@@ -336,6 +348,12 @@ class Trainer:
                 only=config.only,
             )
         )
+        self.batch_size, self.microbatches = config.batch_size, config.microbatches  # of the next step
+        self.controller: BatchSizeController | None = None
+        if adaptive is not None:
+            if self.meter is None:
+                raise ValueError("an adaptive run needs a meter (a measuring method)")
+            self.controller = make_controller(self.meter, self.optimizer, self.scheduler, adaptive, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps_done = 0
         self.examples = 0
@@ -343,8 +361,8 @@ class Trainer:
 
     def step(self) -> StepRecord:
         """One optimizer step (k micro-batches, meter update, update); an estimate every ``measure_every``."""
-        cfg, k, units = self.config, self.config.microbatches, self.config.units_per_example
-        x, y = self.task.sample_batch(cfg.batch_size // units, self.generator)
+        cfg, batch, k, units = self.config, self.batch_size, self.microbatches, self.config.units_per_example
+        x, y = self.task.sample_batch(batch // units, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
         if self.dist is not None:  # this rank's share: global micro-batches r m .. r m + m - 1
             x, y = nsdist.shard_batch(x, y, rank=self.dist.rank, world_size=self.dist.world_size)
@@ -365,20 +383,25 @@ class Trainer:
             loss_sum /= self.dist.world_size
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
+        if self.controller is not None:  # before the schedule steps: it follows examples seen
+            self.controller.step(examples=batch)  # computes the estimate every measure_every steps
+            self.batch_size = self.controller.batch_size
+            self.microbatches = self.batch_size // (cfg.batch_size // cfg.microbatches)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        self.examples += cfg.batch_size
-        measuring = self.steps_done % cfg.measure_every == 0
+        self.examples += batch
+        estimate = None
+        if self.meter is not None and self.steps_done % cfg.measure_every == 0:  # no collective
+            estimate = self.meter.compute() if self.controller is None else self.controller.last_estimate
         return StepRecord(
             step=self.steps_done,
             examples=self.examples,
             loss=float(loss_sum) / k,
             lr=lr,
-            batch_size=cfg.batch_size,
+            batch_size=batch,
             wall_time=time.perf_counter() - self._start,
-            # no collective: DDP exchanges every 16
-            estimate=self.meter.compute() if self.meter is not None and measuring else None,
+            estimate=estimate,
         )
 
     def estimate(self) -> NoiseScaleEstimate | None:
@@ -415,6 +438,7 @@ class TrainResult:
         estimate: the meter's final estimate, or None without a meter.
         wall_time: seconds the training loop took.
         stopped: whether the stop condition ended the run before ``config.steps``.
+        batch_schedule: an adaptive run's batch sizes, from the initial one (else None).
     """
 
     model: nn.Module
@@ -423,6 +447,7 @@ class TrainResult:
     estimate: NoiseScaleEstimate | None
     wall_time: float
     stopped: bool
+    batch_schedule: list[BatchChange] | None = None
 
 
 def train(
@@ -432,6 +457,7 @@ def train(
     callback: Callable[[StepRecord], None] | None = None,
     stop: Callable[[StepRecord, Trainer], bool] | None = None,
     dist: nsdist.DistInfo | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``config.steps`` steps, or until ``stop`` returns True.
 
@@ -442,6 +468,7 @@ def train(
         stop: ``stop(record, trainer)`` after every step; True ends the run (e.g. a loss goal
             checked with :func:`evaluate` on ``trainer.model``).
         dist: this process's rank and world size under DDP (:mod:`noisescale.distributed`), or None.
+        adaptive: grow the batch with the noise scale (see :class:`Trainer`), or None.
 
     Returns:
         The model, the records and the final estimate.
@@ -449,7 +476,7 @@ def train(
     records: list[StepRecord] = []
     stopped = False
     start = time.perf_counter()
-    with Trainer(task, config, dist=dist) as trainer:
+    with Trainer(task, config, dist=dist, adaptive=adaptive) as trainer:
         for _ in range(config.steps):
             record = trainer.step()
             records.append(record)
@@ -460,4 +487,5 @@ def train(
                 break
         estimate = trainer.estimate()  # every step (under DDP a collective, on every rank)
         model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
-    return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped)
+    schedule = None if trainer.controller is None else trainer.controller.schedule
+    return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped, schedule)
