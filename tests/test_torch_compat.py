@@ -90,7 +90,8 @@ def test_scaler_helpers() -> None:
 _PRIVATE = re.compile(
     r"_current_graph_task_id|_will_engine_execute_node|_current_autograd_node|"
     r"_get_current_graph_task_keep_graph|_execution_engine|\._scale\b|_per_optimizer_states|"
-    r"_foreach_\w+|_current_frames|_reversed_padding_repeated_twice|torch\._C\b"
+    r"_foreach_\w+|_current_frames|_reversed_padding_repeated_twice|torch\._C\b|_get_fsdp_state|"
+    r"_fsdp_param_groups|_unsharded_param|unsharded_accumulated_grad"
 )
 
 
