@@ -63,6 +63,7 @@ class MethodName(str, enum.Enum):
     per_example = "per-example"
     microbatch = "microbatch"
     ddp = "ddp"
+    fsdp = "fsdp"
 
 
 class SweepMethodName(str, enum.Enum):
