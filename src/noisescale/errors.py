@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "DatasetNotFoundError",
+    "DoubleBackwardError",
     "NoiseScaleError",
     "ParameterGroupError",
     "SingleMicrobatchError",
@@ -48,3 +49,7 @@ class SweepDataError(NoiseScaleError, ValueError):
 
 class UnsupportedTorchError(NoiseScaleError, RuntimeError):
     """The installed torch lacks (or changed) a private API the meter's hooks rely on."""
+
+
+class DoubleBackwardError(NoiseScaleError, RuntimeError):
+    """An operation of the model or loss has no double backward, so no Hessian-vector product (B_noise)."""

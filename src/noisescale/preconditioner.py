@@ -24,6 +24,11 @@ preconditioned norms are NaN, and the preconditioned series skips that step (cou
 its ``skipped_steps``); the raw series is unaffected. ``1/eps`` in its place would weight
 those entries 10^8 times more than the others, a number of no optimiser.
 
+Cost: Adam's weights are computed once per step (a few elementwise passes over the
+parameters) and kept for the step: ``P^{1/2}`` for the ``microbatch`` norms (one tensor of
+the parameters' size), and ``P`` too for the per-example kernels (a second one). Every
+weighted norm is an elementwise product and a norm more per gradient.
+
 A fixed mapping ``{parameter: weights}`` (other diagonal optimisers, tests) must give
 every measured parameter a finite, non-negative tensor of its shape. Under DDP the weights
 must be the same on every rank: Adam's are (its state follows the all-reduced gradients);

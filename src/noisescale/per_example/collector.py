@@ -351,11 +351,9 @@ class PerExampleNorms:
         if norm_names and self._preconditioner is None:
             self._add_norms(unit, kernel.norms(unit.module, x, go, norm_names))
         elif norm_names:
-            plain, weighted = norm_pairs(
-                kernel, unit.module, x, go, norm_names, self._weights(unit, norm_names)
+            self._add_norms(
+                unit, *norm_pairs(kernel, unit.module, x, go, norm_names, self._weights(unit, norm_names))
             )
-            self._add_norms(unit, plain)
-            self._add_norms(unit, weighted, weighted=True)
         if grad_names:
             self._add_grads(unit, kernel.grads(unit.module, x, go, grad_names))
 
@@ -416,9 +414,9 @@ class PerExampleNorms:
                 self._add_norms(unit, fb.per_example_norms(unit.module, call, grads_out, norm_names))
             elif norm_names:
                 weights = self._weights(unit, norm_names)
-                plain, weighted = fb.per_example_norm_pairs(unit.module, call, grads_out, norm_names, weights)
-                self._add_norms(unit, plain)
-                self._add_norms(unit, weighted, weighted=True)
+                self._add_norms(
+                    unit, *fb.per_example_norm_pairs(unit.module, call, grads_out, norm_names, weights)
+                )
             if grad_names:
                 self._add_grads(unit, fb.per_example_grads(unit.module, call, grads_out, grad_names))
         finally:
@@ -445,13 +443,18 @@ class PerExampleNorms:
         zeros = head.new_zeros(n)
         return torch.stack([_total(c) if c else zeros for c in columns], 1)
 
-    def _add_norms(self, unit: Unit, norms: dict[str, Tensor], *, weighted: bool = False) -> None:
+    def _add_norms(
+        self, unit: Unit, norms: dict[str, Tensor], weighted: dict[str, Tensor] | None = None
+    ) -> None:
+        """Keep ``{name: [N]}`` squared norms, and the weighted ones in the columns after the plain ones."""
         columns = unit.columns
-        offset = self._num_groups if weighted else 0  # the weighted columns follow the plain ones
         task = tc.graph_task_id()
         with self._lock:
             parts = self._parts.setdefault(task, [])
-            parts.extend((unit, offset + columns[name], values) for name, values in norms.items())
+            parts.extend((unit, columns[name], values) for name, values in norms.items())
+            if weighted is not None:
+                g = self._num_groups
+                parts.extend((unit, g + columns[name], values) for name, values in weighted.items())
 
     def _add_grads(self, unit: Unit, grads: dict[str, Tensor]) -> None:
         task = tc.graph_task_id()
