@@ -14,7 +14,7 @@ import pytest
 from tests.distributed import fsdp_scenarios
 from tests.distributed.harness import run_spawned
 from tests.distributed.scenarios import WORLD
-from tests.distributed.test_ddp import _close
+from tests.distributed.test_ddp import check_equals_single
 
 pytestmark = pytest.mark.distributed
 
@@ -26,12 +26,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", list(fsdp_scenarios.SCENARIOS))
 def test_fsdp_equals_single_process_microbatches(ranks: list[dict[str, Any]], name: str) -> None:
-    ref = fsdp_scenarios.run_single(name)
-    got = ranks[0][name]
-    _close(got["estimate"], ref["estimate"])
-    assert ranks[1][name]["estimate"] == got["estimate"]  # every rank holds the same numbers
-    assert got["method"] == ("per_example" if name.startswith("per-example") else "fsdp")
-    assert got["warnings"] == []
+    check_equals_single(ranks, name, fsdp_scenarios.run_single(name), "fsdp")
+    assert ranks[0][name]["warnings"] == []
 
 
 def test_last_backward_without_sync_is_an_error(ranks: list[dict[str, Any]]) -> None:
