@@ -120,3 +120,9 @@ def test_scaler_inverse_scale_is_one_over_the_scale_on_the_device() -> None:
     scaler.scale(torch.ones(()))  # creates the scale tensor, as a training step does
     inv = tc.scaler_inverse_scale(scaler)
     assert inv is not None and inv.dtype == torch.float32 and inv.item() == 2.0**70
+
+
+def test_fsdp_internals_that_moved_are_named() -> None:
+    """A module without FSDP2's state stands for a torch whose internals moved: a clear error."""
+    with pytest.raises(UnsupportedTorchError, match=r"fully_shard \(FSDP2\) model on torch .*moved"):
+        tc.fsdp_parameters(nn.Linear(2, 1))

@@ -111,8 +111,8 @@ class GradientNoiseScale:
     It holds hooks and cannot be pickled: :meth:`load_state_dict` a :meth:`state_dict` instead.
 
     Args:
-        model: the module being trained, or its DistributedDataParallel wrapper. Only
-            parameters with ``requires_grad`` count.
+        model: the module being trained (``fully_shard`` or not), or its DistributedDataParallel
+            wrapper. Only parameters with ``requires_grad`` count.
         method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
             batch (the usual gradient-accumulation loop; no extra cost).
             ``"per_example"``: exact per-example squared norms from layer hooks
