@@ -96,11 +96,11 @@ def _check_params(model: nn.Module, sharded: bool) -> None:
                 "are not whole on any rank. Measure under fully_shard on a 1-D mesh, "
                 "DistributedDataParallel, or in one process with method='microbatch'."
             )
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
             raise DistributedSetupError(
                 f"parameter {name!r} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh: "
-                "noisescale measures fully_shard on a 1-D mesh (FSDP, not HSDP or FSDP with tensor "
-                "parallelism). Measure on a 1-D mesh or under DistributedDataParallel."
+                "noisescale measures fully_shard on a 1-D mesh, each rank a shard (FSDP, not HSDP or FSDP "
+                "with tensor parallelism). Measure on a 1-D mesh or under DistributedDataParallel."
             )
 
 

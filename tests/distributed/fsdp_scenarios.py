@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from noisescale import GradientNoiseScale
@@ -67,6 +68,14 @@ def _last_backward_unsynced(rank: int) -> str:
     return scenarios._expect_error(lambda: meter.update(16))
 
 
+def _hybrid_sharded() -> nn.Module:
+    """HSDP on a (replicate 1, shard 2) mesh: the parameters' placements are 2-D."""
+    mesh = init_device_mesh("cpu", (1, scenarios.WORLD), mesh_dim_names=("replicate", "shard"))
+    model = scenarios.make_model()
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _refused(make: Any) -> str:
     try:
         make()
@@ -87,6 +96,7 @@ def worker() -> dict[str, Any]:
     out["preconditioner"] = _refused(
         lambda: GradientNoiseScale(sharded(), method="microbatch", preconditioner={})
     )
+    out["hsdp"] = _refused(lambda: GradientNoiseScale(_hybrid_sharded(), method="microbatch"))
     plain = scenarios.make_model()
     out["fsdp-method-one-process"] = _refused(lambda: GradientNoiseScale(plain, method="fsdp"))
     dist.barrier()

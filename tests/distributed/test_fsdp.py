@@ -42,4 +42,5 @@ def test_fsdp_misuses_are_refused_clearly(ranks: list[dict[str, Any]]) -> None:
     assert "apply fully_shard to the root module" in got["root-not-sharded"]
     assert "method='ddp' measures a DistributedDataParallel model" in got["ddp-method"]
     assert "preconditioner under fully_shard" in got["preconditioner"]
+    assert "2-D mesh: noisescale measures fully_shard on a 1-D mesh" in got["hsdp"]
     assert "method='fsdp' measures a fully_shard" in got["fsdp-method-one-process"]
