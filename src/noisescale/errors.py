@@ -7,6 +7,7 @@ never an error: it is reported as ``resolved=False`` (see :mod:`noisescale.meter
 from __future__ import annotations
 
 __all__ = [
+    "BranchConfigError",
     "DatasetNotFoundError",
     "DoubleBackwardError",
     "NoiseScaleError",
@@ -41,6 +42,10 @@ class DatasetNotFoundError(NoiseScaleError, FileNotFoundError):
 
 class SweepConfigError(NoiseScaleError, ValueError):
     """A sweep's settings are invalid, or its directory holds another sweep's configuration."""
+
+
+class BranchConfigError(NoiseScaleError, ValueError):
+    """A branched measurement's settings are invalid, or its directory holds another one's."""
 
 
 class SweepDataError(NoiseScaleError, ValueError):
