@@ -186,3 +186,17 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
     assert code == 2
     assert stderr.strip() == f"error: --out {taken} is a file, not a folder: choose another --out"
     assert taken.read_text() == "something else"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fsdp"], "error: --fsdp needs torchrun with 2 or more processes"),
+        (["--method", "fsdp"], "error: --method fsdp needs torchrun with 2 or more processes"),
+        (["--fsdp", "--method", "ddp"], "the ddp method measures DDP: with --fsdp use --method fsdp"),
+    ],
+)
+def test_fsdp_outside_torchrun_is_a_usage_error(tmp_path: Path, args: list[str], message: str) -> None:
+    code, _, stderr = _run("--task", "digits", "--steps", "2", "--out", str(tmp_path / "x"), *args)
+    assert code == 2
+    assert message in " ".join(stderr.split())

@@ -14,6 +14,7 @@ from noisescale.cli import measure as measure_cli
 from noisescale.cli import sweep as sweep_cli
 from noisescale.cli.app import app
 from noisescale.experiments.optim import OPTIMIZERS
+from noisescale.experiments.sweep.run import EXECUTORS
 from noisescale.experiments.tasks import TASK_NAMES
 from noisescale.experiments.training import ONLY
 from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
@@ -155,7 +156,7 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
 
 def test_subcommands_share_the_option_choices() -> None:
     assert sweep_cli.TaskName is measure_cli.TaskName is common.TaskName
-    assert [m.value for m in common.MethodName] == ["per-example", "microbatch", "ddp"]  # measure
+    assert [m.value for m in common.MethodName] == ["per-example", "microbatch", "ddp", "fsdp"]  # measure
     assert [m.value for m in common.SweepMethodName] == ["per-example", "microbatch"]  # one process per run
 
 
@@ -168,6 +169,7 @@ def test_option_choices_spell_the_library_names_in_order() -> None:
     assert [(m.name, m.value) for m in common.MethodName] == spelled(METHODS)
     assert [(m.name, m.value) for m in common.SweepMethodName] == spelled(SINGLE_PROCESS_METHODS)
     assert [(m.name, m.value) for m in common.OptimizerName] == spelled(OPTIMIZERS)
+    assert [(m.name, m.value) for m in common.ExecutorName] == spelled(EXECUTORS)
     assert [m.value for m in common.OnlyName] == ["all", *[o for o in ONLY if o]]
     assert common.DEFAULT_TASK.value == "mnist"
 

@@ -146,7 +146,7 @@ def test_config_defaults_follow_the_method() -> None:
     [
         ({"batch_size": 30, "microbatches": 4}, ValueError, "not divisible by 4 micro-batches"),
         ({"method": "microbatch", "microbatches": 1}, ValueError, "at least 2 micro-batches"),
-        ({"method": "adam"}, ValueError, "one of 'per-example', 'microbatch', 'ddp' but got 'adam'"),
+        ({"method": "adam"}, ValueError, "one of 'per-example', 'microbatch', 'ddp', 'fsdp' but got 'adam'"),
         ({"lr": -1.0}, ValueError, "lr and momentum >= 0"),
         ({"batchsize": 3}, TypeError, "unknown TrainConfig fields"),
         ({"seed": 2**64}, ValueError, "expected `seed` in"),

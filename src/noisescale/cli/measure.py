@@ -8,6 +8,7 @@ Usage::
     noisescale measure --task shakespeare --only layernorm   # a transformer's LayerNorms only (cheap)
     noisescale measure --task linreg --b-noise                # B_noise (eq. 2.8) from Hessian-vector products
     noisescale measure --task mnist --adaptive --batch-size 32   # the batch grows with B_simple
+    torchrun --standalone --nproc_per_node=2 -m noisescale measure --task digits --fsdp   # FSDP2
 
 It shows a progress bar, then a table of B_simple with its interval, |G|^2, tr(Sigma),
 the loss, the learning rate and batch size (the temperature lr/B), and whether the
@@ -332,7 +333,8 @@ def measure(
         MethodName | None,
         typer.Option(
             help="per-example: exact per-example norms; microbatch: k-way estimator; ddp: k-way over "
-            "replicas x micro-batches (default under torchrun; else per-example)."
+            "replicas x micro-batches (default under torchrun; else per-example); fsdp: the same under "
+            "--fsdp (its default)."
         ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step (default: the task's).")] = None,
@@ -381,6 +383,10 @@ def measure(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<task>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    fsdp: Annotated[
+        bool,
+        typer.Option("--fsdp", help="Under torchrun: shard the model with fully_shard (FSDP2), not DDP."),
+    ] = False,
     b_noise: Annotated[
         bool, typer.Option(help="Probe B_noise (eq. 2.8) with Hessian-vector products; one process only.")
     ] = False,
@@ -395,7 +401,8 @@ def measure(
     """
     start = time.perf_counter()
     info = nsdist.init_from_env()  # torchrun with >= 2 processes: DDP over gloo (CPU) or nccl
-    chosen = method.value if method is not None else ("ddp" if info is not None else "per-example")
+    parallel = "fsdp" if fsdp else "ddp"
+    chosen = method.value if method is not None else (parallel if info is not None else "per-example")
     try:
         if threads is None:  # torchrun leaves OMP_NUM_THREADS=1; W ranks x 2 threads would oversubscribe
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -415,12 +422,14 @@ def measure(
             ema_decay=ema_decay,
             ema_examples=ema_examples,
             threads=threads,
+            fsdp=fsdp,
         )
         if config.steps < 1:
             raise ValueError("--steps must be at least 1")
-        if chosen == "ddp" and info is None:
+        if (chosen in ("ddp", "fsdp") or config.fsdp) and info is None:
+            given = [f"--method {chosen}"] * (method is not None) + ["--fsdp"] * fsdp
             raise ValueError(
-                "--method ddp needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 ...)"
+                f"{' '.join(given)} needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 ...)"
             )
         probe = None
         if b_noise:

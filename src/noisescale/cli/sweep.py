@@ -5,6 +5,7 @@ Usage::
     noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2      # 5-10 min on 2 cores
     noisescale sweep --task fashion-mnist --out runs/sweep-fashion-mnist --jobs 2   # about 9 min
     noisescale sweep --task digits --batch-size 8 --batch-size 32 --batch-size 128 --loss-goal 0.3
+    noisescale sweep --task mnist --out /shared/sweep-mnist --executor ray --address HOST:6379
 
 For a geometric grid of batch sizes it tunes the SGD learning rate per batch size (a grid
 centred on ``lr_max / (1 + lr_b_star/B)``, widened when the best value is on its edge), trains
@@ -12,7 +13,9 @@ every run to the goals (training-loss levels and a test-error level), fits
 ``S(B) = S_min (1 + B_crit/B)`` per goal (McCandlish et al. 2018, appendix A.2-A.3) and prints
 B_crit with its interval next to the run-averaged B_simple measured in the same runs.
 
-Runs go to ``--jobs`` processes; each finished run is saved at once in ``OUT/runs/`` and
+Runs go to ``--jobs`` processes, or with ``--executor ray`` to a Ray cluster, one task of one
+CPU per run (``pip install 'noisescale[ray]'``; ``OUT`` must then be on storage every node sees
+at the same path); each finished run is saved at once in ``OUT/runs/`` and
 re-running the same command resumes (finished runs are kept, interrupted ones redone). ``OUT``
 also gets ``config.json``, ``results.csv`` (readable by ``noisescale fit``), ``fit.json``,
 ``pareto.png`` and ``b_crit.png`` (training-loss goals) and ``pareto_test_error.png`` and
@@ -27,7 +30,7 @@ import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import typer
 from rich.console import Console
@@ -37,6 +40,7 @@ from noisescale.cli.common import (
     DEFAULT_TASK,
     BootstrapOption,
     ConfidenceOption,
+    ExecutorName,
     SweepMethodName,
     TaskName,
     fail,
@@ -44,6 +48,7 @@ from noisescale.cli.common import (
 from noisescale.cli.fit import output_console, report_notes, report_table
 from noisescale.errors import DatasetNotFoundError, NoiseScaleError
 from noisescale.experiments.sweep import RunRecord, RunSpec, SweepConfig, SweepResult, run_sweep
+from noisescale.experiments.sweep.run import Executor
 
 __all__ = ["sweep"]
 
@@ -113,6 +118,14 @@ def sweep(
     bootstrap: BootstrapOption = 1000,
     confidence: ConfidenceOption = 0.95,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+    executor: Annotated[
+        ExecutorName,
+        typer.Option(help="local: a pool of --jobs processes; ray: one Ray task (one CPU) per run."),
+    ] = ExecutorName.local,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (--executor ray; default: RAY_ADDRESS, else a local one)."),
+    ] = None,
 ) -> None:
     """Measure B_crit of a built-in task with a batch-size sweep, next to its B_simple.
 
@@ -141,8 +154,11 @@ def sweep(
         )
     except (NoiseScaleError, ValueError) as exc:
         raise fail(str(exc), 2) from None
+    if address is not None and executor is not ExecutorName.ray:
+        raise fail("--address is the Ray cluster's: add --executor ray", 2)
     folder = out if out is not None else Path("runs") / f"sweep-{config.task}"
-    result = _run(config, folder, jobs or _default_jobs(), bootstrap, confidence, progress)
+    where = _Where(jobs or _default_jobs(), executor.value, address)
+    result = _run(config, folder, where, bootstrap, confidence, progress)
     console = output_console()
     console.print(report_table(result.report, title=f"critical batch size: {config.task}"))
     for line in report_notes(result.report):
@@ -154,8 +170,19 @@ def sweep(
     )
 
 
+class _Where(NamedTuple):
+    """Where the runs train."""
+
+    jobs: int
+    executor: Executor
+    address: str | None
+
+    def describe(self) -> str:
+        return f"{self.jobs} jobs" if self.executor == "local" else "on Ray"
+
+
 def _run(
-    config: SweepConfig, folder: Path, jobs: int, bootstrap: int, confidence: float, show: bool
+    config: SweepConfig, folder: Path, where: _Where, bootstrap: int, confidence: float, show: bool
 ) -> SweepResult:
     """Run the sweep with a progress bar over the runs; errors become one line and an exit code."""
     err = Console(stderr=True, highlight=False)
@@ -165,7 +192,7 @@ def _run(
 
         def on_plan(specs: list[RunSpec]) -> None:
             total = bar.tasks[0].total or 0
-            bar.update(task_id, total=total + len(specs), description=f"runs ({jobs} jobs)")
+            bar.update(task_id, total=total + len(specs), description=f"runs ({where.describe()})")
 
         def on_record(spec: RunSpec, record: RunRecord) -> None:
             bar.advance(task_id)
@@ -174,8 +201,8 @@ def _run(
 
         try:
             return run_sweep(
-                config, folder, jobs=jobs, on_record=on_record, on_plan=on_plan,
-                n_bootstrap=bootstrap, confidence=confidence,
+                config, folder, jobs=where.jobs, on_record=on_record, on_plan=on_plan,
+                n_bootstrap=bootstrap, confidence=confidence, executor=where.executor, address=where.address,
             )  # fmt: skip
         except BrokenProcessPool:
             msg = f"a worker process died (out of memory?); finished runs are saved in {folder}/runs"

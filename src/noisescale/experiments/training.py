@@ -25,9 +25,8 @@ sweep that trains to a loss goal); :func:`train` runs it for a number of steps w
 an optional per-step callback and stop condition. Runs are deterministic given
 ``seed`` and the number of torch threads.
 
-The noise scale depends on the temperature ``lr / B`` (McCandlish et al. 2018,
-appendix C): every :class:`StepRecord` keeps the learning rate and the batch size. Models
-are evaluated by :mod:`noisescale.experiments.evaluation`.
+B_simple depends on the temperature ``lr / B`` (McCandlish et al. 2018, appendix C): every
+:class:`StepRecord` keeps both. Models are evaluated by :mod:`noisescale.experiments.evaluation`.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 import noisescale.distributed as nsdist
+from noisescale import fsdp
 from noisescale.control.controller import BatchChange, BatchSizeController
 from noisescale.experiments.adaptive import AdaptiveSettings, make_controller
 from noisescale.experiments.optim import check_optimizer, make_optimizer
@@ -125,6 +125,8 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` value, or None to leave it as is.
         device: where the model and the batches live (``"cpu"``, ``"cuda"``...); the data
             is sampled on the CPU (reproducible) and each batch is copied over.
+        fsdp: under torchrun, shard the model with ``fully_shard`` (FSDP2,
+            :func:`noisescale.fsdp.wrap_fsdp`) instead of DDP; implied by ``method="fsdp"``.
     """
 
     batch_size: int
@@ -146,11 +148,15 @@ class TrainConfig:
     measure_every: int = 1
     threads: int | None = None
     device: str = "cpu"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field; the messages say what to change."""
         if self.method is not None:
             object.__setattr__(self, "method", parse_method(self.method))
+        object.__setattr__(self, "fsdp", self.fsdp or self.method == "fsdp")
+        if self.fsdp and self.method == "ddp":
+            raise ValueError("the ddp method measures DDP: with --fsdp use --method fsdp or per-example")
         for name in ("batch_size", "microbatches", "measure_every", "units_per_example"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"expected `{name}` >= 1 but got {getattr(self, name)}")
@@ -326,7 +332,7 @@ class Trainer:
         self.model: nn.Module = task.make_model(config.seed).to(config.device)  # same weights on every rank
         self.model.train()
         if dist is not None:
-            self.model = nsdist.wrap_ddp(self.model, dist)
+            self.model = (fsdp.wrap_fsdp if config.fsdp else nsdist.wrap_ddp)(self.model, dist)
         self.optimizer, self.scheduler = make_optimizer(
             self.model.parameters(),
             config.optimizer,
@@ -487,5 +493,8 @@ def train(
                 break
         estimate = trainer.estimate()  # every step (under DDP a collective, on every rank)
         model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
+        if config.fsdp and dist is not None:  # FSDP2: a whole copy (gathered on every rank) for rank 0
+            model = task.make_model(config.seed).to(config.device)
+            model.load_state_dict(fsdp.full_state_dict(trainer.model))
     schedule = None if trainer.controller is None else trainer.controller.schedule
     return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped, schedule)

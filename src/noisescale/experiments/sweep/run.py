@@ -12,7 +12,8 @@ step-weighted mean, over the steps up to it, of the meter's smoothed B_simple
 (:func:`noisescale.critical.goals.run_mean`; McCandlish et al. 2018, appendix D).
 
 Runs are deterministic given the seed (one torch thread each), so a resumed sweep ends with
-the same records as an uninterrupted one, whatever the number of parallel jobs.
+the same records as an uninterrupted one, whatever the number of parallel jobs, and whether they
+ran in local processes or as Ray tasks (:mod:`noisescale.experiments.sweep.on_ray`).
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
@@ -27,7 +28,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,7 +40,11 @@ from noisescale.experiments.sweep.store import CurvePoint, GoalRecord, RunRecord
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import Trainer
 
-__all__ = ["execute_runs", "goal_crossing", "run_one", "train_run"]
+__all__ = ["EXECUTORS", "Executor", "execute_runs", "goal_crossing", "run_one", "train_run"]
+
+Executor = Literal["local", "ray"]
+"""Where a sweep's runs train: ``local`` processes (a process pool), or ``ray`` tasks on a Ray cluster."""
+EXECUTORS: tuple[Executor, ...] = ("local", "ray")
 
 _DIVERGED = 3.0  # a training loss above this many times the initial one counts as diverged
 # A run is "stalled" when its loss is still above _STALL_LOSS times the initial one after
@@ -246,24 +251,35 @@ def execute_runs(
     *,
     jobs: int = 1,
     on_record: Callable[[RunSpec, RunRecord], None] | None = None,
+    executor: Executor = "local",
+    address: str | None = None,
 ) -> dict[RunSpec, RunRecord]:
     """Train ``specs`` (largest batch sizes first), ``jobs`` at a time, each writing its record.
 
     With ``jobs > 1`` the runs go to a pool of spawned processes with one torch thread each;
     with ``jobs == 1`` they run in this process, also with one thread (the same results).
+    With ``executor="ray"`` each run is a Ray task of one CPU instead (``jobs`` is then Ray's
+    to choose: :func:`noisescale.experiments.sweep.on_ray.execute_on_ray`).
 
     Args:
         config: the sweep.
         specs: runs to train.
-        out: the sweep directory.
-        jobs: parallel processes.
+        out: the sweep directory (under Ray, on storage every worker sees).
+        jobs: parallel processes (``local``).
         on_record: called in this process with every finished run (progress, tests).
+        executor: ``"local"`` or ``"ray"``.
+        address: the Ray cluster's address (``ray``; default: the running one, ``RAY_ADDRESS``,
+            or a new local one).
 
     Returns:
         The records of the runs trained.
     """
     order = sorted(specs, key=lambda s: (-s.batch_size, s.lr_index))
     values, done = config.to_dict(), {}
+    if executor == "ray":
+        from noisescale.experiments.sweep.on_ray import execute_on_ray
+
+        return execute_on_ray(values, order, str(out), address=address, on_record=on_record)
     if jobs <= 1 or len(order) <= 1:
         for spec in order:
             done[spec] = run_one(values, (spec.batch_size, spec.lr_index), str(out))
