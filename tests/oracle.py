@@ -28,3 +28,20 @@ def per_example_grads(shape: tuple[int, ...], generator: torch.Generator) -> tor
     """Per-example gradients ``[*shape, 5]`` at w = delta: g = x (x.delta - y)."""
     x, y = sample_xy(shape, generator)
     return x * (x @ DELTA - y).unsqueeze(-1)
+
+
+# A fixed diagonal preconditioner for the oracle (weights per coordinate).
+PRECONDITIONER = torch.tensor([0.5, 2.0, 1.0, 4.0, 0.25], dtype=torch.float64)
+
+
+def preconditioned_truth(p: torch.Tensor = PRECONDITIONER) -> tuple[float, float, float]:
+    """``(G^T P G, tr(P Sigma), B_P)`` at the test vector, for ``P = diag(p)``.
+
+    From SCIENCE.md's G = Lam delta and Sigma = (delta^T Lam delta + sigma^2) Lam + Lam delta delta^T Lam:
+    tr(P Sigma) = (delta^T Lam delta + sigma^2) sum_i p_i lam_i + sum_i p_i (lam_i delta_i)^2 and
+    G^T P G = sum_i p_i (lam_i delta_i)^2.
+    """
+    g = LAM * DELTA
+    grad_norm_sq = float((p * g.square()).sum())
+    trace_sigma = float((DELTA @ (LAM * DELTA) + SIGMA**2) * (p * LAM).sum()) + grad_norm_sq
+    return grad_norm_sq, trace_sigma, trace_sigma / grad_norm_sq

@@ -63,6 +63,14 @@ def test_overhead_smallest_run_writes_records(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_preconditioned_smallest_run_writes_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "preconditioned.json"
+    run_script("preconditioned.py", "--models", "mlp", "--rounds", "1", "--steps", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["results"]["mlp"]
+    assert rows["microbatch+P"]["ratio_median"] > 0 and rows["per_example+P"]["ratio_median"] > 0
+
+
+@pytest.mark.slow
 def test_accuracy_smallest_run_writes_tables(tmp_path: Path) -> None:
     out = tmp_path / "accuracy.json"
     run_script(

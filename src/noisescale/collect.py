@@ -13,6 +13,11 @@ kernel for the small ones; the meter sums parameters into groups). With per-exam
 kernels attached, a record holds their ``[N, G]`` per-example squared norms per group
 instead.
 
+With a diagonal preconditioner (:mod:`noisescale.preconditioner`) every squared norm is
+taken twice, plainly and weighted, ``|P^{1/2} g|^2 = sum_j P_j g_j^2``: the ``P`` weighted
+columns follow the ``P`` plain ones (``[k + 1, 2 P]``), and the per-example kernels give
+``[N, 2 G]``. Without one nothing of it runs.
+
 AMP: with a ``torch.amp.GradScaler`` the gradients backward computes are scaled by
 the scaler's current scale ``s`` (GradScaler changes it only in ``update()``, between
 optimiser steps). They are unscaled (multiplied by ``1/s``, exact for GradScaler's
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 from noisescale import _torch_compat as tc
+from noisescale.preconditioner import Preconditioner, weighted
 
 if TYPE_CHECKING:
     from noisescale.per_example import PerExampleNorms
@@ -49,7 +55,8 @@ class MicrobatchRecord:
     """What one backward pass contributed.
 
     ``values`` (``microbatch``; ``per_example`` under DDP): per parameter, the 0-d squared
-    norm of this backward's gradient, or None (it had none). ``per_example``: ``[N, G]`` squared norms of each
+    norm of this backward's gradient, or None (it had none); with a preconditioner the ``P``
+    weighted ones follow. ``per_example``: ``[N, G]`` (``[N, 2 G]``) squared norms of each
     example's contribution. Both with the AMP loss scale already removed.
     """
 
@@ -217,6 +224,8 @@ class GradientRecorder:
         snapshot: also take the squared norms of the accumulated ``.grad`` at the end
             of every backward (:attr:`snapshot`), for gradients clipped before the
             meter reads them.
+        preconditioner: also take every squared norm weighted by its ``P`` (one more
+            elementwise product and norm per gradient).
     """
 
     def __init__(
@@ -227,8 +236,11 @@ class GradientRecorder:
         per_example: PerExampleNorms | None = None,
         snapshot: bool = False,
         backward_norms: bool = False,
+        preconditioner: Preconditioner | None = None,
     ) -> None:
         self.params = list(params)
+        self.preconditioner = preconditioner
+        self._columns = len(self.params) * (1 if preconditioner is None else 2)
         self.scaler = scaler
         self.per_example = per_example
         self.backward_norms = per_example is None or backward_norms  # records hold ``values``
@@ -260,6 +272,9 @@ class GradientRecorder:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
             held[i] = squared_norm(grad, self._inv_scale[task])
+            if self.preconditioner is not None:
+                root = self.preconditioner.roots()[i]
+                held[len(self.params) + i] = squared_norm(weighted(grad, root), self._inv_scale[task])
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
@@ -292,7 +307,7 @@ class GradientRecorder:
             self._current = MicrobatchRecord()
         self._newest_task = max(self._newest_task, task)
         self._record_of[task] = self._current
-        held = self._held[task] = [None] * len(self.params)
+        held = self._held[task] = [None] * self._columns
         self._inv_scale[task] = tc.scaler_inverse_scale(self.scaler)
         tc.queue_callback(partial(self._on_backward, task))
         return held
@@ -329,6 +344,7 @@ class GradientRecorder:
         With ``big``, one more row last: the accumulated ``.grad`` (the big batch), or the
         :attr:`snapshot` taken after the last backward when there is one. One stack for
         the whole step; zero where a backward gave a parameter no gradient.
+        With a preconditioner ``[k, 2 P]``: the weighted ones follow the plain ones.
 
         Raises:
             ValueError: if a record holds per-example norms only (``per_example`` recorder).
@@ -344,7 +360,7 @@ class GradientRecorder:
             if all(p.grad is None for p in self.params):
                 raise RuntimeError(_NO_GRAD)
             inv_scale = self._grad_inv_scale()
-            values += [_norm_or_hold(p.grad, inv_scale) for p in self.params]
+            values += [_norm_or_hold(g, inv_scale) for g in self._grads()]
             rows += 1
         out = [_squared(values, inv_scale).view(rows, -1)] if values else []
         if snapshot is not None:
@@ -354,13 +370,22 @@ class GradientRecorder:
     def accumulated_sq_norms(self) -> torch.Tensor:
         """``[P]`` float64 squared norms of the accumulated ``.grad`` (the big batch), AMP scale removed.
 
+        With a preconditioner ``[2 P]``: the weighted ones follow.
+
         Raises:
             RuntimeError: if no parameter has a gradient.
         """
-        grads = [p.grad for p in self.params]
-        if all(g is None for g in grads):
+        if all(p.grad is None for p in self.params):
             raise RuntimeError(_NO_GRAD)
-        return squared_norms(grads, self._grad_inv_scale())
+        return squared_norms(self._grads(), self._grad_inv_scale())
+
+    def _grads(self) -> list[torch.Tensor | None]:
+        """Every ``.grad``, then, with a preconditioner, each weighted by its ``P^{1/2}``."""
+        grads = [p.grad for p in self.params]
+        if self.preconditioner is None:
+            return grads
+        roots = self.preconditioner.roots()
+        return grads + [None if g is None else weighted(g, r) for g, r in zip(grads, roots, strict=True)]
 
     def _grad_inv_scale(self) -> torch.Tensor | None:
         """0-d float32 ``1/s`` for ``.grad``: None unless scaled and not yet unscaled."""

@@ -48,6 +48,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "clip-before-update": {"batch": 16, "m": 2, "clip": True},
     "inner-hook": {"batch": 16, "m": 2, "inner_hook": True},
     "forward-outside-no-sync": {"batch": 16, "m": 2, "mode": "forward_outside"},
+    # The preconditioned noise scale: fixed weights, and AdamW's (the same state on every rank).
+    "preconditioned": {"batch": 16, "m": 2, "preconditioner": "fixed", "sync_every": 3},
+    "preconditioned-adam": {"batch": 24, "m": 3, "preconditioner": "adam", "optimizer_groups": True},
 }
 if PER_EXAMPLE_AVAILABLE:
     SCENARIOS["per-example"] = {"batch": 16, "m": 1, "method": "per_example"}
@@ -57,6 +60,13 @@ if PER_EXAMPLE_AVAILABLE:
         "m": 2,
         "method": "per_example",
         "accumulation": "example_mean",
+    }
+    SCENARIOS["per-example-preconditioned-adam"] = {
+        "batch": 18,
+        "m": 2,
+        "method": "per_example",
+        "preconditioner": "adam",
+        "sync_every": 4,
     }
 
 
@@ -86,22 +96,36 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) ->
     return per_example.mean() if reduction == "mean" else per_example.sum()
 
 
-def _optimizer(model: nn.Module, grouped: bool, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, grouped: bool, lr: float, adam: bool = False) -> torch.optim.Optimizer:
     params = list(nsdist.unwrap_model(model).parameters())
+    cls = torch.optim.AdamW if adam else torch.optim.SGD
     if not grouped:
-        return torch.optim.SGD(params, lr=lr)
+        return cls(params, lr=lr)
     weights = [p for p in params if p.dim() > 1]
     biases = [p for p in params if p.dim() == 1]
-    return torch.optim.SGD(
+    return cls(
         [{"params": weights, "name": "weights"}, {"params": biases, "name": "biases", "lr": 0.02}], lr=0.05
     )
+
+
+def _preconditioner(model: nn.Module, kind: str | None) -> Any:
+    """``"adam"``, or fixed weights in [0.5, 1.5) (the same on every rank: a seeded generator)."""
+    if kind != "fixed":
+        return kind
+    gen = torch.Generator().manual_seed(11)
+    return {
+        p: 0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype)
+        for p in nsdist.unwrap_model(model).parameters()
+    }
 
 
 def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str, Any]:
     """Train STEPS steps; ``ranks`` = [rank] under DDP, all ranks in one process."""
     m_per_step = spec.get("m_per_step", [spec["m"]])
     reduction, accumulation = spec.get("reduction", "mean"), spec.get("accumulation", "mean")
-    opt = _optimizer(model, spec.get("optimizer_groups", False), spec.get("lr", 0.01))
+    opt = _optimizer(
+        model, spec.get("optimizer_groups", False), spec.get("lr", 0.01), spec.get("preconditioner") == "adam"
+    )
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if spec.get("scaler") else None
     if spec.get("inner_hook") and ddp:  # the user's own communication hook: the meter reads .grad after it
@@ -115,7 +139,8 @@ def train(spec: dict[str, Any], model: nn.Module, ranks: list[int]) -> dict[str,
         accumulation=accumulation,
         ema_decay=1.0,
         scaler=scaler,
-        optimizer=opt if spec.get("optimizer_groups") else None,
+        optimizer=opt if spec.get("optimizer_groups") or spec.get("preconditioner") == "adam" else None,
+        preconditioner=_preconditioner(model, spec.get("preconditioner")),
         # Clipping before update() needs the end-of-backward snapshot (under DDP: after the all-reduce).
         read_grad="after_backward" if spec.get("clip") else "at_update",
         sync_every=spec.get("sync_every", 16),  # 16 > STEPS: only the sync() below exchanges

@@ -36,6 +36,10 @@ def _close(got: dict[str, Any], ref: dict[str, Any]) -> None:
         assert _same(got[key], ref[key]), (key, got[key], ref[key])
     assert got["examples"] == ref["examples"]
     assert got["steps"] == ref["steps"]
+    assert (got["preconditioned"] is None) == (ref["preconditioned"] is None)
+    if ref["preconditioned"] is not None:  # the weighted rows travel and fold as the raw ones do
+        _close(got["preconditioned"], ref["preconditioned"])
+        assert got["preconditioned"]["skipped_steps"] == ref["preconditioned"]["skipped_steps"]
     for part in ("groups", "param_groups"):
         assert got[part].keys() == ref[part].keys()
         for name in ref[part]:

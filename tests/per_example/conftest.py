@@ -1,7 +1,8 @@
 """Brute-force references for the per-example kernels, as fixtures (BackPACK's autograd loop).
 
 Both work in whatever dtype the graph has (the tests use float64) and return ``[N, G]``
-squared norms of each example's contribution to each group's gradient.
+squared norms of each example's contribution to each group's gradient; given ``weights`` (a
+diagonal preconditioner ``{param: P}``), the weighted ones ``sum_j P_j c_nj^2``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,36 @@ from torch import Tensor, nn
 Groups = Sequence[Sequence[nn.Parameter]]
 
 
-def _norms(contributions: dict[int, Tensor], groups: Groups, n: int, like: Tensor) -> Tensor:
+Weights = dict[Tensor, Tensor] | None
+
+
+def _norms(
+    contributions: dict[int, Tensor], groups: Groups, n: int, like: Tensor, weights: Weights
+) -> Tensor:
     out = like.new_zeros(n, len(groups))
+    by_id = {} if weights is None else {id(p): w for p, w in weights.items()}
     for j, group in enumerate(groups):
         for p in group:
             if id(p) in contributions:
-                out[:, j] += contributions[id(p)].flatten(1).square().sum(1)
+                sq = contributions[id(p)].square()
+                out[:, j] += (sq * by_id[id(p)] if weights is not None else sq).flatten(1).sum(1)
     return out
 
 
-def per_example_loss_reference(losses: Tensor, groups: Groups, *, reduction: str = "mean") -> Tensor:
+def random_weights(groups: Groups, seed: int = 0) -> dict[Tensor, Tensor]:
+    """A fixed diagonal preconditioner: weights in [0.1, 1.1) for every trainable parameter of ``groups``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        p: 0.1 + torch.rand(p.shape, generator=gen, dtype=p.dtype)
+        for g in groups
+        for p in g
+        if p.requires_grad
+    }
+
+
+def per_example_loss_reference(
+    losses: Tensor, groups: Groups, *, reduction: str = "mean", weights: Weights = None
+) -> Tensor:
     """Per-example gradients by one ``autograd.grad`` per example loss, on the batch graph.
 
     Valid when examples do not interact (no BatchNorm in train mode): example n's
@@ -34,6 +55,7 @@ def per_example_loss_reference(losses: Tensor, groups: Groups, *, reduction: str
         losses: ``[N]`` per-example losses (reduction='none'), graph retained.
         groups: parameter groups; frozen parameters are skipped.
         reduction: "mean" (divide by N) or "sum".
+        weights: a diagonal preconditioner ``{param: P}``: the weighted norms instead.
 
     Returns:
         ``[N, G]``.
@@ -46,11 +68,14 @@ def per_example_loss_reference(losses: Tensor, groups: Groups, *, reduction: str
         id(p): torch.stack([torch.zeros_like(p) if r[k] is None else r[k] * scale for r in rows])
         for k, p in enumerate(params)
     }
-    return _norms(contributions, groups, n, losses)
+    return _norms(contributions, groups, n, losses, weights)
 
 
 def contribution_reference(
-    loss: Tensor, uses: Sequence[tuple[Tensor, Sequence[nn.Parameter]]], groups: Groups
+    loss: Tensor,
+    uses: Sequence[tuple[Tensor, Sequence[nn.Parameter]]],
+    groups: Groups,
+    weights: Weights = None,
 ) -> Tensor:
     """Per-example contributions by masking each layer output's gradient to one example.
 
@@ -63,6 +88,7 @@ def contribution_reference(
         loss: the scalar batch loss, graph retained.
         uses: ``(output, params)`` for each layer call.
         groups: parameter groups.
+        weights: a diagonal preconditioner ``{param: P}``: the weighted norms instead.
 
     Returns:
         ``[N, G]``.
@@ -78,7 +104,7 @@ def contribution_reference(
             for p, g in zip(params, torch.autograd.grad(out, params, masked, retain_graph=True), strict=True):
                 per = contributions.setdefault(id(p), torch.zeros(n, *p.shape, dtype=p.dtype))
                 per[i] += g
-    return _norms(contributions, groups, n, loss)
+    return _norms(contributions, groups, n, loss, weights)
 
 
 # float64 round-off: every entry is a sum of at most a few hundred products of O(1) numbers,

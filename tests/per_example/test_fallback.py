@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example import fallback as fb
+from noisescale.preconditioner import Preconditioner
+from tests.per_example.conftest import random_weights
 
 F64 = torch.float64
 N = 4
@@ -34,9 +36,13 @@ def bn_model() -> nn.Module:
     ).to(F64)
 
 
-def test_batchnorm_matches_masked_contributions(masked_reference: Callable, check_norms: Callable) -> None:
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "preconditioned"])
+def test_batchnorm_matches_masked_contributions(
+    precondition: bool, masked_reference: Callable, check_norms: Callable
+) -> None:
     """In train mode examples interact through the batch statistics; the fallback gives the
-    decomposition of the batch gradient by output row (statistics held fixed), like every kernel."""
+    decomposition of the batch gradient by output row (statistics held fixed), like every kernel;
+    under a preconditioner its weighted norms follow."""
     model = bn_model()
     outputs: dict[str, Tensor] = {}
     for name in ("conv", "bn", "head"):
@@ -44,13 +50,18 @@ def test_batchnorm_matches_masked_contributions(masked_reference: Callable, chec
             lambda m, a, o, name=name: outputs.__setitem__(name, o)
         )
     groups = [list(model.conv.parameters()), list(model.bn.parameters()), list(model.head.parameters())]
-    pe = PerExampleNorms(model, groups, fallback=True)
+    weights = random_weights(groups) if precondition else None
+    pre = None if weights is None else Preconditioner(list(weights), weights)
+    pe = PerExampleNorms(model, groups, fallback=True, preconditioner=pre)
     loss = pel(model(torch.randn(N, 2, 5, 5, dtype=F64))).mean()
     loss.backward(retain_graph=True)
     got = pe.pop()
     pe.remove()
     uses = [(outputs[name], list(model.get_submodule(name).parameters())) for name in ("conv", "bn", "head")]
-    check_norms(got, masked_reference(loss, uses, groups))
+    expected = masked_reference(loss, uses, groups)
+    if weights is not None:
+        expected = torch.cat([expected, masked_reference(loss, uses, groups, weights=weights)], 1)
+    check_norms(got, expected)
 
 
 def test_batchnorm_contributions_sum_to_the_true_gradient() -> None:
@@ -126,24 +137,32 @@ def attention() -> tuple[nn.Module, Tensor]:
     ).to(F64), torch.randn(N, 3, 4, dtype=F64)
 
 
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "preconditioned"])
 @pytest.mark.parametrize(
     "build", [custom_layer, attention], ids=["custom-param-dropout", "transformer-encoder"]
 )
 def test_fallback_layers_match_per_example_autograd(
-    build: Callable[[], tuple[nn.Module, Tensor]], per_example_reference: Callable, check_norms: Callable
+    build: Callable[[], tuple[nn.Module, Tensor]],
+    precondition: bool,
+    per_example_reference: Callable,
+    check_norms: Callable,
 ) -> None:
     """Examples are independent here, so the per-example-loss loop is the reference; the random
-    masks of the first forward are replayed by the recompute."""
+    masks of the first forward are replayed by the recompute (and give the weighted norms too)."""
     torch.manual_seed(0)
     model, x = build()
     groups = [[p] for p in model.parameters()]
-    pe = PerExampleNorms(model, groups, fallback=True)
+    weights = random_weights(groups) if precondition else None
+    pre = None if weights is None else Preconditioner(list(weights), weights)
+    pe = PerExampleNorms(model, groups, fallback=True, preconditioner=pre)
     losses = pel(model(x))
     losses.mean().backward(retain_graph=True)
     got = pe.pop()
     pe.remove()
     expected = per_example_reference(losses, groups)
     assert bool((expected > 0).all())
+    if weights is not None:
+        expected = torch.cat([expected, per_example_reference(losses, groups, weights=weights)], 1)
     check_norms(got, expected)
 
 

@@ -2,19 +2,22 @@
 
 Each case builds a float64 model and a function giving its per-example losses
 ``[N]`` (reduction='none'); the batch loss is their mean. PerExampleNorms must give,
-per parameter group, the squared norm of ``grad(loss_n) / N``.
+per parameter group, the squared norm of ``grad(loss_n) / N``; under a fixed diagonal
+preconditioner ``P`` also its weighted squared norm ``sum_j P_j (grad(loss_n) / N)_j^2``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from noisescale.per_example import PerExampleNorms, conv, embedding, find_kernel, kernel, linear
+from noisescale.preconditioner import Preconditioner
+from tests.per_example.conftest import assert_norms_match, per_example_loss_reference, random_weights
 
 F64 = torch.float64
 N = 4  # examples
@@ -221,17 +224,35 @@ CASES = [
 ]
 
 
-def run_case(case: Case) -> tuple[Tensor | None, Tensor, list[list[nn.Parameter]], PerExampleNorms]:
-    """Backward the mean loss with PerExampleNorms attached; return (pop(), losses, groups, pe)."""
+def run_case(
+    case: Case, *, precondition: bool = False
+) -> tuple[Tensor | None, Tensor, list[list[nn.Parameter]], dict[Tensor, Tensor] | None]:
+    """Backward the mean loss with PerExampleNorms attached; return (pop(), losses, groups, weights)."""
     torch.manual_seed(0)
     model, forward = case.build()
     groups = case.groups(model)
-    pe = PerExampleNorms(model, groups)
+    weights = random_weights(groups) if precondition else None
+    pre = None if weights is None else Preconditioner(list(weights), weights)
+    pe = PerExampleNorms(model, groups, preconditioner=pre)
     losses = forward(model)
     losses.mean().backward(retain_graph=True)
     got = pe.pop()
     pe.remove()
-    return got, losses, groups, pe
+    return got, losses, groups, weights
+
+
+def check_pairs(got: Tensor | None, losses: Tensor, groups: list[list[nn.Parameter]], weights: Any) -> None:
+    """``[N, 2 G]``: the plain norms, then the weighted ones, each against the autograd loop."""
+    plain = per_example_loss_reference(losses, groups)
+    assert_norms_match(
+        got, torch.cat([plain, per_example_loss_reference(losses, groups, weights=weights)], 1)
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_preconditioned_norms_match_per_example_autograd(case: Case) -> None:
+    """Every kernel's weighted norms (cheap forms, materialised chunks, shared parameters), plain ones too."""
+    check_pairs(*run_case(case, precondition=True))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -267,21 +288,35 @@ def test_sequence_routes_and_chunks_are_exact(
     check_norms(got, per_example_reference(losses, groups))
 
 
+@pytest.mark.parametrize("rows", [1, 3], ids=["1-row-chunks", "3-row-chunks"])
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=[c.id for c in SEQUENCE_CASES])
+def test_preconditioned_chunks_are_exact(case: Case, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weighted norms of sequences and convolutions in chunks of examples (N = 4 = 3 + 1)."""
+    for module in (linear, conv, kernel):
+        monkeypatch.setattr(module, "chunk_rows", lambda per_row: rows)
+    check_pairs(*run_case(case, precondition=True))
+
+
 EMBEDDING_CASES = [c for c in CASES if c.id.startswith(("embedding", "transformer"))]
 
 
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "preconditioned"])
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "sorted-runs"])
 @pytest.mark.parametrize("case", EMBEDDING_CASES, ids=[c.id for c in EMBEDDING_CASES])
 def test_both_embedding_routes_are_exact(
     case: Case,
     dense: bool,
+    precondition: bool,
     monkeypatch: pytest.MonkeyPatch,
     per_example_reference: Callable,
     check_norms: Callable,
 ) -> None:
     monkeypatch.setattr(embedding, "use_dense", lambda v, t: dense)
-    got, losses, groups, _ = run_case(case)
-    check_norms(got, per_example_reference(losses, groups))
+    got, losses, groups, weights = run_case(case, precondition=precondition)
+    if precondition:
+        check_pairs(got, losses, groups, weights)
+    else:
+        check_norms(got, per_example_reference(losses, groups))
 
 
 def test_route_choices_count_the_work() -> None:

@@ -53,7 +53,8 @@ def estimate_scalars(
     number), ``<prefix>/b_simple_low`` and ``_high`` (interval, only when resolved),
     ``<prefix>/grad_norm_sq``, ``<prefix>/trace_sigma``, ``<prefix>/resolved`` (0 or 1),
     and with ``groups`` the same three per module (``<prefix>/module/<name>/...``) and per
-    optimizer parameter group (``<prefix>/param_group/<name>/...``).
+    optimizer parameter group (``<prefix>/param_group/<name>/...``). Under a preconditioner the
+    same three and ``resolved`` of ``estimate.preconditioned`` under ``<prefix>/preconditioned/``.
 
     Example:
         >>> import torch
@@ -73,6 +74,9 @@ def estimate_scalars(
     if estimate.b_simple_ci is not None:
         out[f"{prefix}/b_simple_low"], out[f"{prefix}/b_simple_high"] = estimate.b_simple_ci
     out[f"{prefix}/resolved"] = float(estimate.resolved)
+    if estimate.preconditioned is not None:
+        _part(out, f"{prefix}/preconditioned/", estimate.preconditioned)
+        out[f"{prefix}/preconditioned/resolved"] = float(estimate.preconditioned.resolved)
     if groups:
         for name, est in estimate.groups.items():
             _part(out, f"{prefix}/module/{name}/", est)

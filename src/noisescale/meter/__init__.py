@@ -5,7 +5,9 @@ A thin stateful wrapper: hooks record squared gradient norms (:mod:`noisescale.c
 the estimators as matrices of :mod:`noisescale.estimators`, makes its unbiased |G|^2 and
 tr(Sigma); :mod:`noisescale.meter.state` averages them apart (:mod:`noisescale.smoothing`);
 B_simple with its interval is formed only in :meth:`GradientNoiseScale.compute`
-(:mod:`noisescale.uncertainty`, :mod:`noisescale.meter.results`). Under DDP the steps
+(:mod:`noisescale.meter.averages`, :mod:`noisescale.uncertainty`, :mod:`noisescale.meter.results`).
+Under a diagonal preconditioner (Adam's) the same rows, weighted, give the preconditioned
+noise scale next to the raw one (:mod:`noisescale.preconditioner`). Under DDP the steps
 travel between the ranks through :mod:`noisescale.meter.exchange`; which parameters are
 measured and how they are reported is :mod:`noisescale.meter.partition`.
 
@@ -51,13 +53,13 @@ from noisescale.estimators import (
     Accumulation,
     Reduction,
     check_dataset_size,
-    contradiction_rtol,
     loss_factors,
 )
+from noisescale.meter.averages import Averages
 from noisescale.meter.exchange import Exchange
 from noisescale.meter.partition import default_groups, layernorm_groups, measured_groups, partition
-from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate, noise_scale_estimate
-from noisescale.meter.state import MeterState, check_settings, settings_of
+from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate
+from noisescale.meter.state import check_settings, settings_of
 from noisescale.meter.steps import (
     MicrobatchStep,
     check_count,
@@ -69,11 +71,10 @@ from noisescale.meter.steps import (
     unit_rows,
 )
 from noisescale.options import Averaging, Method, parse_method
-from noisescale.uncertainty import b_simple_interval
+from noisescale.preconditioner import Preconditioner, PreconditionerSpec
 
 __all__ = ["GradientNoiseScale", "GroupEstimate", "NoiseScaleEstimate", "default_groups", "layernorm_groups"]
 
-_MAX_PENDING = 32  # one process: steps whose rows update() keeps before folding them in
 DEFAULT_SYNC_EVERY = 16  # DDP: steps whose rows one collective exchanges
 ReadGrad = Literal["at_update", "after_backward"]
 
@@ -140,6 +141,12 @@ class GradientNoiseScale:
             without a kernel (e.g. BatchNorm) instead of raising.
         optimizer: also report B_simple per optimizer parameter group (named by the
             group's ``"name"`` key, else ``param_group_<i>``).
+        preconditioner: also measure the noise scale under a diagonal preconditioner ``P``,
+            B_P = tr(P Sigma)/(G^T P G), reported next to the raw one in
+            ``compute().preconditioned``: ``"adam"`` (``optimizer`` an Adam/AdamW; ``P =
+            1/(sqrt(v_hat) + eps)`` read from its state before each step's ``optimizer.step()``;
+            steps before it has state are not counted) or ``{parameter: non-negative weights
+            of its shape}`` (:mod:`noisescale.preconditioner`).
         read_grad: when the big batch is read: ``"at_update"`` (``.grad`` at :meth:`update`) or
             ``"after_backward"`` (a snapshot after every backward, under DDP after its all-reduce:
             right even if the gradients are clipped before :meth:`update`; one more norm per backward).
@@ -160,6 +167,8 @@ class GradientNoiseScale:
         noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model.
         noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
             layer that has no kernel (and ``fallback=False``); the message names it.
+        ValueError: (preconditioner) ``"adam"`` without an Adam/AdamW ``optimizer``, or a
+            measured parameter without weights; weights of the wrong shape, negative or not finite.
     """
 
     def __init__(
@@ -179,6 +188,7 @@ class GradientNoiseScale:
         read_grad: ReadGrad = "at_update",
         sync_every: int = DEFAULT_SYNC_EVERY,
         dataset_size: int | None = None,
+        preconditioner: PreconditionerSpec | None = None,
     ) -> None:
         method = parse_method(method)
         for arg, value, allowed in (
@@ -213,19 +223,25 @@ class GradientNoiseScale:
         self.group_names = part.group_names
         self.param_group_names = part.param_group_names
         params = [p for ps in part.cells for p in ps]
-        self._device = params[0].device
-        self._rtol = max(contradiction_rtol(p.dtype) for p in params)
-        self._series = part.series.to(self._device)  # [S, C]
-        cell = torch.tensor([j for j, ps in enumerate(part.cells) for _ in ps], device=self._device)
-        self._param_cells = torch.nn.functional.one_hot(cell, len(part.cells)).to(torch.float64)  # [P, C]
+        self.preconditioner = (
+            None if preconditioner is None else Preconditioner(params, preconditioner, optimizer, module)
+        )
+        self._averages = Averages(part, preconditioned=self.preconditioner is not None)
         per_example = None
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
 
-            per_example = PerExampleNorms(module, part.cells, fallback=fallback)
+            per_example = PerExampleNorms(
+                module, part.cells, fallback=fallback, preconditioner=self.preconditioner
+            )
         snapshot, local = read_grad == "after_backward", ddp is not None  # DDP: each backward's norms too
         self._recorder = GradientRecorder(
-            params, scaler=scaler, per_example=per_example, snapshot=snapshot, backward_norms=local
+            params,
+            scaler=scaler,
+            per_example=per_example,
+            snapshot=snapshot,
+            backward_norms=local,
+            preconditioner=self.preconditioner,
         )
         self._sync_counter: nsdist.SyncCounter | None = None
         self._exchange: Exchange | None = None
@@ -242,9 +258,7 @@ class GradientNoiseScale:
                 dataset_size=self.dataset_size,
             )
         self.sync_every = int(sync_every)
-        self._pending: list[tuple[torch.Tensor, int]] = []  # one process: each step's [4, C] rows, examples
         self._warned = False  # compute() warned about a contradiction since the last reset
-        self._state = MeterState.empty(self._series.shape[0], self._device)
         self.reset()
 
     @property
@@ -273,7 +287,7 @@ class GradientNoiseScale:
     def reset(self) -> None:
         """Forget every step so far (hooks stay attached). Needs no collective."""
         self._drop_pending()
-        self._state = MeterState.empty(self._series.shape[0], self._device)
+        self._averages.reset()
         self._warned = False
         self._recorder.pop()
         if self._sync_counter is not None:
@@ -287,22 +301,18 @@ class GradientNoiseScale:
         up to ``sync_every - 1`` steps.
         """
         self._settle()
-        state = self._state.state_dict(self.group_names, self.param_group_names)
-        return {**state, "settings": settings_of(self)}
+        return {**self._averages.state_dict(), "settings": settings_of(self)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also one saved before ``contradicted_steps`` existed).
 
         Raises:
-            ValueError: if the groups, method, loss conventions, dataset_size or averaging differ.
+            ValueError: if the groups, method, loss conventions, dataset_size, averaging or
+                preconditioner differ.
         """
         check_settings(state_dict.get("settings", {}), settings_of(self))
-        for key, mine in (("group_names", self.group_names), ("param_group_names", self.param_group_names)):
-            theirs = list(state_dict.get(key, []))
-            if theirs != mine:
-                raise ValueError(f"state_dict was saved for {key} {theirs} but this meter has {mine}")
+        self._averages.load_state_dict(state_dict)
         self._drop_pending()
-        self._state = MeterState.from_state_dict(state_dict, self._device)
 
     def discard(self) -> None:
         """Drop the backward passes since the last :meth:`update` without folding them in.
@@ -331,6 +341,8 @@ class GradientNoiseScale:
                     stacklevel=2,
                 )
         self._recorder.remove()
+        if self.preconditioner is not None:
+            self.preconditioner.remove()
         if self._sync_counter is not None:
             self._sync_counter.remove()
 
@@ -340,7 +352,7 @@ class GradientNoiseScale:
         batch_size: int | None = None,
         *,
         microbatch_sizes: Iterable[int] | None = None,
-        example_sizes: Any = None,
+        example_sizes: int | Iterable[int] | None = None,
     ) -> None:
         """Fold in the optimiser step whose backward passes ran since the last call.
 
@@ -379,13 +391,11 @@ class GradientNoiseScale:
         if self._sync_counter is not None:
             self._sync_counter.check_step(len(records))
         if example_sizes is not None:  # per_example in loss units (tokens)
-            self._pending.append(self._units(records, batch_size, example_sizes))
+            self._units(records, batch_size, example_sizes)
         elif self.method == "per_example":
             self._per_example(records, batch_size)
         else:
             self._microbatch(records, split_sizes(len(records), batch_size, microbatch_sizes))
-        if len(self._pending) >= _MAX_PENDING:
-            self._settle()
         if self._exchange is not None and len(self._exchange.unsent) >= self.sync_every:
             self._settle()  # the exchange started before: its collective had sync_every steps to finish
             self._exchange.start()
@@ -405,7 +415,7 @@ class GradientNoiseScale:
 
     def _microbatch(self, records: list[MicrobatchRecord], sizes: tuple[int, ...]) -> None:
         """Record i holds |c_i g_i|^2; ``.grad`` holds sum_i c_i g_i (/ W under DDP)."""
-        cells = self._recorder.sq_norms(records, big=True) @ self._param_cells  # [k + 1, C]
+        cells = self._averages.cells_of(self._recorder.sq_norms(records, big=True))  # [k + 1, C]
         check_within_dataset(sum(sizes), self.dataset_size)  # under DDP this rank's; every rank's later
         if self._exchange is not None:
             if len(records) * self.world_size < 2:  # raise now, not when the step settles
@@ -416,14 +426,14 @@ class GradientNoiseScale:
             self._exchange.add(MicrobatchStep(cells[:-1], cells[-1], sizes))
             return
         factors = loss_factors(sizes, reduction=self.reduction, accumulation=self.accumulation)
-        matrix = microbatch_matrix(sizes, factors, 1, self.dataset_size, self._device)
-        self._pending.append((matrix @ cells, sum(sizes)))  # the estimator is linear: one product
+        matrix = microbatch_matrix(sizes, factors, 1, self.dataset_size, cells.device)
+        self._averages.add(matrix @ cells, sum(sizes), self.averaging)  # the estimator is linear: one product
 
     def _per_example(self, records: list[MicrobatchRecord], batch_size: int | None) -> None:
         """Record i holds |a_i g_n|^2 per example (a_i: micro-batch i's loss factor); DDP: |c_i g_i|^2 too."""
         step = per_example_step(
             [r.per_example for r in records],
-            self._recorder.sq_norms(records if self._exchange else [], big=True) @ self._param_cells,
+            self._averages.cells_of(self._recorder.sq_norms(records if self._exchange else [], big=True)),
             batch_size=batch_size,
             reduction=self.reduction,
             accumulation=self.accumulation,
@@ -434,20 +444,25 @@ class GradientNoiseScale:
             self._exchange.add(step)
             return
         matrix = per_example_matrix(
-            step.examples, step.weight, step.weight2, 1, self.dataset_size, self._device
+            step.examples, step.weight, step.weight2, 1, self.dataset_size, step.big.device
         )
-        self._pending.append((matrix @ torch.cat([step.sums, step.big[None]]), step.examples))
+        self._averages.add(matrix @ torch.cat([step.sums, step.big[None]]), step.examples, self.averaging)
 
-    def _units(self, records: list[MicrobatchRecord], batch_size: int | None, sizes: Any) -> tuple[Any, int]:
+    def _units(
+        self, records: list[MicrobatchRecord], batch_size: int | None, sizes: int | Iterable[int]
+    ) -> None:
+        """A ``per_example`` step whose examples carry ``sizes`` loss units each (one process)."""
         if self.method != "per_example" or self._exchange is not None or self.dataset_size is not None:
             raise ValueError("example_sizes is for method='per_example' in one process, without dataset_size")
-        big = (self._recorder.sq_norms([], big=True) @ self._param_cells)[0]
-        norms = [r.per_example for r in records]
-        return unit_rows(norms, big, sizes, batch_size, self.reduction, self.accumulation)
+        big = self._averages.cells_of(self._recorder.sq_norms([], big=True))[0]
+        rows, units = unit_rows(
+            [r.per_example for r in records], big, sizes, batch_size, self.reduction, self.accumulation
+        )
+        self._averages.add(rows, units, self.averaging)
 
     def _drop_pending(self) -> None:
         """Forget the steps not folded in yet; the unsent DDP ones are still sent (shapes match)."""
-        self._pending = []
+        self._averages.drop_pending()
         if self._exchange is not None:
             self._exchange.drop()
 
@@ -457,17 +472,10 @@ class GradientNoiseScale:
         One process: the pending steps' rows. DDP: the exchange started, less the steps
         dropped before it was sent.
         """
-        if self._exchange is None:
-            pending, self._pending = self._pending, []
-            if not pending:
-                return
-            rows, examples = torch.stack([r for r, _ in pending]), [e for _, e in pending]
-        else:
-            collected = self._exchange.collect()
-            if collected is None:
-                return
-            rows, examples = collected
-        self._state.fold(rows, examples, self._series, self.averaging, self._rtol)
+        self._averages.settle(self.averaging)
+        collected = None if self._exchange is None else self._exchange.collect()
+        if collected is not None:
+            self._averages.fold(*collected, self.averaging)
 
     # -- results -------------------------------------------------------------------------------
     def compute(self) -> NoiseScaleEstimate:
@@ -478,20 +486,13 @@ class GradientNoiseScale:
         (every ``sync_every`` steps, or at :meth:`sync`) and waits for the last exchange's
         collective; no collective of its own. Warns once (until :meth:`reset`) when the
         records contradict "the big batch is the mean of the small ones" (``contradiction``).
+        Under a preconditioner ``preconditioned`` holds the preconditioned estimate.
         """
         self._settle()
-        state = self._state
-        estimate = noise_scale_estimate(
-            b_simple_interval(state.ema, self.confidence),
-            state.contradicted.tolist(),
-            group_names=self.group_names,
-            param_group_names=self.param_group_names,
-            steps=state.steps,
-            examples=state.examples,
-            skipped_steps=int(state.skipped),
-            rtol=self._rtol,
-        )
+        estimate = self._averages.estimate(self.confidence)
         parts = [estimate.contradiction] + [g.contradiction for g in estimate.groups.values()]
+        if estimate.preconditioned is not None:
+            parts.append(estimate.preconditioned.contradiction)
         reason = next((r for r in parts if r is not None), None)
         if reason is not None and not self._warned:
             self._warned = True

@@ -125,6 +125,12 @@ class NoiseScaleEstimate(NamedTuple):
             the optimizer); the total is their mediant too.
         contradiction: None, or why the records contradict "the big batch is the mean of
             the small ones" and what to check (the estimate is then not resolved).
+        preconditioned: under a diagonal preconditioner ``P`` (the meter's
+            ``preconditioner=``), the noise scale of the preconditioned gradient, reported
+            next to the raw one: ``grad_norm_sq`` is G^T P G, ``trace_sigma`` tr(P Sigma),
+            ``b_simple`` tr(P Sigma)/(G^T P G) in examples, with its interval and the same
+            "resolved" rule, without groups; ``skipped_steps`` also counts the steps before
+            the preconditioner existed (Adam without state). None without a preconditioner.
     """
 
     b_simple: float | None
@@ -140,23 +146,31 @@ class NoiseScaleEstimate(NamedTuple):
     groups: dict[str, GroupEstimate]
     param_groups: Mapping[str, GroupEstimate] = {}  # never mutated
     contradiction: str | None = None
+    preconditioned: NoiseScaleEstimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (None becomes null, groups nested)."""
+        """JSON-ready dict (None becomes null, groups and ``preconditioned`` nested)."""
         d = self._asdict()
         d["b_simple_ci"] = None if self.b_simple_ci is None else list(self.b_simple_ci)
         d["groups"] = {k: v.to_dict() for k, v in self.groups.items()}
         d["param_groups"] = {k: v.to_dict() for k, v in self.param_groups.items()}
+        d["preconditioned"] = None if self.preconditioned is None else self.preconditioned.to_dict()
         return d
 
     def describe(self, unit: str = "examples", confidence: float = 0.95) -> str:
         """``B_simple = 307 images [250, 390] (95%)``, or ``B_simple not resolved``.
 
+        Under a preconditioner the preconditioned value follows:
+        ``...; preconditioned: B_simple = 120 images [95.1, 160] (95%)``.
+
         Args:
             unit: what the loss averages over (images, tokens, observations, examples).
             confidence: the level the meter was created with (its ``confidence``).
         """
-        return describe_b_simple(self.b_simple, self.b_simple_ci, unit, confidence)
+        raw = describe_b_simple(self.b_simple, self.b_simple_ci, unit, confidence)
+        if self.preconditioned is None:
+            return raw
+        return f"{raw}; preconditioned: {self.preconditioned.describe(unit, confidence)}"
 
 
 def _number(x: float) -> float | None:

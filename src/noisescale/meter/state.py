@@ -14,6 +14,7 @@ import torch
 from noisescale.estimators import Accumulation, Reduction
 from noisescale.meter.steps import contradicted
 from noisescale.options import Averaging, Method
+from noisescale.preconditioner import Preconditioner
 from noisescale.smoothing import FIELDS, ema_fold, ema_init
 
 __all__ = ["MeterState", "check_settings", "settings_of"]
@@ -112,6 +113,7 @@ class _Measuring(Protocol):
     accumulation: Accumulation
     dataset_size: int | None
     averaging: Averaging
+    preconditioner: Preconditioner | None
 
 
 def settings_of(meter: _Measuring) -> dict[str, Any]:
@@ -121,7 +123,8 @@ def settings_of(meter: _Measuring) -> dict[str, Any]:
     once they see the first batch (the Hugging Face callback's token-normalised loss).
     """
     keys = ("method", "reduction", "accumulation", "dataset_size")
-    return {k: getattr(meter, k) for k in keys} | asdict(meter.averaging)
+    kind = None if meter.preconditioner is None else meter.preconditioner.kind
+    return {k: getattr(meter, k) for k in keys} | asdict(meter.averaging) | {"preconditioner": kind}
 
 
 def check_settings(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
@@ -130,7 +133,8 @@ def check_settings(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
     Args:
         saved: the ``settings`` of a :meth:`GradientNoiseScale.state_dict` (empty for states saved before
             settings were recorded, which load as before).
-        mine: this meter's settings (method, loss conventions, ``dataset_size``, averaging).
+        mine: this meter's settings (method, loss conventions, ``dataset_size``, averaging,
+            the preconditioner's kind: None, ``"adam"`` or ``"mapping"``).
 
     Raises:
         ValueError: naming the first setting that differs: averaging steps measured under two settings

@@ -38,6 +38,12 @@ With a mean-reduced loss over ``N`` examples that is ``|g_n|^2 / N^2``; multiply
 by ``N^2`` for ``|g_n|^2`` (BackPACK's ``BatchL2Grad`` has the same convention).
 Under AMP, divide by the loss scale squared.
 
+Under a diagonal preconditioner ``P`` (:mod:`noisescale.preconditioner`) every example's
+weighted squared norm ``sum_j P_j c_nj^2`` is taken too, by the kernels' ``pairs``
+(:func:`~noisescale.per_example.kernel.norm_pairs`), by the fallback from the same rows,
+and from the summed contributions of shared parameters: the ``G`` weighted columns follow
+the ``G`` plain ones. Without one nothing of it runs.
+
 Scaling under AMP: given a GradScaler (:meth:`PerExampleNorms.set_scaler`), the
 output gradients are unscaled before any square is taken, so the norms are those of
 the unscaled gradients (no under- or overflow at extreme scales).
@@ -72,9 +78,10 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale import _torch_compat as tc
 from noisescale.per_example import fallback as fb
-from noisescale.per_example.kernel import accumulation_dtype
+from noisescale.per_example.kernel import accumulation_dtype, norm_pairs, weighted_sq_norm
 from noisescale.per_example.plan import Unit, build_units
 from noisescale.per_example.uses import UseChecker, inputs_of, watched
+from noisescale.preconditioner import Preconditioner
 
 __all__ = ["PerExampleNorms"]
 
@@ -123,6 +130,11 @@ class _Call:
         return self.saved.pop()
 
 
+def _param(unit: Unit, key: int) -> nn.Parameter:
+    """The parameter of ``unit`` with ``id`` ``key``."""
+    return next(p for p in unit.params.values() if id(p) == key)
+
+
 def _total(values: list[Tensor]) -> Tensor:
     """Sum of ``[N]`` tensors in at most two operations."""
     return values[0] if len(values) == 1 else torch.stack(values).sum(0)
@@ -138,6 +150,8 @@ class PerExampleNorms:
         fallback: compute layers without a kernel (BatchNorm, MultiheadAttention,
             custom layers with their own parameters...) by the exact but slower
             recompute of :mod:`noisescale.per_example.fallback`, instead of raising.
+        preconditioner: also the ``P``-weighted squared norms, in ``G`` more columns; it
+            must weigh every trainable parameter of ``groups``.
 
     Raises:
         UnsupportedLayerError: a layer owning trainable group parameters has no
@@ -157,12 +171,19 @@ class PerExampleNorms:
     """
 
     def __init__(
-        self, model: nn.Module, groups: Sequence[Sequence[nn.Parameter]], *, fallback: bool = False
+        self,
+        model: nn.Module,
+        groups: Sequence[Sequence[nn.Parameter]],
+        *,
+        fallback: bool = False,
+        preconditioner: Preconditioner | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be an nn.Module but got {type(model).__name__}.")
         tc.check()
         self._units, self._num_groups = build_units(model, [list(g) for g in groups], fallback=fallback)
+        self._preconditioner = preconditioner
+        self._columns = self._num_groups * (1 if preconditioner is None else 2)
         self._uses = UseChecker(*watched(self._units))
         self._inv_scale: tuple[int, Tensor | None] = (-1, None)  # (graph task, 1/s) cache
         self._scaler: torch.amp.GradScaler | None = None
@@ -196,11 +217,12 @@ class PerExampleNorms:
         leaves its parts under its own task, which the next ``pop()`` without a task drops.
         Entry ``[n, j]`` is the squared L2 norm of example ``n``'s
         contribution to the gradient this backward added to group ``j``
-        (``|g_n|^2 / N^2`` with a mean-reduced loss). Columns of groups that got
+        (``|g_n|^2 / N^2`` with a mean-reduced loss); with a preconditioner, entry
+        ``[n, G + j]`` its weighted squared norm. Columns of groups that got
         nothing are zero.
 
         Returns:
-            ``[N, G]`` tensor (float32 at least, on the gradients' device), or None if
+            ``[N, G]`` (``[N, 2 G]``) tensor (float32 at least, on the gradients' device), or None if
             no hooked layer received a gradient.
 
         Raises:
@@ -220,6 +242,12 @@ class PerExampleNorms:
             else:
                 self._shared_in.pop(task, None)
         parts += [(unit, column, g.flatten(1).square().sum(1)) for unit, column, g in grads.values()]
+        if self._preconditioner is not None:
+            weight = self._preconditioner.weight
+            parts += [
+                (unit, self._num_groups + column, weighted_sq_norm(g, weight(_param(unit, key))))
+                for key, (unit, column, g) in grads.items()
+            ]
         return self._to_columns(parts) if parts else None
 
     def drop(self, keep: int | None = None) -> None:
@@ -320,10 +348,19 @@ class PerExampleNorms:
             norm_names, grad_names = (), unit.direct
         else:
             norm_names, grad_names = unit.norm_names, unit.shared_names
-        if norm_names:
+        if norm_names and self._preconditioner is None:
             self._add_norms(unit, kernel.norms(unit.module, x, go, norm_names))
+        elif norm_names:
+            self._add_norms(
+                unit, *norm_pairs(kernel, unit.module, x, go, norm_names, self._weights(unit, norm_names))
+            )
         if grad_names:
             self._add_grads(unit, kernel.grads(unit.module, x, go, grad_names))
+
+    def _weights(self, unit: Unit, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """The preconditioner's ``{name: [*P]}`` of ``unit``'s parameters ``names``."""
+        assert self._preconditioner is not None
+        return {name: self._preconditioner.weight(unit.params[name]) for name in names}
 
     def _before_fallback_forward(
         self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -373,8 +410,13 @@ class PerExampleNorms:
             norm_names = tuple(n for n in call.names if n not in grad_names)
         self._suspended += 1
         try:
-            if norm_names:
+            if norm_names and self._preconditioner is None:
                 self._add_norms(unit, fb.per_example_norms(unit.module, call, grads_out, norm_names))
+            elif norm_names:
+                weights = self._weights(unit, norm_names)
+                self._add_norms(
+                    unit, *fb.per_example_norm_pairs(unit.module, call, grads_out, norm_names, weights)
+                )
             if grad_names:
                 self._add_grads(unit, fb.per_example_grads(unit.module, call, grads_out, grad_names))
         finally:
@@ -386,7 +428,7 @@ class PerExampleNorms:
         """Sum ``[N]`` parts per column into ``[N, G]`` (zero columns for groups that got none)."""
         first, _, head = parts[0]
         n = head.shape[0]
-        columns: list[list[Tensor]] = [[] for _ in range(self._num_groups)]
+        columns: list[list[Tensor]] = [[] for _ in range(self._columns)]
         for unit, column, values in parts:
             if values.shape[0] != n:
                 raise RuntimeError(
@@ -401,12 +443,18 @@ class PerExampleNorms:
         zeros = head.new_zeros(n)
         return torch.stack([_total(c) if c else zeros for c in columns], 1)
 
-    def _add_norms(self, unit: Unit, norms: dict[str, Tensor]) -> None:
+    def _add_norms(
+        self, unit: Unit, norms: dict[str, Tensor], weighted: dict[str, Tensor] | None = None
+    ) -> None:
+        """Keep ``{name: [N]}`` squared norms, and the weighted ones in the columns after the plain ones."""
         columns = unit.columns
         task = tc.graph_task_id()
         with self._lock:
             parts = self._parts.setdefault(task, [])
             parts.extend((unit, columns[name], values) for name, values in norms.items())
+            if weighted is not None:
+                g = self._num_groups
+                parts.extend((unit, g + columns[name], values) for name, values in weighted.items())
 
     def _add_grads(self, unit: Unit, grads: dict[str, Tensor]) -> None:
         task = tc.graph_task_id()

@@ -17,6 +17,9 @@ and memory either way, no host synchronisation, exact. Positions holding
 ``padding_idx`` get no gradient; ``scale_grad_by_freq`` divides each position by
 its index's count in the whole mini-batch, as PyTorch's backward does.
 
+Under a diagonal preconditioner ``P`` (``[V, D]``) the weighted norm is
+``sum_v sum_d P_vd S_vd^2``: the same sums, each row weighted by its index's row of ``P``.
+
 Shape letters: ``N`` examples, ``T`` positions per example, ``D`` embedding size,
 ``V`` vocabulary size.
 
@@ -34,9 +37,9 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.kernel import Kernel, accumulation_dtype
+from noisescale.per_example.kernel import Kernel, Norms, accumulation_dtype
 
-__all__ = ["KERNEL", "embedding_grads", "embedding_norms", "use_dense"]
+__all__ = ["KERNEL", "embedding_grads", "embedding_norms", "embedding_pairs", "use_dense"]
 
 
 def _prepare(module: nn.Embedding, idx: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,6 +94,23 @@ def _sum_rows(module: nn.Embedding, idx: Tensor) -> tuple[Tensor, int]:
     return torch.empty_like(slot).scatter_(0, order, slot), t
 
 
+def _sums(module: nn.Module, x: Tensor, go: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Example ``n``'s rows ``S_v`` ``[N, R, D]``, the indices ``[N, T]``, and the row of each position.
+
+    The row of each position (``[N T]`` into the ``N R`` rows) is None when ``T = 1`` (then
+    ``R = 1``: the row is the position).
+    """
+    emb = cast(nn.Embedding, module)  # typing only, no check (see register_kernel)
+    idx, go = _prepare(emb, x, go)
+    n, t = idx.shape
+    if t == 1:
+        return go, idx, None
+    rows, r = _sum_rows(emb, idx)
+    d = go.shape[-1]
+    sums = go.new_zeros(n * r, d).index_add_(0, rows, go.reshape(-1, d))  # [N R, D]
+    return sums.view(n, r, d), idx, rows
+
+
 def embedding_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
     """Per-example squared gradient norms of an Embedding layer.
 
@@ -105,15 +125,34 @@ def embedding_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     """
     if "weight" not in names:
         return {}
-    emb = cast(nn.Embedding, module)  # typing only, no check (see register_kernel)
-    idx, go = _prepare(emb, x, go)
-    n, t = idx.shape
-    if t == 1:
-        return {"weight": go.square().sum((1, 2))}
-    rows, r = _sum_rows(emb, idx)
-    d = go.shape[-1]
-    sums = go.new_zeros(n * r, d).index_add_(0, rows, go.reshape(-1, d))  # [N R, D]
-    return {"weight": torch.linalg.vector_norm(sums.view(n, -1), dim=1).square()}
+    sums, _, _ = _sums(module, x, go)
+    return {"weight": torch.linalg.vector_norm(sums.flatten(1), dim=1).square()}
+
+
+def embedding_pairs(
+    module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...], weights: dict[str, Tensor]
+) -> tuple[Norms, Norms]:
+    """Plain and preconditioned per-example squared gradient norms of an Embedding layer.
+
+    Args:
+        module: the ``nn.Embedding``.
+        x: integer indices ``[N]`` or ``[N, *]``.
+        go: gradient w.r.t. its output ``[N, *, D]``.
+        names: ``("weight",)`` or empty.
+        weights: ``{"weight": [V, D]}`` the diagonal preconditioner.
+
+    Returns:
+        ``({"weight": [N]}, {"weight": [N]})`` if asked.
+    """
+    if "weight" not in names:
+        return {}, {}
+    sums, idx, rows = _sums(module, x, go)
+    n, r = sums.shape[:2]
+    # The index of each row (rows no position added to are zero: any index will do).
+    index = idx if rows is None else idx.new_zeros(n * r).scatter_(0, rows, idx.reshape(-1)).view(n, r)
+    sq = sums.square()  # [N, R, D]
+    weight = weights["weight"].to(sq.dtype)
+    return {"weight": sq.sum((1, 2))}, {"weight": (sq * weight[index]).sum((1, 2))}
 
 
 def embedding_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
@@ -137,4 +176,10 @@ def embedding_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, 
     return {"weight": grads.view(n, emb.num_embeddings, d)}
 
 
-KERNEL = Kernel(norms=embedding_norms, grads=embedding_grads, params=("weight",), min_dim=lambda m: 1)
+KERNEL = Kernel(
+    norms=embedding_norms,
+    grads=embedding_grads,
+    params=("weight",),
+    min_dim=lambda m: 1,
+    pairs=embedding_pairs,
+)

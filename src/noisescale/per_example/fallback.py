@@ -50,6 +50,7 @@ __all__ = [
     "detach_inputs",
     "output_tensors",
     "per_example_grads",
+    "per_example_norm_pairs",
     "per_example_norms",
 ]
 
@@ -174,6 +175,23 @@ def per_example_grads(
     }
 
 
+def _row_norms(
+    module: nn.Module,
+    call: SavedCall,
+    grads_out: Sequence[Tensor | None],
+    names: tuple[str, ...],
+    weights: dict[str, Tensor] | None,
+) -> Tensor:
+    """``[N, len(names)]`` squared norms of each example's contributions, then as many weighted ones."""
+    rows = []
+    for r in _rows(module, call, grads_out, names):
+        sq = [g.to(accumulation_dtype(g.dtype)).square() for g in r]
+        if weights is not None:
+            sq += [s * weights[name].to(s.dtype) for s, name in zip(sq, names, strict=True)]
+        rows.append(torch.stack([s.sum() for s in sq]))
+    return torch.stack(rows)
+
+
 def per_example_norms(
     module: nn.Module, call: SavedCall, grads_out: Sequence[Tensor | None], names: tuple[str, ...]
 ) -> dict[str, Tensor]:
@@ -188,9 +206,32 @@ def per_example_norms(
     Returns:
         ``{name: [N]}``.
     """
-    rows = [
-        torch.stack([g.to(accumulation_dtype(g.dtype)).square().sum() for g in r])
-        for r in _rows(module, call, grads_out, names)
-    ]
-    norms = torch.stack(rows)  # [N, len(names)]
+    norms = _row_norms(module, call, grads_out, names, None)
     return {name: norms[:, j] for j, name in enumerate(names)}
+
+
+def per_example_norm_pairs(
+    module: nn.Module,
+    call: SavedCall,
+    grads_out: Sequence[Tensor | None],
+    names: tuple[str, ...],
+    weights: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`per_example_norms` and the ``weights``-weighted ones, from the same per-example rows.
+
+    Args:
+        module: the layer.
+        call: what its forward call saved.
+        grads_out: gradient w.r.t. each output in ``call.outputs`` (None where absent).
+        names: parameter names relative to ``module``.
+        weights: ``{name: [*P]}`` a diagonal preconditioner: ``sum_j P_j g_nj^2``.
+
+    Returns:
+        ``({name: [N]}, {name: [N]})``.
+    """
+    norms = _row_norms(module, call, grads_out, names, weights)
+    k = len(names)
+    return (
+        {name: norms[:, j] for j, name in enumerate(names)},
+        {name: norms[:, k + j] for j, name in enumerate(names)},
+    )

@@ -19,7 +19,7 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.kernel import Kernel, upcast
+from noisescale.per_example.kernel import Kernel, pairs_from_grads, upcast
 from noisescale.per_example.layernorm import affine_grads, grads_to_norms
 
 __all__ = ["KERNEL", "group_norm_grads"]
@@ -48,4 +48,5 @@ KERNEL = Kernel(
     grads=group_norm_grads,
     params=("weight", "bias"),
     min_dim=lambda m: 2,
+    pairs=pairs_from_grads(group_norm_grads),
 )

@@ -10,6 +10,11 @@ example ``n`` of the batch, either
   contributions to one parameter must be summed before the norm is taken
   (tied weights, a layer called twice).
 
+Under a diagonal preconditioner ``P`` (:mod:`noisescale.preconditioner`) a kernel also gives
+the weighted squared norms ``sum_j P_j c_nj^2`` of each contribution ``c_n`` (``pairs``):
+by a cheap exact form where one exists, else (:func:`norm_pairs`) from the ``grads`` path,
+a chunk of examples at a time (:func:`chunk_rows`).
+
 "Contribution of example n" means the terms of the batch gradient whose batch index
 is ``n``: with a mean-reduced loss it is ``g_n / N``, exactly as backward computed it.
 
@@ -30,13 +35,31 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CHUNK_ELEMENTS", "GradFn", "Kernel", "NormFn", "accumulation_dtype", "chunk_rows", "upcast"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "GradFn",
+    "Kernel",
+    "NormFn",
+    "PairFn",
+    "accumulation_dtype",
+    "chunk_rows",
+    "norm_pairs",
+    "pairs_from_grads",
+    "upcast",
+    "weighted_sq_norm",
+    "weighted_sq_norms",
+]
 
 NormFn = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...]], dict[str, Tensor]]
 """``(module, x, go, names) -> {name: [N] squared norms}`` for the parameter names asked."""
 
 GradFn = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...]], dict[str, Tensor]]
 """``(module, x, go, names) -> {name: [N, *param.shape] contributions}``."""
+
+Norms = dict[str, Tensor]
+PairFn = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...], dict[str, Tensor]], tuple[Norms, Norms]]
+"""``(module, x, go, names, weights) -> ({name: [N]} squared norms, {name: [N]} P-weighted ones)``,
+``weights[name]`` the ``[*param.shape]`` diagonal preconditioner of that parameter."""
 
 
 class Kernel(NamedTuple):
@@ -49,12 +72,17 @@ class Kernel(NamedTuple):
             with any other trainable parameter is unsupported.
         min_dim: dimensions the first input needs, batch dimension included, given
             the layer (an unbatched input would make dim 0 something else than examples).
+        pairs: under a preconditioner, the plain and the weighted norms at once (sharing
+            their work); None: ``norms``, and the weighted ones from ``grads`` on chunks of
+            examples, which assumes example ``n``'s contribution depends on row ``n`` of
+            the input and output gradient only (:func:`norm_pairs`).
     """
 
     norms: NormFn
     grads: GradFn
     params: tuple[str, ...]
     min_dim: Callable[[nn.Module], int]
+    pairs: PairFn | None = None
 
 
 CHUNK_ELEMENTS = 1 << 20
@@ -111,3 +139,66 @@ def upcast(x: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
         return x, go
     dtype = accumulation_dtype(torch.promote_types(x.dtype, go.dtype))
     return x.to(dtype), go.to(dtype)
+
+
+def weighted_sq_norm(contributions: Tensor, weight: Tensor) -> Tensor:
+    """``[N, *P]`` contributions -> ``[N]`` squared norms weighted by ``weight`` ``[*P]``.
+
+    One elementwise square, then one matrix-vector product with the weights.
+    """
+    sq = contributions.square().flatten(1)
+    return sq @ weight.to(sq.dtype).flatten()
+
+
+def weighted_sq_norms(grads: dict[str, Tensor], weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`weighted_sq_norm` of every ``{name: [N, *P]}`` with ``weights[name]``: ``{name: [N]}``."""
+    return {name: weighted_sq_norm(g, weights[name]) for name, g in grads.items()}
+
+
+def pairs_from_grads(grads: GradFn) -> PairFn:
+    """The :data:`PairFn` of a kernel whose contributions are small (a norm layer's ``[N, K]``).
+
+    Both norms come from one call of ``grads`` on the whole batch.
+    """
+
+    def pairs(
+        module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...], weights: dict[str, Tensor]
+    ) -> tuple[Norms, Norms]:
+        contributions = grads(module, x, go, names)
+        plain = {name: g.flatten(1).square().sum(1) for name, g in contributions.items()}
+        return plain, weighted_sq_norms(contributions, weights)
+
+    return pairs
+
+
+def norm_pairs(
+    kernel: Kernel,
+    module: nn.Module,
+    x: Tensor,
+    go: Tensor,
+    names: tuple[str, ...],
+    weights: dict[str, Tensor],
+) -> tuple[Norms, Norms]:
+    """Plain and ``weights``-weighted per-example squared norms of the parameters ``names``.
+
+    Args:
+        kernel: the layer's kernel (its ``pairs``, else ``norms`` and ``grads``).
+        module: the layer.
+        x: its input ``[N, *]``.
+        go: gradient w.r.t. its output ``[N, *]``.
+        names: parameter names to compute.
+        weights: ``{name: [*P]}`` non-negative weights (a diagonal preconditioner).
+
+    Returns:
+        ``({name: [N]}, {name: [N]})``; the weighted ones without ``pairs`` from ``grads`` on
+        :func:`chunk_rows` examples at a time (of the largest parameter's size each).
+    """
+    if kernel.pairs is not None:
+        return kernel.pairs(module, x, go, names, weights)
+    plain = kernel.norms(module, x, go, names)
+    rows = chunk_rows(max(weights[name].numel() for name in names))
+    parts = [
+        weighted_sq_norms(kernel.grads(module, a, b, names), weights)
+        for a, b in zip(x.split(rows), go.split(rows), strict=True)
+    ]
+    return plain, {name: torch.cat([part[name] for part in parts]) for name in names}

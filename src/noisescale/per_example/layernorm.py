@@ -7,7 +7,8 @@ example ``n``'s contributions are
 
     \Delta weight_n = \sum_t go_{nt} \odot \hat x_{nt}, \qquad \Delta bias_n = \sum_t go_{nt},
 
-both of parameter size (``[K]``), so the materialising and the norm paths coincide.
+both of parameter size (``[K]``), so the materialising and the norm paths coincide (and
+under a preconditioner the weighted norms come from the same contributions).
 ``x_hat`` is recomputed from the stored input with the layer's own ``eps``
 (``F.layer_norm`` / ``F.rms_norm`` without affine parameters). Gray et al. (2024)
 show these LayerNorm per-example norms alone predict the total noise scale of
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.kernel import Kernel, upcast
+from noisescale.per_example.kernel import Kernel, pairs_from_grads, upcast
 
 __all__ = ["LAYER_NORM_KERNEL", "RMS_NORM_KERNEL", "affine_grads", "grads_to_norms"]
 
@@ -115,10 +116,12 @@ LAYER_NORM_KERNEL = Kernel(
     grads=layer_norm_grads,
     params=("weight", "bias"),
     min_dim=_min_dim,
+    pairs=pairs_from_grads(layer_norm_grads),
 )
 RMS_NORM_KERNEL = Kernel(
     norms=lambda m, x, go, names: grads_to_norms(rms_norm_grads(m, x, go, names)),
     grads=rms_norm_grads,
     params=("weight",),
     min_dim=_min_dim,
+    pairs=pairs_from_grads(rms_norm_grads),
 )

@@ -24,6 +24,12 @@ memory is bounded instead by working on chunks of examples
 instance, materialising does ``T O F`` and the Gram route ``2 T O F``.
 The bias contribution is ``sum_t go_t``.
 
+Under a diagonal preconditioner ``P`` (:mod:`noisescale.preconditioner`) the weighted squared
+norm of a ``[N, F]`` input's contribution is again cheap and exact,
+``sum_{o,f} P_of go_no^2 x_nf^2 = ((go_n^2)^T P) . x_n^2`` (one ``[N, O] @ [O, F]`` product);
+a sequence's has no such form and is taken from the materialised ``[N, O, F]`` contributions,
+a chunk of examples at a time, which give the plain norms too.
+
 Shape letters: ``N`` examples, ``T`` positions, ``F`` in-features, ``O`` out-features.
 
 References:
@@ -39,12 +45,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.kernel import Kernel, chunk_rows, upcast
+from noisescale.per_example.kernel import Kernel, Norms, chunk_rows, upcast
 
 __all__ = [
     "KERNEL",
     "linear_grads",
     "linear_norms",
+    "linear_pairs",
     "sequence_weight_grads",
     "sequence_weight_norms",
     "use_gram",
@@ -169,4 +176,65 @@ def linear_grads(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...
     return out
 
 
-KERNEL = Kernel(norms=linear_norms, grads=linear_grads, params=("weight", "bias"), min_dim=lambda m: 2)
+def sequence_weight_pairs(x: Tensor, go: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain and ``weight``-weighted squared norms of ``sum_t go_nt x_nt^T``, materialised in chunks.
+
+    Args:
+        x: inputs ``[N, T, F]``.
+        go: output gradients ``[N, T, O]``.
+        weight: ``[O, F]`` non-negative weights.
+
+    Returns:
+        ``([N], [N])``.
+    """
+    w = weight.to(x.dtype).flatten()
+    plain, weighted = [], []
+    rows = chunk_rows(w.numel())
+    for a, b in zip(x.split(rows), go.split(rows), strict=True):
+        sq = torch.bmm(b.mT, a).square_().flatten(1)  # [R, O F]
+        plain.append(sq.sum(1))
+        weighted.append(sq @ w)
+    return torch.cat(plain), torch.cat(weighted)
+
+
+def linear_pairs(
+    module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...], weights: dict[str, Tensor]
+) -> tuple[Norms, Norms]:
+    """Plain and preconditioned per-example squared gradient norms of a Linear layer.
+
+    Args:
+        module: the ``nn.Linear``.
+        x: its input ``[N, F]`` or ``[N, *, F]``.
+        go: gradient w.r.t. its output, ``[N, O]`` or ``[N, *, O]``.
+        names: subset of ``("weight", "bias")``.
+        weights: ``{name: [O, F] or [O]}`` the diagonal preconditioner.
+
+    Returns:
+        ``({name: [N]}, {name: [N]})``.
+    """
+    del module
+    x, go = upcast(x, go)
+    plain, weighted = {}, {}
+    if x.dim() == 2:
+        go_sq = go.square()  # [N, O]
+        if "weight" in names:
+            x_sq = x.square()  # [N, F]
+            plain["weight"] = go_sq.sum(1) * x_sq.sum(1)
+            weighted["weight"] = ((go_sq @ weights["weight"].to(go.dtype)) * x_sq).sum(1)
+        if "bias" in names:
+            plain["bias"] = go_sq.sum(1)
+            weighted["bias"] = go_sq @ weights["bias"].to(go.dtype)
+        return plain, weighted
+    x, go = _as_sequence(x, go)
+    if "weight" in names:
+        plain["weight"], weighted["weight"] = sequence_weight_pairs(x, go, weights["weight"])
+    if "bias" in names:
+        bias_sq = go.sum(1).square()  # [N, O]
+        plain["bias"] = bias_sq.sum(1)
+        weighted["bias"] = bias_sq @ weights["bias"].to(go.dtype)
+    return plain, weighted
+
+
+KERNEL = Kernel(
+    norms=linear_norms, grads=linear_grads, params=("weight", "bias"), min_dim=lambda m: 2, pairs=linear_pairs
+)
