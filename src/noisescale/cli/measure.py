@@ -60,6 +60,7 @@ from noisescale.experiments.plotting import plot_run
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, train
 from noisescale.io import package_version, write_json, write_jsonl
+from noisescale.meter import NoiseScaleEstimate
 
 __all__ = ["measure"]
 
@@ -104,6 +105,8 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
     measured = [(r.step, r.estimate) for r in result.records if r.estimate is not None]
     values = [e.b_simple for _, e in measured]  # the meter's: None unless resolved
     mean = run_mean([step for step, _ in measured], values, upto=measured[-1][0]) if measured else None
+    pre = [None if e.preconditioned is None else e.preconditioned.b_simple for _, e in measured]
+    pre_mean = run_mean([step for step, _ in measured], pre, upto=measured[-1][0]) if measured else None
     resolved = sum(v is not None for v in values)
     summary: dict[str, Any] = {
         "task": task.name,
@@ -137,6 +140,9 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "n_eff": est.n_eff,
         "skipped_steps": est.skipped_steps,  # non-finite gradients (e.g. divergence): never averaged in
         "b_simple_run_mean": mean,
+        # Under Adam: the preconditioned estimate (G^T P G, tr(P Sigma), B_P), null otherwise.
+        "preconditioned": None if est.preconditioned is None else _preconditioned(est.preconditioned),
+        "b_simple_preconditioned_run_mean": pre_mean,
         "resolved_steps": resolved,
         "loss": train_loss(task, result.model),
         "held_out": task.held_out,
@@ -166,6 +172,20 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
     return summary
 
 
+def _preconditioned(pre: NoiseScaleEstimate) -> dict[str, Any]:
+    """The summary's ``preconditioned``: B_P with its interval, G^T P G, tr(P Sigma), resolved."""
+    keys = {
+        "b_simple",
+        "b_simple_ci",
+        "b_simple_se",
+        "grad_norm_sq",
+        "trace_sigma",
+        "resolved",
+        "skipped_steps",
+    }
+    return {k: v for k, v in pre.to_dict().items() if k in keys}
+
+
 def _write_outputs(
     task: Task, config: TrainConfig, result: TrainResult, out_dir: Path, start: float
 ) -> dict[str, Any]:
@@ -187,23 +207,32 @@ def _write_outputs(
     return summary
 
 
+def _interval(b: float | None, ci: list[float] | None, unit: str, summary: dict[str, Any]) -> str:
+    """``1082 images  [826.2, 1568] (95%)``, or "not resolved"."""
+    if b is None or ci is None:
+        return "not resolved"
+    return f"{_fmt(b)} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] ({summary['confidence']:.0%})"
+
+
 def _table(summary: dict[str, Any]) -> Table:
     """The final table; an unresolved B_simple reads "not resolved", never a number."""
     unit = summary["unit"]
     table = Table(title=f"noise scale: {summary['task']} ({summary['method']})", show_header=False)
     table.add_column("quantity", style="bold")
     table.add_column("value")
-    ci = summary["b_simple_ci"]
-    b = summary["b_simple"]
-    if summary["resolved"] and b is not None and ci is not None:
-        b_text = f"{_fmt(b)} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] ({summary['confidence']:.0%})"
-    else:
-        b_text = "not resolved"
+    b = summary["b_simple"] if summary["resolved"] else None
+    b_text = _interval(b, summary["b_simple_ci"], unit, summary)
     mean = summary["b_simple_run_mean"]
     run_mean = "not resolved" if mean is None else f"{_fmt(mean)} {unit} ({summary['resolved_steps']} steps)"
     rows = [
         ("B_simple", b_text),
         ("B_simple, run mean", run_mean),
+    ]
+    pre = summary["preconditioned"]
+    if pre is not None:  # under Adam: the preconditioned noise scale, next to the raw one
+        pre_text = _interval(pre["b_simple"], pre["b_simple_ci"], unit, summary)
+        rows.append(("B_simple, preconditioned", pre_text))
+    rows += [
         ("|G|^2", _fmt(summary["grad_norm_sq"])),
         ("tr Sigma", _fmt(summary["trace_sigma"])),
         ("loss (train)", _fmt(summary["loss"])),

@@ -59,6 +59,7 @@ def make_meter(
     ema_examples: float | None,
     confidence: float = 0.95,
     only: str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> GradientNoiseScale:
     """The one place that picks and builds the meter for a training run.
 
@@ -71,6 +72,9 @@ def make_meter(
         confidence: level of the interval of B_simple.
         only: ``"layernorm"``: measure (and hook) the LayerNorm parameters only
             (:func:`noisescale.meter.layernorm_groups`); None: every parameter.
+        optimizer: the run's optimizer: B_simple is also reported per parameter group, and
+            under Adam/AdamW the preconditioned estimate too (``preconditioner="adam"``:
+            ``estimate.preconditioned``, B_P = tr(P Sigma)/(G^T P G) with Adam's P).
 
     Returns:
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
@@ -90,6 +94,8 @@ def make_meter(
         ema_examples=ema_examples,
         confidence=confidence,
         groups=None if only is None else layernorm_groups(nsdist.unwrap_model(model)),
+        optimizer=optimizer,
+        preconditioner="adam" if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else None,
     )
 
 
@@ -258,7 +264,8 @@ class StepRecord:
         """A flat JSON-ready record.
 
         B_simple and its interval are the meter's: None while the estimate is not resolved
-        (:class:`~noisescale.meter.NoiseScaleEstimate` never gives an unresolved ratio).
+        (:class:`~noisescale.meter.NoiseScaleEstimate` never gives an unresolved ratio). Under
+        Adam also ``b_simple_preconditioned`` and its ``_ci``.
         """
         est = self.estimate
         out: dict[str, Any] = {
@@ -278,6 +285,12 @@ class StepRecord:
                 b_simple_se=est.b_simple_se,
                 resolved=est.resolved,
             )
+            if est.preconditioned is not None:  # Adam's: B_P = tr(P Sigma)/(G^T P G), same unit
+                pre = est.preconditioned
+                out.update(
+                    b_simple_preconditioned=pre.b_simple,
+                    b_simple_preconditioned_ci=None if pre.b_simple_ci is None else list(pre.b_simple_ci),
+                )
         return out
 
 
@@ -334,6 +347,7 @@ class Trainer:
                 ema_examples=config.ema_examples,
                 confidence=config.confidence,
                 only=config.only,
+                optimizer=self.optimizer,
             )
         )
         self.generator = torch.Generator().manual_seed(config.seed)

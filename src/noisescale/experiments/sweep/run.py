@@ -122,6 +122,8 @@ def _check(trainer: Trainer, probe: Probe, step: int, goals: list[Goal], done: l
         point = point._replace(
             measured=True, b_simple=est.b_simple, grad_norm_sq=est.grad_norm_sq, trace_sigma=est.trace_sigma
         )
+        if est.preconditioned is not None:  # under Adam
+            point = point._replace(b_simple_preconditioned=est.preconditioned.b_simple)
     for i, g in enumerate(goals):
         value = point.value(g.metric)
         done[i] = done[i] or (value is not None and step > 0 and value <= g.level)
@@ -146,14 +148,18 @@ def _hopeless(point: CurvePoint, first: CurvePoint, *, late: bool) -> str | None
     return "stalled" if late and loss > _STALL_LOSS * initial else None
 
 
-def _averages(curve: Sequence[CurvePoint], upto: float) -> tuple[float | None, float | None]:
-    """Run-averaged B_simple to ``upto`` and the ratio of the run-averaged tr(Sigma) and |G|^2."""
+def _averages(curve: Sequence[CurvePoint], upto: float) -> tuple[float | None, float | None, float | None]:
+    """Run-averaged B_simple to ``upto``, tr(Sigma)/|G|^2 of the run averages, preconditioned B_simple.
+
+    The last is None without a preconditioner (SGD).
+    """
     steps = [p.step for p in curve]
     mean = run_mean(steps, [p.b_simple for p in curve], upto)
+    pre = run_mean(steps, [p.b_simple_preconditioned for p in curve], upto)
     both = [p.grad_norm_sq is not None and p.trace_sigma is not None for p in curve]
     tr = run_mean(steps, [p.trace_sigma if ok else None for p, ok in zip(curve, both, strict=True)], upto)
     g2 = run_mean(steps, [p.grad_norm_sq if ok else None for p, ok in zip(curve, both, strict=True)], upto)
-    return mean, (tr / g2 if tr is not None and g2 is not None and g2 > 0 else None)
+    return mean, (tr / g2 if tr is not None and g2 is not None and g2 > 0 else None), pre
 
 
 def _record(
@@ -173,7 +179,7 @@ def _record(
         c = _safe_crossing(curve, g, name)
         hit = c if c is not None and c.reached else None
         steps = None if hit is None else hit.steps
-        mean, ratio = _averages(curve, steps if steps is not None else steps_run)
+        mean, ratio, pre = _averages(curve, steps if steps is not None else steps_run)
         per_goal.append(
             GoalRecord(
                 metric=g.metric,
@@ -185,9 +191,10 @@ def _record(
                 b_simple_ratio=ratio,
                 steps_low=None if hit is None else hit.low,
                 steps_high=None if hit is None else hit.high,
+                b_simple_preconditioned=pre,
             )
         )
-    mean, ratio = _averages(curve, steps_run)
+    mean, ratio, pre = _averages(curve, steps_run)
     final = next((p.train_loss for p in reversed(curve) if p.train_loss is not None), None)
     return RunRecord(
         name=name,
@@ -206,6 +213,7 @@ def _record(
         final_train_loss=final,
         curve=tuple(curve),
         wall_time_s=wall,
+        b_simple_preconditioned=pre,
     )
 
 

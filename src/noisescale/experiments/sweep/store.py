@@ -45,6 +45,7 @@ class CurvePoint(NamedTuple):
     grad_norm_sq: float | None = None  # smoothed |G|^2
     trace_sigma: float | None = None  # smoothed tr(Sigma)
     validation_loss: float | None = None  # mean loss per unit on the held-out subset; None: not evaluated
+    b_simple_preconditioned: float | None = None  # under Adam, the meter's preconditioned B_simple
 
     def value(self, metric: str) -> float | None:
         """The value of ``metric`` (one of :data:`~noisescale.experiments.sweep.config.METRICS`) here."""
@@ -67,6 +68,8 @@ class CurvePoint(NamedTuple):
             out["validation_loss"] = self.validation_loss
         if self.measured:
             out.update(b_simple=self.b_simple, grad_norm_sq=self.grad_norm_sq, trace_sigma=self.trace_sigma)
+            if self.b_simple_preconditioned is not None:
+                out["b_simple_preconditioned"] = self.b_simple_preconditioned
         return out
 
     @classmethod
@@ -81,6 +84,7 @@ class CurvePoint(NamedTuple):
             d.get("grad_norm_sq"),
             d.get("trace_sigma"),
             d.get("validation_loss"),
+            d.get("b_simple_preconditioned"),
         )
 
 
@@ -96,6 +100,7 @@ class GoalRecord(NamedTuple):
     b_simple_ratio: float | None  # ratio of the step-averaged tr(Sigma) and |G|^2 over the same steps
     steps_low: float | None = None  # the crossing lies in (steps_low, steps_high]; None: censored
     steps_high: float | None = None
+    b_simple_preconditioned: float | None = None  # run-averaged preconditioned B_simple (under Adam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,7 @@ class RunRecord:
     final_train_loss: float | None
     curve: tuple[CurvePoint, ...]  # the checks
     wall_time_s: float
+    b_simple_preconditioned: float | None = None  # run-averaged preconditioned B_simple (under Adam)
     noisescale_version: str = dataclasses.field(default_factory=package_version)
     format: int = SWEEP_FORMAT
 
