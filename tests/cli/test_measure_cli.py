@@ -77,7 +77,7 @@ def test_measure_digits(tmp_path: Path, method: str, extra: list[str]) -> None:
     summary = _check_outputs(out, steps=40)
     assert summary["task"] == "digits"
     assert summary["method"] == method.replace("-", "_")
-    assert summary["unit"] == "images"
+    assert summary["unit"] == "images" and summary["optimizer"] == "sgd" and summary["preconditioned"] is None
     assert 0.0 <= summary["test_error"] <= 1.0
     assert "B_simple" in stdout
     assert "temperature" in stdout
