@@ -336,6 +336,8 @@ def measure(
             raise ValueError(
                 "--method ddp needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 ...)"
             )
+        if info is not None and config.method == "per_example" and config.units_per_example > 1:
+            raise ValueError("under torchrun a task in tokens is measured with --method ddp (the default)")
         out_dir = out if out is not None else Path("runs") / the_task.name
         if nsdist.is_rank_zero():  # fail now, not after training
             check_writable(out_dir)
