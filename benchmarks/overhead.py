@@ -22,6 +22,9 @@ method             what one step does                                           
 ``vmap``           ``vmap(grad(loss))`` per-sample gradients + norms, their mean    ``plain``
                    as ``.grad`` + SGD step
 ``naive``          one backward per example + norms, their mean as ``.grad``        ``plain``
+``b_noise``        one B_noise probe of the batch (``noisescale.estimate_b_noise``   ``accum``
+                   per batch): ``k`` forward passes, ``k`` backward passes keeping
+                   their graph and ``k`` Hessian-vector products (no SGD step)
 =================  =============================================================  ==================
 
 "+ norms" means the ``[B]`` per-example squared gradient norms summed over all
@@ -89,7 +92,8 @@ Step = Callable[[], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
 PLAIN_BASELINE = {"per_example", "layernorm", "backpack", "opacus", "vmap", "naive"}
 ALL_METHODS = (
-    "plain", "accum", "microbatch", "reads", "per_example", "layernorm", "backpack", "opacus", "vmap", "naive"
+    "plain", "accum", "microbatch", "reads", "per_example", "layernorm", "backpack", "opacus", "vmap",
+    "naive", "b_noise",
 )  # fmt: skip
 
 
@@ -436,6 +440,18 @@ def _naive(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> St
     return step
 
 
+def _b_noise(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from noisescale.b_noise import hessian_weighted_stats, hvp_products
+
+    def step() -> None:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
+            hessian_weighted_stats(*hvp_products(model, spec.loss, *batch, opts.k))
+
+    return step
+
+
 METHODS: dict[str, Callable[[ModelSpec, nn.Module, Batch, Options], Step]] = {
     "plain": _plain,
     "accum": _accum,
@@ -447,12 +463,13 @@ METHODS: dict[str, Callable[[ModelSpec, nn.Module, Batch, Options], Step]] = {
     "opacus": _opacus,
     "vmap": _vmap,
     "naive": _naive,
+    "b_noise": _b_noise,
 }
 
 
 def baseline_of(method: str) -> str:
     """The method whose time divides this one's: same loop without the measurement."""
-    if method in ("microbatch", "reads"):
+    if method in ("microbatch", "reads", "b_noise"):
         return "accum"
     return "plain" if method in PLAIN_BASELINE else method
 
@@ -550,9 +567,9 @@ def time_model(
     status: dict[str, str] = {}
     for m in methods:
         try:
-            steps[m] = build(spec, m, opts)
-            steps[m]()  # first call: lazy initialisation
-            status[m] = "ok"
+            step = build(spec, m, opts)
+            step()  # first call: lazy initialisation
+            steps[m], status[m] = step, "ok"
         except Unsupported as err:
             status[m] = f"unsupported: {err}"
         except Exception as err:
@@ -590,7 +607,7 @@ def summarise(
             "model_label": spec.label,
             "method": m,
             "batch_size": spec.batch_size,
-            "k": opts.k if m in ("accum", "microbatch", "reads") else None,
+            "k": opts.k if m in ("accum", "microbatch", "reads", "b_noise") else None,
             "examples_run": min(opts.naive_examples, spec.batch_size) if m == "naive" else spec.batch_size,
             "baseline": baseline_of(m),
             "status": status,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from noisescale.cli.branch import branch
 from noisescale.cli.fit import fit
 from noisescale.cli.measure import measure
 from noisescale.cli.predict import predict
@@ -19,6 +20,7 @@ app.command()(measure)
 app.command()(fit)
 app.command()(predict)
 app.command()(sweep)
+app.command()(branch)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ Usage::
     noisescale measure --task linreg                     # the oracle: also prints the true value
     noisescale measure --task digits --method microbatch --microbatches 4 --out runs/digits
     noisescale measure --task shakespeare --only layernorm   # a transformer's LayerNorms only (cheap)
+    noisescale measure --task linreg --b-noise                # B_noise (eq. 2.8) from Hessian-vector products
 
 It shows a progress bar, then a table of B_simple with its interval, |G|^2, tr(Sigma),
 the loss, the learning rate and batch size (the temperature lr/B), and whether the
@@ -22,7 +23,13 @@ atomically:
   examples, at the end), ``test_loss`` and ``test_error`` on the held-out set (``held_out``: the
   test set, or the validation plays of ``shakespeare``, whose losses are in nats per token and
   ``test_bpc`` in bits per character), ``wall_time_s``; for ``linreg`` also ``b_simple_true`` and
-  ``b_noise_true``. Every batch size is in ``unit`` (images, examples, tokens).
+  ``b_noise_true``; ``flops_per_example`` (forward + backward, torch's flop counter, per unit of
+  the batch size). Every batch size is in ``unit`` (images, examples, tokens).
+- with ``--b-noise``: B_noise probed every ``--b-noise-every`` steps and after the last
+  (:mod:`noisescale.experiments.b_noise_probe`): ``b_noise``, ``b_noise_ci``, ``eps_max``,
+  ``b_noise_reason`` and the whole last probe (``b_noise_probe``) in ``summary.json`` (``linreg``:
+  also ``eps_max_true``, ``b_noise_ci_contains_true``), and ``b_noise``, ``b_noise_ci``, ``eps_max``,
+  ``g_h_g``, ``trace_h_sigma`` in the ``metrics.jsonl`` records of the probed steps.
 - ``noise_scale.png``: B_simple with its band, and the loss, against examples seen.
 
 A B_simple that is not resolved prints as "not resolved" and is ``null`` in JSON. A missing
@@ -55,10 +62,12 @@ from noisescale.cli.common import (
 )
 from noisescale.critical.goals import run_mean
 from noisescale.errors import NoiseScaleError
+from noisescale.experiments.b_noise_probe import BNoiseProbe
 from noisescale.experiments.evaluation import bits, evaluate, train_loss
 from noisescale.experiments.plotting import plot_run
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, train
+from noisescale.flops import flops_per_example
 from noisescale.io import package_version, write_json, write_jsonl
 from noisescale.meter import NoiseScaleEstimate
 
@@ -73,7 +82,12 @@ def _fmt(x: float | None, missing: str = "n/a") -> str:
 
 
 def _run_with_progress(
-    task: Task, config: TrainConfig, console: Console, show: bool, dist: nsdist.DistInfo | None = None
+    task: Task,
+    config: TrainConfig,
+    console: Console,
+    show: bool,
+    dist: nsdist.DistInfo | None = None,
+    probe: BNoiseProbe | None = None,
 ) -> TrainResult:
     """Train with a rich progress bar showing the loss and the current B_simple."""
     columns = (
@@ -91,7 +105,7 @@ def _run_with_progress(
             b = "not resolved" if est is None or est.b_simple is None else _fmt(est.b_simple)
             progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b)
 
-        return train(task, config, callback=on_step, dist=dist)
+        return train(task, config, callback=on_step, stop=probe, dist=dist)
 
 
 def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: float) -> dict[str, Any]:
@@ -151,6 +165,7 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "test_error": test_error,
         "wall_time_s": wall_time,
         "train_time_s": result.wall_time,
+        "flops_per_example": _flops_per_example(task, result.model, config.batch_size),
         "groups": {name: g.to_dict() for name, g in est.groups.items()},
         "versions": {
             "noisescale": package_version(),
@@ -186,12 +201,27 @@ def _preconditioned(pre: NoiseScaleEstimate) -> dict[str, Any]:
     return {k: v for k, v in pre.to_dict().items() if k in keys}
 
 
+def _flops_per_example(task: Task, model: torch.nn.Module, batch_size: int) -> float:
+    """FLOPs of a forward + backward per unit of the batch size, on the first test examples."""
+    device = next(model.parameters()).device
+    n = max(1, batch_size // task.units_per_example)  # rows: examples, or windows of T tokens
+    x, y = task.x_test[:n].to(device), task.y_test[:n].to(device)
+    return flops_per_example(model, task.loss_fn, x, y, examples=len(y) * task.units_per_example)
+
+
 def _write_outputs(
-    task: Task, config: TrainConfig, result: TrainResult, out_dir: Path, start: float
+    task: Task,
+    config: TrainConfig,
+    result: TrainResult,
+    out_dir: Path,
+    start: float,
+    probe: BNoiseProbe | None,
 ) -> dict[str, Any]:
     """Write metrics.jsonl, noise_scale.png and summary.json (each atomically); return the summary."""
     summary = _summary(task, config, result, time.perf_counter() - start)
-    records = [r.to_dict() for r in result.records]
+    if probe is not None:
+        summary.update(probe.summary(task.truth(result.model) if task.truth is not None else None))
+    records = [{**r.to_dict(), **(probe.record_fields(r.step) if probe else {})} for r in result.records]
     write_jsonl(out_dir / "metrics.jsonl", records)
     title = f"{task.name}: {config.method}, B={config.batch_size} {task.unit}, lr={config.lr:g}"
     plot_run(
@@ -246,6 +276,7 @@ def _table(summary: dict[str, Any]) -> Table:
         ("learning rate", f"{_fmt(summary['lr'])} ({summary['optimizer']})"),
         ("batch size", f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"),
         ("temperature lr/B", _fmt(summary["temperature"])),
+        ("FLOPs per example", f"{summary['flops_per_example']:.3g} (forward + backward)"),
         ("resolved", "yes" if summary["resolved"] else "no"),
         ("skipped steps (non-finite)", str(summary["skipped_steps"])),
         ("steps / examples", f"{summary['steps']} / {summary['examples']}"),
@@ -257,9 +288,31 @@ def _table(summary: dict[str, Any]) -> Table:
             ("B_noise (true)", _fmt(summary["b_noise_true"])),
             ("interval contains true", {True: "yes", False: "no", None: "n/a"}[summary["ci_contains_true"]]),
         ]
+    if "b_noise_probe" in summary:
+        rows += _b_noise_rows(summary, unit)
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _b_noise_rows(summary: dict[str, Any], unit: str) -> list[tuple[str, str]]:
+    """B_noise and eps_max of the last probe, or why B_noise is not resolved."""
+    probe, ci = summary["b_noise_probe"], summary["b_noise_ci"]
+    if summary["b_noise"] is None or ci is None:
+        b_noise = f"not resolved: {summary['b_noise_reason']}"
+    else:
+        b_noise = f"{_fmt(summary['b_noise'])} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] (95%)"
+    rows = [
+        (f"B_noise (probe, {probe['batches']} batches)", b_noise),
+        ("eps_max |G|^2/G^T H G", _fmt(summary["eps_max"], "not resolved")),
+    ]
+    if "eps_max_true" in summary:
+        contains = summary["b_noise_ci_contains_true"]
+        rows += [
+            ("eps_max (true)", _fmt(summary["eps_max_true"])),
+            ("B_noise interval contains true", {True: "yes", False: "no", None: "n/a"}[contains]),
+        ]
+    return rows
 
 
 def measure(
@@ -302,6 +355,13 @@ def measure(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<task>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    b_noise: Annotated[
+        bool, typer.Option(help="Probe B_noise (eq. 2.8) with Hessian-vector products; one process only.")
+    ] = False,
+    b_noise_every: Annotated[
+        int | None, typer.Option(help="Steps between B_noise probes (default: a quarter of --steps).")
+    ] = None,
+    b_noise_batches: Annotated[int, typer.Option(help="Batches per B_noise probe.")] = 64,
 ) -> None:
     """Train a built-in task while measuring its gradient noise scale B_simple.
 
@@ -338,6 +398,19 @@ def measure(
             )
         if info is not None and config.method == "per_example" and config.units_per_example > 1:
             raise ValueError("under torchrun a task in tokens is measured with --method ddp (the default)")
+        probe = None
+        if b_noise:
+            if info is not None:
+                raise ValueError("--b-noise probes in one process: run it without torchrun")
+            probe = BNoiseProbe(
+                the_task,
+                config.batch_size,
+                microbatches=config.microbatches if config.microbatches >= 3 else 4,
+                batches=b_noise_batches,
+                every=max(1, config.steps // 4) if b_noise_every is None else b_noise_every,
+                last_step=config.steps,
+                seed=seed,
+            )
         out_dir = out if out is not None else Path("runs") / the_task.name
         if nsdist.is_rank_zero():  # fail now, not after training
             check_writable(out_dir)
@@ -347,14 +420,14 @@ def measure(
         raise fail(str(exc), 2) from None
     try:
         result = _run_with_progress(
-            the_task, config, Console(stderr=True), progress and nsdist.is_rank_zero(), info
+            the_task, config, Console(stderr=True), progress and nsdist.is_rank_zero(), info, probe
         )
     except NoiseScaleError as exc:  # e.g. a layer without a per-example kernel
         raise fail(str(exc), 1) from None
     if not nsdist.is_rank_zero():  # rank 0 alone evaluates (the unwrapped model), writes and prints
         nsdist.close()
         return
-    summary = _write_outputs(the_task, config, result, out_dir, start)
+    summary = _write_outputs(the_task, config, result, out_dir, start, probe)
     Console().print(_table(summary))
     Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png")
     nsdist.close()

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from noisescale.errors import SweepConfigError
 from noisescale.experiments.tasks import CLASSIFICATION_TASKS
 from noisescale.experiments.training import TrainConfig
+from noisescale.io import settings_fields, settings_to_dict
 from noisescale.options import SINGLE_PROCESS_METHODS, parse_method
 
 __all__ = ["METRICS", "SWEEP_FORMAT", "SWEEP_TASKS", "Goal", "RunSpec", "SweepConfig", "lr_rule"]
@@ -246,7 +247,7 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sequences as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepConfig:
@@ -255,14 +256,7 @@ class SweepConfig:
         Raises:
             SweepConfigError: on unknown keys or invalid values.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise SweepConfigError(
-                f"unknown sweep settings {sorted(unknown)}: expected some of {sorted(names)}"
-            )
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**fields)
+        return cls(**settings_fields(cls, values, what="sweep", error=SweepConfigError))
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> SweepConfig:

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from noisescale.errors import SweepConfigError
 from noisescale.experiments.sweep.config import SWEEP_FORMAT, RunSpec, SweepConfig
-from noisescale.io import package_version, write_json
+from noisescale.io import package_version, prepare_settings_dir, write_json
 
 __all__ = [
     "CurvePoint",
@@ -185,35 +185,13 @@ def prepare_sweep_dir(out: str | Path, config: SweepConfig) -> bool:
             writable, or ``config.json`` describes another sweep (the message lists the settings
             that differ) or cannot be read.
     """
-    out = Path(out)
-    path = out / "config.json"
-    try:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-        for stale in (out / "runs").glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        if not path.exists():
-            write_json(path, {**config.to_dict(), "noisescale_version": package_version()})
-            return False
-    except OSError as exc:
-        what = "is a file, not a directory" if out.is_file() else f"cannot hold the sweep ({exc.strerror})"
-        raise SweepConfigError(f"{out} {what}: choose another --out directory") from None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SweepConfigError(f"{path}: cannot read the saved sweep configuration ({exc})") from exc
-    saved.pop("noisescale_version", None)
-    mine = json.loads(json.dumps(config.to_dict()))
     # Settings added since a sweep was started hold their defaults there (its runs used them).
-    defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig) if f.name not in saved}
-    saved |= json.loads(json.dumps({k: v for k, v in defaults.items() if v is not dataclasses.MISSING}))
-    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: saved {saved.get(k)!r}, asked {mine.get(k)!r}" for k in diff[:6])
-        raise SweepConfigError(
-            f"{out} holds another sweep ({shown}). Re-run with the saved settings to resume it, "
-            "or choose another --out directory"
-        )
-    return True
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(SweepConfig) if f.default is not dataclasses.MISSING
+    }
+    return prepare_settings_dir(
+        out, config.to_dict(), what="sweep", error=SweepConfigError, subdir="runs", defaults=defaults
+    )
 
 
 def load_records(out: str | Path, config: SweepConfig) -> dict[RunSpec, RunRecord]:

@@ -1,0 +1,169 @@
+"""Branched training against a batch-size sweep: B_crit at the sweep's loss goals, and what each spent.
+
+Reads a finished ``noisescale sweep`` directory (its ``fit.json``, ``config.json`` and run records),
+runs ``noisescale branch`` on the same task with branch points at the sweep's training-loss goals
+(the first check of the base run at or below each), once per learning-rate rule of the branches,
+and compares, per goal, the branched B_crit with the sweep's 95% interval, and the training
+examples (and CPU seconds) of both.
+
+    noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2
+    python benchmarks/branch_vs_sweep.py --sweep runs/sweep-mnist --out runs/branch-vs-sweep \\
+        --json benchmarks/results/branch_vs_sweep.json --markdown benchmarks/results/branch_vs_sweep.md
+
+Rules of the branches' learning rate (``--rules``): ``sweep``, the task's default (eq. 2.6 of
+McCandlish et al. 2018 with the sweep rule's ``B_*``: every branch at the sweep's learning rate for
+its batch); ``linear``, the paper's SGD rule ``eta kappa`` (``lr_b_star = inf``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from noisescale.experiments.branch import BranchConfig, run_branched
+from noisescale.experiments.tasks import get_task
+from noisescale.io import atomic_write_text, write_json
+
+RULES = {"sweep": {}, "linear": {"lr_b_star": math.inf}}
+
+
+def sweep_summary(folder: Path) -> dict[str, Any]:
+    """The sweep's task, training-loss goals with B_crit and interval, examples and CPU-free wall time."""
+    fit = json.loads((folder / "fit.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    goals = [
+        {"goal": g["goal"], "b_crit": g["b_crit"], "b_crit_ci": g["b_crit_ci"], "bound": g["bound"]}
+        for g in fit["goals"]
+        if g["metric"] == "train_loss"
+    ]
+    return {
+        "task": config["task"],
+        "unit": fit["unit"],
+        "goals": goals,
+        "runs": len(runs),
+        "examples": sum(r["examples_run"] for r in runs),
+        "wall_time_s": sum(r["wall_time_s"] for r in runs),
+    }
+
+
+def verdict(point: dict[str, Any], ci: list[float] | None) -> tuple[str, float | None]:
+    """Whether the branched value lies inside the sweep's interval, and by what factor it misses."""
+    if ci is None or point is None:
+        return "no interval", None
+    low, high = ci
+    if point["note"]:
+        return "no progress at B", None
+    if point["b_crit"] is not None:
+        value, mine = point["b_crit"], point["b_crit_ci"] or [point["b_crit"]] * 2
+        if low <= value <= high:
+            return "inside", 1.0
+        overlap = "; intervals overlap" if mine[0] <= high and mine[1] >= low else ""
+        side = "above" if value > high else "below"
+        return f"{side}{overlap}", (value / high if value > high else low / value)
+    value = float(point["bound"].split()[-1])
+    if ">" in point["bound"]:  # B_crit >= value
+        return ("above", value / high) if value > high else ("consistent (bound)", None)
+    return ("below", low / value) if value < low else ("consistent (bound)", None)
+
+
+def compare(sweep: dict[str, Any], branched: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for g in sweep["goals"]:
+        row: dict[str, Any] = {"goal": g["goal"], "sweep_b_crit": g["b_crit"], "sweep_ci": g["b_crit_ci"]}
+        for rule, report in branched.items():
+            point = next(
+                (p for p in report["points"] if p["kind"] == "loss" and p["target"] == g["goal"]), None
+            )
+            where, factor = verdict(point, g["b_crit_ci"])
+            row[rule] = {
+                "examples": None if point is None else point["examples"],
+                "b_crit": None if point is None else point["b_crit"],
+                "b_crit_ci": None if point is None else point["b_crit_ci"],
+                "bound": None if point is None else point["bound"],
+                "note": None if point is None else point["note"],
+                "b_simple": None if point is None else point["b_simple"],
+                "verdict": where,
+                "miss_factor": factor,
+            }
+        rows.append(row)
+    return rows
+
+
+def _value(r: dict[str, Any]) -> str:
+    if r["note"]:
+        return "-"
+    if r["bound"]:
+        return r["bound"].replace("B_crit ", "")
+    ci = r["b_crit_ci"]
+    return f"{r['b_crit']:.0f}" + ("" if ci is None else f" [{ci[0]:.0f}, {ci[1]:.0f}]")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    sweep, rules = result["sweep"], list(result["branched"])
+    unit = sweep["unit"]
+    head = "| training-loss goal | sweep B_crit [95%] | " + " | ".join(
+        f"branched, {r} rule [95%] | inside?" for r in rules
+    )
+    lines = [head + " |", "|" + "---|" * (2 + 2 * len(rules))]
+    for row in result["rows"]:
+        ci = row["sweep_ci"]
+        cells = [f"{row['goal']:g}", f"{row['sweep_b_crit']:.0f} [{ci[0]:.0f}, {ci[1]:.0f}]"]
+        for r in rules:
+            b = row[r]
+            side, _, rest = b["verdict"].partition(";")
+            miss = "" if b["miss_factor"] in (None, 1.0) else f" by {b['miss_factor']:.2g}x"
+            cells += [_value(b), side + miss + (f";{rest}" if rest else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"| spent ({unit}) | examples | share of the sweep's | CPU s |")
+    lines.append("|---|---|---|---|")
+    runs = f"sweep ({sweep['runs']} runs)"
+    wall = f"({sweep['wall_time_s']:.0f} s wall, runs summed)"
+    lines.append(f"| {runs} | {sweep['examples']:,} | 100% | {wall} |")
+    for r in rules:
+        spent, cpu = result["branched"][r]["examples_spent"], result["branched"][r]["cpu_time_s"]
+        share = spent["total"] / sweep["examples"]
+        lines.append(f"| branched, {r} rule | {spent['total']:,} | {share:.0%} | {cpu['total']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", type=Path, required=True, help="a finished `noisescale sweep` directory")
+    parser.add_argument("--out", type=Path, default=Path("runs/branch-vs-sweep"))
+    parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    parser.add_argument("--replicas", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    sweep = sweep_summary(args.sweep)
+    task = get_task(sweep["task"])
+    branched = {}
+    for rule in args.rules:
+        start = time.perf_counter()
+        config = BranchConfig.for_task(
+            task,
+            points=(),
+            loss_points=[g["goal"] for g in sweep["goals"]],
+            replicas=args.replicas,
+            **RULES[rule],
+        )
+        report = run_branched(config, args.out / rule, task=task).report
+        branched[rule] = report
+        print(f"{rule}: {time.perf_counter() - start:.0f} s")
+    result = {"sweep": sweep, "branched": branched, "rows": compare(sweep, branched)}
+    table = markdown(result)
+    print(table)
+    if args.json is not None:
+        write_json(args.json, result)
+    if args.markdown is not None:
+        atomic_write_text(args.markdown, table)
+
+
+if __name__ == "__main__":
+    main()
