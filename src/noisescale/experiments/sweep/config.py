@@ -342,9 +342,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
     # The character GPT of tasks.py under AdamW, batch sizes in tokens (windows of 64), goals in
     # validation loss (nats per character on 256 windows of the held-out plays). Pilot runs (seed
-    # 0, the rule's learning rate): 2.1 nats took 1,124 steps at B = 512 and 236 at B = 4,096
-    # (B_crit about 5,000 tokens), 1.95 nats 2,118 and 407 (about 6,000); 1.85 nats took 5,467
-    # and 718 (B_crit beyond the grid), hence goals down to 1.95 and a grid up to 16,384 tokens.
+    # 0, the rule's learning rate): 1.95 nats took 4,416 steps at B = 256, 2,118 at 512, 407 at
+    # 4,096 and 288 at 16,384 (B_crit about 5,000 tokens from the two ends); 1.85 nats took 5,467
+    # steps at 512 and 718 at 4,096 (B_crit far beyond 4,096), hence goals down to 1.95 nats, a
+    # grid up to 16,384 tokens and budgets (4M tokens, at least 400 steps) above those runs'.
     "shakespeare": {
         "batch_sizes": _grid(256, 16_384, 2),
         "lr_max": 6e-3,
@@ -356,8 +357,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 0.1,
         "units_per_example": 64,
         "max_steps": 16_000,
-        "max_examples": 3_000_000,
-        "min_steps": 300,
+        "max_examples": 4_000_000,
+        "min_steps": 400,
         "eval_examples": 256,
         "eval_test_examples": 256,
         "eval_growth": 1.2,
