@@ -240,7 +240,13 @@ def settings_fields(
 
 
 def prepare_settings_dir(
-    out: str | Path, settings: Mapping[str, Any], *, what: str, error: type[Exception], subdir: str
+    out: str | Path,
+    settings: Mapping[str, Any],
+    *,
+    what: str,
+    error: type[Exception],
+    subdir: str,
+    defaults: Mapping[str, Any] | None = None,
 ) -> bool:
     """Create a resumable output directory with its ``config.json``, or check that it holds these settings.
 
@@ -253,6 +259,8 @@ def prepare_settings_dir(
         what: what the directory holds, for the messages ("sweep").
         error: the exception to raise.
         subdir: the folder of the records, created too.
+        defaults: the values of settings added since a directory may have been started, which
+            a saved ``config.json`` without them holds (its runs used them).
 
     Returns:
         True when resuming (``config.json`` was already there).
@@ -279,6 +287,7 @@ def prepare_settings_dir(
     except (OSError, json.JSONDecodeError) as exc:
         raise error(f"{path}: cannot read the saved {what} configuration ({exc})") from exc
     saved.pop("noisescale_version", None)
+    saved = {**json.loads(json.dumps(to_jsonable(defaults or {}))), **saved}
     mine = json.loads(json.dumps(to_jsonable(settings)))
     diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
     if diff:

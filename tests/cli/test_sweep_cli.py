@@ -203,3 +203,12 @@ def test_classification_sweep_has_test_error_goal_plots(tmp_path: Path) -> None:
     ]  # fmt: skip
     bracketed = sum(g["metric"] == "train_loss" and g.get("b_crit") is not None for g in report["goals"])
     assert report["power_law"] is None and f"got {bracketed}" in report["power_law_note"]
+
+
+def test_validation_loss_goals_reach_the_sweep(tmp_path: Path) -> None:
+    """--val-loss-goal sets the held-out goals (checked before any run: a negative level is refused)."""
+    result = runner.invoke(
+        app, ["sweep", "--task", "shakespeare", "--val-loss-goal", "-1", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "loss goals must be positive and finite, got [-1.0]" in result.stderr
+    assert not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from noisescale.experiments.evaluation import Probe, evaluate, train_loss
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.tasks import (
     CLASSIFICATION_TASKS,
     LINREG_DELTA,
@@ -17,7 +18,7 @@ from noisescale.experiments.tasks import (
     get_task,
     linreg_truth,
 )
-from noisescale.experiments.training import StepRecord, TrainConfig, Trainer, train
+from noisescale.experiments.training import TrainConfig, Trainer, train
 
 # ----------------------------------------------------------------------------------------------
 # The closed-form oracle (SCIENCE.md, "A closed-form oracle for tests")

@@ -59,7 +59,6 @@ import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 import noisescale.distributed as nsdist
 from noisescale.cli.common import (
@@ -71,25 +70,21 @@ from noisescale.cli.common import (
     check_writable,
     fail,
 )
+from noisescale.cli.measure_table import fmt, measure_table
 from noisescale.critical.goals import run_mean
 from noisescale.errors import NoiseScaleError
 from noisescale.experiments.adaptive import AdaptiveSettings, policy_of
 from noisescale.experiments.b_noise_probe import BNoiseProbe
 from noisescale.experiments.evaluation import bits, evaluate, train_loss
 from noisescale.experiments.plotting import plot_batch_schedule, plot_run
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.tasks import Task, get_task
-from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, train
+from noisescale.experiments.training import TrainConfig, TrainResult, train
 from noisescale.flops import flops_per_example
 from noisescale.io import package_version, write_json, write_jsonl
+from noisescale.meter import NoiseScaleEstimate
 
 __all__ = ["measure"]
-
-
-def _fmt(x: float | None, missing: str = "n/a") -> str:
-    """Four significant digits, or ``missing`` for None/NaN."""
-    if x is None or x != x:
-        return missing
-    return f"{x:.4g}"
 
 
 def _run_with_progress(
@@ -114,7 +109,7 @@ def _run_with_progress(
 
         def on_step(record: StepRecord) -> None:
             est = record.estimate
-            b = "not resolved" if est is None or est.b_simple is None else _fmt(est.b_simple)
+            b = "not resolved" if est is None or est.b_simple is None else fmt(est.b_simple)
             progress.update(bar, advance=1, loss=f"{record.loss:.4f}", b_simple=b, batch=record.batch_size)
 
         return train(task, config, callback=on_step, stop=probe, dist=dist, adaptive=adaptive)
@@ -131,6 +126,8 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
     measured = [(r.step, r.estimate) for r in result.records if r.estimate is not None]
     values = [e.b_simple for _, e in measured]  # the meter's: None unless resolved
     mean = run_mean([step for step, _ in measured], values, upto=measured[-1][0]) if measured else None
+    pre = [None if e.preconditioned is None else e.preconditioned.b_simple for _, e in measured]
+    pre_mean = run_mean([step for step, _ in measured], pre, upto=measured[-1][0]) if measured else None
     resolved = sum(v is not None for v in values)
     summary: dict[str, Any] = {
         "task": task.name,
@@ -164,6 +161,9 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         "n_eff": est.n_eff,
         "skipped_steps": est.skipped_steps,  # non-finite gradients (e.g. divergence): never averaged in
         "b_simple_run_mean": mean,
+        # Under Adam: the preconditioned estimate (G^T P G, tr(P Sigma), B_P), null otherwise.
+        "preconditioned": None if est.preconditioned is None else _preconditioned(est.preconditioned),
+        "b_simple_preconditioned_run_mean": pre_mean,
         "resolved_steps": resolved,
         "loss": train_loss(task, result.model),
         "held_out": task.held_out,
@@ -192,6 +192,20 @@ def _summary(task: Task, config: TrainConfig, result: TrainResult, wall_time: fl
         ci = summary["b_simple_ci"]
         summary["ci_contains_true"] = None if ci is None else bool(ci[0] <= truth["b_simple"] <= ci[1])
     return summary
+
+
+def _preconditioned(pre: NoiseScaleEstimate) -> dict[str, Any]:
+    """The summary's ``preconditioned``: B_P with its interval, G^T P G, tr(P Sigma), resolved."""
+    keys = {
+        "b_simple",
+        "b_simple_ci",
+        "b_simple_se",
+        "grad_norm_sq",
+        "trace_sigma",
+        "resolved",
+        "skipped_steps",
+    }
+    return {k: v for k, v in pre.to_dict().items() if k in keys}
 
 
 def _flops_per_example(task: Task, model: torch.nn.Module, batch_size: int) -> float:
@@ -236,95 +250,6 @@ def _write_outputs(
     summary["wall_time_s"] = time.perf_counter() - start
     write_json(out_dir / "summary.json", summary)
     return summary
-
-
-def _batch_text(summary: dict[str, Any]) -> str:
-    """``128 images in 1 micro-batch(es)``, or an adaptive run's ``32 -> 256 images (3 changes)``."""
-    unit, schedule = summary["unit"], summary.get("batch_schedule")
-    if schedule is None:
-        return f"{summary['batch_size']} {unit} in {summary['microbatches']} micro-batch(es)"
-    changes = len(schedule) - 1
-    return (
-        f"{schedule[0]['batch_size']} -> {schedule[-1]['batch_size']} {unit} ({changes} change(s), adaptive)"
-    )
-
-
-def _lr_text(summary: dict[str, Any]) -> str:
-    """``0.1 (sgd)``, or an adaptive run's ``0.1 -> 0.266 (sgd, rescaled with the batch)``."""
-    schedule = summary.get("batch_schedule")
-    if schedule is None:
-        return f"{_fmt(summary['lr'])} ({summary['optimizer']})"
-    final = _fmt(schedule[-1]["lr"])
-    return f"{_fmt(summary['lr'])} -> {final} ({summary['optimizer']}, rescaled with the batch)"
-
-
-def _table(summary: dict[str, Any]) -> Table:
-    """The final table; an unresolved B_simple reads "not resolved", never a number."""
-    unit = summary["unit"]
-    table = Table(title=f"noise scale: {summary['task']} ({summary['method']})", show_header=False)
-    table.add_column("quantity", style="bold")
-    table.add_column("value")
-    ci = summary["b_simple_ci"]
-    b = summary["b_simple"]
-    if summary["resolved"] and b is not None and ci is not None:
-        b_text = f"{_fmt(b)} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] ({summary['confidence']:.0%})"
-    else:
-        b_text = "not resolved"
-    mean = summary["b_simple_run_mean"]
-    run_mean = "not resolved" if mean is None else f"{_fmt(mean)} {unit} ({summary['resolved_steps']} steps)"
-    rows = [
-        ("B_simple", b_text),
-        ("B_simple, run mean", run_mean),
-        ("|G|^2", _fmt(summary["grad_norm_sq"])),
-        ("tr Sigma", _fmt(summary["trace_sigma"])),
-        ("loss (train)", _fmt(summary["loss"])),
-        (f"loss ({summary['held_out']})", _fmt(summary["test_loss"])),
-    ]
-    if summary["test_bpc"] is not None:
-        rows.append((f"bits per character ({summary['held_out']})", _fmt(summary["test_bpc"])))
-    if summary["test_error"] is not None:
-        rows.append(("error (test)", f"{summary['test_error']:.2%}"))
-    rows += [
-        ("learning rate", _lr_text(summary)),
-        ("batch size", _batch_text(summary)),
-        ("temperature lr/B", _fmt(summary["temperature"])),
-        ("FLOPs per example", f"{summary['flops_per_example']:.3g} (forward + backward)"),
-        ("resolved", "yes" if summary["resolved"] else "no"),
-        ("skipped steps (non-finite)", str(summary["skipped_steps"])),
-        ("steps / examples", f"{summary['steps']} / {summary['examples']}"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
-    ]
-    if "b_simple_true" in summary:
-        rows += [
-            ("B_simple (true)", _fmt(summary["b_simple_true"])),
-            ("B_noise (true)", _fmt(summary["b_noise_true"])),
-            ("interval contains true", {True: "yes", False: "no", None: "n/a"}[summary["ci_contains_true"]]),
-        ]
-    if "b_noise_probe" in summary:
-        rows += _b_noise_rows(summary, unit)
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _b_noise_rows(summary: dict[str, Any], unit: str) -> list[tuple[str, str]]:
-    """B_noise and eps_max of the last probe, or why B_noise is not resolved."""
-    probe, ci = summary["b_noise_probe"], summary["b_noise_ci"]
-    if summary["b_noise"] is None or ci is None:
-        b_noise = f"not resolved: {summary['b_noise_reason']}"
-    else:
-        b_noise = f"{_fmt(summary['b_noise'])} {unit}  [{_fmt(ci[0])}, {_fmt(ci[1])}] (95%)"
-    rows = [
-        (f"B_noise (probe, {probe['batches']} batches)", b_noise),
-        ("eps_max |G|^2/G^T H G", _fmt(summary["eps_max"], "not resolved")),
-    ]
-    if "eps_max_true" in summary:
-        contains = summary["b_noise_ci_contains_true"]
-        rows += [
-            ("eps_max (true)", _fmt(summary["eps_max_true"])),
-            ("B_noise interval contains true", {True: "yes", False: "no", None: "n/a"}[contains]),
-        ]
-    return rows
 
 
 def measure(
@@ -431,6 +356,8 @@ def measure(
             raise ValueError(
                 f"{' '.join(given)} needs torchrun with 2 or more processes (torchrun --nproc_per_node=2 ...)"
             )
+        if info is not None and config.method == "per_example" and config.units_per_example > 1:
+            raise ValueError("under torchrun a task in tokens is measured with --method ddp (the default)")
         probe = None
         if b_noise:
             if info is not None:
@@ -469,7 +396,7 @@ def measure(
         nsdist.close()
         return
     summary = _write_outputs(the_task, config, result, out_dir, start, probe, settings)
-    Console().print(_table(summary))
+    Console().print(measure_table(summary))
     extra = ", batch_size.png" if settings is not None else ""
     Console(stderr=True).print(f"wrote {out_dir}/metrics.jsonl, summary.json, noise_scale.png{extra}")
     nsdist.close()

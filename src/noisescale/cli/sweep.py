@@ -6,10 +6,13 @@ Usage::
     noisescale sweep --task fashion-mnist --out runs/sweep-fashion-mnist --jobs 2   # about 9 min
     noisescale sweep --task digits --batch-size 8 --batch-size 32 --batch-size 128 --loss-goal 0.3
     noisescale sweep --task mnist --out /shared/sweep-mnist --executor ray --address HOST:6379
+    noisescale sweep --task shakespeare --out runs/sweep-shakespeare --jobs 2   # AdamW, tokens
 
-For a geometric grid of batch sizes it tunes the SGD learning rate per batch size (a grid
-centred on ``lr_max / (1 + lr_b_star/B)``, widened when the best value is on its edge), trains
-every run to the goals (training-loss levels and a test-error level), fits
+For a geometric grid of batch sizes it tunes the learning rate of the task's optimizer per
+batch size (a grid centred on ``lr_max / (1 + lr_b_star/B)^alpha``: SGD, alpha 1, for the image
+tasks; AdamW, alpha 1/2, for ``shakespeare``; widened when the best value is on its edge), trains
+every run to the goals (training-loss levels and a test-error level; validation-loss levels for
+``shakespeare``, whose batch sizes are in tokens), fits
 ``S(B) = S_min (1 + B_crit/B)`` per goal (McCandlish et al. 2018, appendix A.2-A.3) and prints
 B_crit with its interval next to the run-averaged B_simple measured in the same runs.
 
@@ -18,8 +21,8 @@ CPU per run (``pip install 'noisescale[ray]'``; ``OUT`` must then be on storage 
 at the same path); each finished run is saved at once in ``OUT/runs/`` and
 re-running the same command resumes (finished runs are kept, interrupted ones redone). ``OUT``
 also gets ``config.json``, ``results.csv`` (readable by ``noisescale fit``), ``fit.json``,
-``pareto.png`` and ``b_crit.png`` (training-loss goals) and ``pareto_test_error.png`` and
-``b_crit_test_error.png`` (test-error goals). Options left out take the task's defaults
+``pareto.png`` and ``b_crit.png`` (the first loss metric's goals) and ``pareto_<metric>.png`` and
+``b_crit_<metric>.png`` (the other metrics' goals). Options left out take the task's defaults
 (``config.json`` of a sweep shows them all); a re-run with other settings into the same
 ``OUT`` is refused.
 """
@@ -83,10 +86,15 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default runs/sweep-<task>).")] = None,
     jobs: Annotated[int | None, typer.Option(help="Parallel runs (default: every core).", min=1)] = None,
     batch_size: Annotated[
-        list[int] | None, typer.Option("--batch-size", help="Batch size of the grid, examples (repeat).")
+        list[int] | None,
+        typer.Option("--batch-size", help="Batch size of the grid, in the task's unit (repeat)."),
     ] = None,
     loss_goal: Annotated[
         list[float] | None, typer.Option("--loss-goal", help="Training-loss goal (repeat).")
+    ] = None,
+    validation_loss_goal: Annotated[
+        list[float] | None,
+        typer.Option("--val-loss-goal", help="Validation-loss goal, nats per unit (repeat)."),
     ] = None,
     error_goal: Annotated[
         list[float] | None, typer.Option("--error-goal", help="Test-error goal, a fraction (repeat).")
@@ -97,7 +105,9 @@ def sweep(
     lr_max: Annotated[
         float | None, typer.Option(help="epsilon_max of the rule lr_max/(1 + lr_b_star/B).")
     ] = None,
-    lr_b_star: Annotated[float | None, typer.Option(help="B_* of the learning-rate rule, examples.")] = None,
+    lr_b_star: Annotated[
+        float | None, typer.Option(help="B_* of the learning-rate rule, in the task's unit.")
+    ] = None,
     lr_points: Annotated[
         int | None, typer.Option(help="Learning rates per batch size before widening.")
     ] = None,
@@ -139,6 +149,7 @@ def sweep(
             task.value,
             batch_sizes=batch_size or None,
             loss_goals=loss_goal or None,
+            validation_loss_goals=validation_loss_goal or None,
             error_goals=[] if no_error_goal else error_goal or None,
             lr_max=lr_max,
             lr_b_star=lr_b_star,

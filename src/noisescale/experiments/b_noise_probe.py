@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from noisescale.b_noise import BNoiseEstimate, estimate_b_noise
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.tasks import Task
-from noisescale.experiments.training import StepRecord, Trainer
+from noisescale.experiments.training import Trainer
 
 __all__ = ["BNoiseProbe"]
 

@@ -102,7 +102,8 @@ def plot_run(
 
     Args:
         records: per-step dicts with ``examples``, ``loss``, ``b_simple`` (None when not
-            resolved) and ``b_simple_ci`` (``[low, high]`` or None), as in ``metrics.jsonl``.
+            resolved) and ``b_simple_ci`` (``[low, high]`` or None), as in ``metrics.jsonl``;
+            ``b_simple_preconditioned`` where present (under Adam) is drawn too.
         path: output image, e.g. ``runs/mnist/noise_scale.png``.
         title: figure title (task, method, batch size, learning rate).
         unit: unit of the batch sizes and of the x axis ("images", "examples", "tokens").
@@ -114,6 +115,11 @@ def plot_run(
     fig = Figure(figsize=(7.0, 6.0), layout="constrained")
     ax_b, ax_l = fig.subplots(2, 1, sharex=True)
     ok = np.isfinite(_draw_b_simple(ax_b, records, "B_simple (EMA)", confidence))
+    pre = _column(records, "b_simple_preconditioned")  # under Adam: B_P, the preconditioned one
+    if np.isfinite(pre).any():
+        label = "B_simple, preconditioned (Adam)"
+        ax_b.plot(examples, np.where(pre > 0, pre, np.nan), color="C2", label=label)
+        ok |= np.isfinite(pre) & (pre > 0)
     if b_simple_true is not None:
         ax_b.axhline(b_simple_true, color="k", linestyle="--", linewidth=1, label=f"true {b_simple_true:.4g}")
     if ok.any():

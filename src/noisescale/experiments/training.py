@@ -44,11 +44,12 @@ from noisescale import fsdp
 from noisescale.control.controller import BatchChange, BatchSizeController
 from noisescale.experiments.adaptive import AdaptiveSettings, make_controller
 from noisescale.experiments.optim import check_optimizer, make_optimizer
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.tasks import Task
 from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, layernorm_groups
 from noisescale.options import Averaging, parse_method
 
-__all__ = ["ONLY", "StepRecord", "TrainConfig", "TrainResult", "Trainer", "make_meter", "train"]
+__all__ = ["ONLY", "TrainConfig", "TrainResult", "Trainer", "make_meter", "train"]
 
 ONLY = (None, "layernorm")  # what a run measures: every parameter, or the LayerNorms only
 
@@ -61,6 +62,7 @@ def make_meter(
     ema_examples: float | None,
     confidence: float = 0.95,
     only: str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> GradientNoiseScale:
     """The one place that picks and builds the meter for a training run.
 
@@ -73,6 +75,9 @@ def make_meter(
         confidence: level of the interval of B_simple.
         only: ``"layernorm"``: measure (and hook) the LayerNorm parameters only
             (:func:`noisescale.meter.layernorm_groups`); None: every parameter.
+        optimizer: the run's optimizer: B_simple is also reported per parameter group, and
+            under Adam/AdamW the preconditioned estimate too (``preconditioner="adam"``:
+            ``estimate.preconditioned``, B_P = tr(P Sigma)/(G^T P G) with Adam's P).
 
     Returns:
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
@@ -92,6 +97,8 @@ def make_meter(
         ema_examples=ema_examples,
         confidence=confidence,
         groups=None if only is None else layernorm_groups(nsdist.unwrap_model(model)),
+        optimizer=optimizer,
+        preconditioner="adam" if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else None,
     )
 
 
@@ -238,57 +245,6 @@ class TrainConfig:
         return cls(**values)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """What one optimizer step did and measured.
-
-    Attributes:
-        step: optimizer steps done, counting this one (1-based).
-        examples: training examples seen so far, this step included.
-        loss: mean training loss of this step's batch, at the weights before the update.
-        lr: learning rate of this step.
-        batch_size: B, examples in this step.
-        wall_time: seconds since the run started.
-        estimate: the meter's :class:`~noisescale.meter.NoiseScaleEstimate` after this step,
-            or None (no meter, or not a measuring step). Under DDP it covers the steps
-            exchanged so far (its ``steps`` says how many): up to ``sync_every - 1`` behind.
-    """
-
-    step: int
-    examples: int
-    loss: float
-    lr: float
-    batch_size: int
-    wall_time: float
-    estimate: NoiseScaleEstimate | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A flat JSON-ready record.
-
-        B_simple and its interval are the meter's: None while the estimate is not resolved
-        (:class:`~noisescale.meter.NoiseScaleEstimate` never gives an unresolved ratio).
-        """
-        est = self.estimate
-        out: dict[str, Any] = {
-            "step": self.step,
-            "examples": self.examples,
-            "loss": self.loss,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "wall_time": self.wall_time,
-        }
-        if est is not None:
-            out.update(
-                grad_norm_sq=est.grad_norm_sq,
-                trace_sigma=est.trace_sigma,
-                b_simple=est.b_simple,
-                b_simple_ci=None if est.b_simple_ci is None else list(est.b_simple_ci),
-                b_simple_se=est.b_simple_se,
-                resolved=est.resolved,
-            )
-        return out
-
-
 class Trainer:
     """A model, its optimizer, its meter and a seeded data stream, advanced one step at a time.
 
@@ -352,6 +308,7 @@ class Trainer:
                 ema_examples=config.ema_examples,
                 confidence=config.confidence,
                 only=config.only,
+                optimizer=self.optimizer,
             )
         )
         self.batch_size, self.microbatches = config.batch_size, config.microbatches  # of the next step

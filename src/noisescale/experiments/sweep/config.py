@@ -1,15 +1,17 @@
 r"""The configuration of a batch-size sweep: the grid, the learning-rate rule, the goals, the budgets.
 
-For a geometric grid of batch sizes ``B`` (in the task's unit: images or examples) a sweep
-trains the task with plain SGD (no momentum, the optimizer of the paper's analysis) at a few
+For a geometric grid of batch sizes ``B`` (in the task's unit: images, examples or tokens) a
+sweep trains the task with its optimizer (plain SGD without momentum, the optimizer of the
+paper's analysis, for the image tasks; AdamW after a warmup for ``shakespeare``) at a few
 learning rates per batch size, centred on the rule of McCandlish et al. (2018), appendix A.3,
 
 .. math::
 
     \epsilon(B) = \frac{\epsilon_{max}}{(1 + B_*/B)^{\alpha}}
 
-(``alpha = 1`` for SGD, eq. 2.6), on a geometric grid ``epsilon(B) * step^i``. The defaults of
-each built-in task, and the pilot runs they come from, are in ``_DEFAULTS``.
+(``alpha = 1`` for SGD, eq. 2.6; ``alpha = 1/2``, a square-root rule, for Adam, appendix E), on a
+geometric grid ``epsilon(B) * step^i``. The defaults of each built-in task, and the pilot runs
+they come from, are in ``_DEFAULTS``.
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
@@ -31,7 +33,7 @@ from noisescale.options import SINGLE_PROCESS_METHODS, parse_method
 __all__ = ["METRICS", "SWEEP_FORMAT", "SWEEP_TASKS", "Goal", "RunSpec", "SweepConfig", "lr_rule"]
 
 SWEEP_FORMAT = 1  # version of config.json and of the run records
-METRICS = ("train_loss", "test_error")
+METRICS = ("train_loss", "validation_loss", "test_error")
 _MAX_SEED = 2**63  # seeds are in [0, 2**63)
 
 
@@ -64,7 +66,7 @@ def lr_rule(batch_size: float, lr_max: float, b_star: float, alpha: float = 1.0)
 class Goal(NamedTuple):
     """One target of a sweep: a level of a metric, reached when the metric is at or below it."""
 
-    metric: str  # "train_loss" (on a fixed training subset) or "test_error" (fraction)
+    metric: str  # "train_loss" (a fixed training subset), "validation_loss" (held-out set) or "test_error"
     level: float
 
 
@@ -82,6 +84,9 @@ class SweepConfig:
         lr_points: learning rates per batch size before widening (centred on the rule).
         max_widenings: extra learning rates per batch size at most.
         loss_goals: training-loss levels (mean loss per example on ``eval_examples`` training examples).
+        validation_loss_goals: held-out loss levels (mean loss per unit on ``eval_test_examples``
+            examples of the task's held-out set: the validation plays of ``shakespeare``, the test
+            set of the image tasks, which have no other split).
         error_goals: test-error levels (fraction misclassified on ``eval_test_examples`` test examples).
         max_steps: largest step budget of a run.
         max_examples: example budget of a run: the step budget is ``max_examples / B`` clipped to
@@ -95,6 +100,11 @@ class SweepConfig:
         ema_examples: time constant of the meter's averages, examples (validated by
             :class:`noisescale.options.Averaging`).
         momentum: SGD momentum (0: plain SGD).
+        optimizer: ``"sgd"`` or ``"adamw"`` (:mod:`noisescale.experiments.optim`).
+        warmup_steps: steps of the linear learning-rate warmup of every run.
+        weight_decay: weight decay (AdamW: decoupled, on the matrices).
+        units_per_example: units of a batch size one example carries (the task's: 64 tokens a
+            ``shakespeare`` window, else 1).
         seed: initial weights and data stream of every run.
         format: version of the sweep directory layout.
     """
@@ -108,6 +118,7 @@ class SweepConfig:
     lr_points: int = 3
     max_widenings: int = 2
     loss_goals: tuple[float, ...] = ()
+    validation_loss_goals: tuple[float, ...] = ()
     error_goals: tuple[float, ...] = ()
     max_steps: int = 10_000
     max_examples: int = 1_000_000
@@ -119,6 +130,10 @@ class SweepConfig:
     microbatches: int = 1
     ema_examples: float = 10_000.0
     momentum: float = 0.0
+    optimizer: str = "sgd"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    units_per_example: int = 1
     seed: int = 0
     format: int = SWEEP_FORMAT
 
@@ -126,12 +141,9 @@ class SweepConfig:
         """Normalise the sequences and validate every field; the messages say what to change."""
         sizes = tuple(sorted({int(b) for b in self.batch_sizes}))
         object.__setattr__(self, "batch_sizes", sizes)
-        object.__setattr__(
-            self, "loss_goals", tuple(sorted({float(g) for g in self.loss_goals}, reverse=True))
-        )
-        object.__setattr__(
-            self, "error_goals", tuple(sorted({float(g) for g in self.error_goals}, reverse=True))
-        )
+        for name in ("loss_goals", "validation_loss_goals", "error_goals"):
+            levels = sorted({float(g) for g in getattr(self, name)}, reverse=True)
+            object.__setattr__(self, name, tuple(levels))
         try:  # a sweep trains each run in one process: no ddp
             object.__setattr__(self, "method", parse_method(self.method, SINGLE_PROCESS_METHODS))
         except ValueError as exc:
@@ -139,11 +151,12 @@ class SweepConfig:
         # Comparisons are written so that NaN fails them.
         if len(sizes) < 3 or sizes[0] < 2:
             raise SweepConfigError(f"expected at least 3 batch sizes >= 2 but got {list(sizes)}")
-        if not self.loss_goals and not self.error_goals:
+        losses = self.loss_goals + self.validation_loss_goals
+        if not losses and not self.error_goals:
             raise SweepConfigError("a sweep needs at least one goal: give a loss goal or an error goal")
-        if not all(0 < g < math.inf for g in self.loss_goals):
-            raise SweepConfigError(f"loss goals must be positive and finite, got {list(self.loss_goals)}")
-        if set(self.loss_goals) & set(self.error_goals):
+        if not all(0 < g < math.inf for g in losses):
+            raise SweepConfigError(f"loss goals must be positive and finite, got {list(losses)}")
+        if set(losses) & set(self.error_goals):
             raise SweepConfigError("a loss goal and an error goal have the same value: make them differ")
         if not all(0 < g < 1 for g in self.error_goals):
             raise SweepConfigError(f"error goals are fractions in (0, 1), got {list(self.error_goals)}")
@@ -188,10 +201,12 @@ class SweepConfig:
 
     @property
     def goals(self) -> list[Goal]:
-        """Loss goals (highest first), then error goals (highest first): easiest to hardest."""
-        return [Goal("train_loss", g) for g in self.loss_goals] + [
-            Goal("test_error", g) for g in self.error_goals
-        ]
+        """Training-loss, then validation-loss, then error goals, each highest (easiest) first."""
+        return (
+            [Goal("train_loss", g) for g in self.loss_goals]
+            + [Goal("validation_loss", g) for g in self.validation_loss_goals]
+            + [Goal("test_error", g) for g in self.error_goals]
+        )
 
     def budget(self, batch_size: int) -> int:
         """Step budget of a run: ``ceil(max_examples / B)`` clipped to ``[min_steps, max_steps]``."""
@@ -221,6 +236,10 @@ class SweepConfig:
             method=self.method,
             seed=self.seed,
             momentum=self.momentum,
+            optimizer=self.optimizer,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            units_per_example=self.units_per_example,
             ema_decay=None,
             ema_examples=self.ema_examples,
             measure_every=budget + 1,  # estimates are read at the checks only (one host sync each)
@@ -320,6 +339,31 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "max_examples": 20_000,
         "min_steps": 50,
         "ema_examples": 500.0,
+    },
+    # The character GPT of tasks.py under AdamW, batch sizes in tokens (windows of 64), goals in
+    # validation loss (nats per character on 256 windows of the held-out plays). Pilot runs (seed
+    # 0, the rule's learning rate): 1.95 nats took 4,416 steps at B = 256, 2,118 at 512, 407 at
+    # 4,096 and 288 at 16,384 (B_crit about 5,000 tokens from the two ends); 1.85 nats took 5,467
+    # steps at 512 and 718 at 4,096 (B_crit far beyond 4,096), hence goals down to 1.95 nats, a
+    # grid up to 16,384 tokens and budgets (4M tokens, at least 400 steps) above those runs'.
+    "shakespeare": {
+        "batch_sizes": _grid(256, 16_384, 2),
+        "lr_max": 6e-3,
+        "lr_b_star": 2048.0,
+        "lr_alpha": 0.5,
+        "validation_loss_goals": [2.2, 2.05, 1.95],
+        "optimizer": "adamw",
+        "warmup_steps": 20,
+        "weight_decay": 0.1,
+        "units_per_example": 64,
+        "max_steps": 16_000,
+        "max_examples": 4_000_000,
+        "min_steps": 400,
+        "eval_examples": 256,
+        "eval_test_examples": 256,
+        "eval_growth": 1.2,
+        "ema_examples": 200_000.0,
+        "max_widenings": 1,
     },
 }
 

@@ -58,9 +58,11 @@ def results_table(config: SweepConfig, records: dict[RunSpec, RunRecord]) -> pd.
             outcomes = [RunOutcome(goal_crossing(r.curve, goal, r.name), r.stopped) for r in runs]
             k = fastest(outcomes)
             best, c = runs[k], outcomes[k].crossing
-            b_simple = None
-            if c.reached:
-                b_simple = run_mean([p.step for p in best.curve], [p.b_simple for p in best.curve], c.steps)
+            b_simple = pre = None
+            if c.reached:  # run-averaged to the goal, raw and (under Adam) preconditioned
+                steps = [p.step for p in best.curve]
+                b_simple = run_mean(steps, [p.b_simple for p in best.curve], c.steps)
+                pre = run_mean(steps, [p.b_simple_preconditioned for p in best.curve], c.steps)
             rows.append(
                 {
                     "metric": goal.metric,
@@ -73,6 +75,7 @@ def results_table(config: SweepConfig, records: dict[RunSpec, RunRecord]) -> pd.
                     "run": best.name,
                     "lr": best.lr,
                     "b_simple": b_simple,
+                    "b_simple_preconditioned": pre,
                     "unit": best.unit,
                 }
             )

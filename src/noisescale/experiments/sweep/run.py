@@ -1,8 +1,9 @@
 """Training the runs of a sweep: one run to its goals, and many in parallel processes.
 
 Each run trains until it has reached every goal (training-loss levels on a fixed subset of the
-training set, test-error levels on a fixed subset of the test set: the :class:`Probe` of
-:mod:`noisescale.experiments.training`), its loss diverges or stalls, or its step budget
+training set, validation-loss levels and test-error levels on a fixed subset of the held-out set:
+the :class:`Probe` of :mod:`noisescale.experiments.evaluation`), its loss (the held-out one where
+evaluated, else the training one) diverges or stalls, or its step budget
 (``max_examples / B`` steps within ``[min_steps, max_steps]``) is spent. The goals are checked
 on a geometric schedule of steps (every ``eval_growth - 1`` of the steps done, e.g. 10%); the
 steps to a goal follow the one rule of :mod:`noisescale.critical.goals` (interpolated between
@@ -33,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from noisescale.critical.goals import GoalCrossing, crossing, run_mean
-from noisescale.errors import SweepDataError
+from noisescale.errors import SweepConfigError, SweepDataError
 from noisescale.experiments.evaluation import Probe
 from noisescale.experiments.sweep.config import Goal, RunSpec, SweepConfig
 from noisescale.experiments.sweep.store import CurvePoint, GoalRecord, RunRecord, write_record
@@ -81,13 +82,18 @@ def train_run(task: Task, config: SweepConfig, spec: RunSpec) -> RunRecord:
         it, the checks, and the wall time.
     """
     start = time.perf_counter()
+    if config.units_per_example != task.units_per_example:
+        raise SweepConfigError(
+            f"units_per_example={config.units_per_example} but an example of {task.name!r} is "
+            f"{task.units_per_example} {task.unit}: leave units_per_example to the task's defaults"
+        )
     train_config = config.train_config(spec.batch_size, spec.lr(config))
     budget = train_config.steps
     probe = Probe(task, config.eval_examples, config.eval_test_examples)
     goals = config.goals
     done = [False] * len(goals)
     curve: list[CurvePoint] = []
-    stopped, next_check, initial_loss = "budget", 0, None
+    stopped, next_check, first = "budget", 0, None
     with Trainer(task, train_config) as trainer:
         for step in range(budget + 1):
             if step:
@@ -97,9 +103,9 @@ def train_run(task: Task, config: SweepConfig, spec: RunSpec) -> RunRecord:
             next_check = max(step + 1, math.ceil(step * config.eval_growth))
             point = _check(trainer, probe, step, goals, done)
             curve.append(point)
-            initial_loss = point.train_loss if initial_loss is None else initial_loss
+            first = point if first is None else first
             late = step >= max(budget * _STALL_FRACTION, _STALL_MIN_STEPS)
-            verdict = _hopeless(point.train_loss, initial_loss, late=late)
+            verdict = _hopeless(point, first, late=late)
             if verdict is not None:
                 stopped = verdict
                 break
@@ -113,27 +119,33 @@ def _check(trainer: Trainer, probe: Probe, step: int, goals: list[Goal], done: l
     """Evaluate the metrics still needed and the meter at one check; marks the goals reached."""
     need = {g.metric for g, d in zip(goals, done, strict=True) if not d}
     loss = probe.train_loss(trainer.model) if "train_loss" in need or step == 0 else None
-    error = probe.test(trainer.model)[1] if "test_error" in need else None
-    point = CurvePoint(step, loss, error)
+    held_out = probe.test(trainer.model) if need & {"validation_loss", "test_error"} else (None, None)
+    error = held_out[1] if "test_error" in need else None
+    point = CurvePoint(step, loss, error, validation_loss=held_out[0] if "validation_loss" in need else None)
     est = trainer.estimate() if step else None
     if est is not None and est.steps:  # the meter's b_simple is None unless resolved
         point = point._replace(
             measured=True, b_simple=est.b_simple, grad_norm_sq=est.grad_norm_sq, trace_sigma=est.trace_sigma
         )
+        if est.preconditioned is not None:  # under Adam
+            point = point._replace(b_simple_preconditioned=est.preconditioned.b_simple)
     for i, g in enumerate(goals):
         value = point.value(g.metric)
         done[i] = done[i] or (value is not None and step > 0 and value <= g.level)
     return point
 
 
-def _hopeless(loss: float | None, initial: float | None, *, late: bool) -> str | None:
+def _hopeless(point: CurvePoint, first: CurvePoint, *, late: bool) -> str | None:
     """Why a run cannot be the fastest to any goal, or None.
 
-    ``"diverged"``: a non-finite loss or one above ``_DIVERGED`` times the initial loss.
+    The loss is the check's watched loss (:attr:`CurvePoint.loss`), against the same loss at
+    the first check. ``"diverged"``: a non-finite loss or one above ``_DIVERGED`` times the initial loss.
     ``"stalled"``: still above 90% of the initial loss after 5% of the budget and at least 100
     steps (``late``), e.g. a network whose units all died at a too large learning rate (its
     loss stays at log(classes)).
     """
+    loss = point.loss
+    initial = first.train_loss if point.validation_loss is None else first.validation_loss
     if loss is None or initial is None:
         return None
     if not math.isfinite(loss) or loss > _DIVERGED * initial:
@@ -141,14 +153,18 @@ def _hopeless(loss: float | None, initial: float | None, *, late: bool) -> str |
     return "stalled" if late and loss > _STALL_LOSS * initial else None
 
 
-def _averages(curve: Sequence[CurvePoint], upto: float) -> tuple[float | None, float | None]:
-    """Run-averaged B_simple to ``upto`` and the ratio of the run-averaged tr(Sigma) and |G|^2."""
+def _averages(curve: Sequence[CurvePoint], upto: float) -> tuple[float | None, float | None, float | None]:
+    """Run-averaged B_simple to ``upto``, tr(Sigma)/|G|^2 of the run averages, preconditioned B_simple.
+
+    The last is None without a preconditioner (SGD).
+    """
     steps = [p.step for p in curve]
     mean = run_mean(steps, [p.b_simple for p in curve], upto)
+    pre = run_mean(steps, [p.b_simple_preconditioned for p in curve], upto)
     both = [p.grad_norm_sq is not None and p.trace_sigma is not None for p in curve]
     tr = run_mean(steps, [p.trace_sigma if ok else None for p, ok in zip(curve, both, strict=True)], upto)
     g2 = run_mean(steps, [p.grad_norm_sq if ok else None for p, ok in zip(curve, both, strict=True)], upto)
-    return mean, (tr / g2 if tr is not None and g2 is not None and g2 > 0 else None)
+    return mean, (tr / g2 if tr is not None and g2 is not None and g2 > 0 else None), pre
 
 
 def _record(
@@ -168,7 +184,7 @@ def _record(
         c = _safe_crossing(curve, g, name)
         hit = c if c is not None and c.reached else None
         steps = None if hit is None else hit.steps
-        mean, ratio = _averages(curve, steps if steps is not None else steps_run)
+        mean, ratio, pre = _averages(curve, steps if steps is not None else steps_run)
         per_goal.append(
             GoalRecord(
                 metric=g.metric,
@@ -180,9 +196,10 @@ def _record(
                 b_simple_ratio=ratio,
                 steps_low=None if hit is None else hit.low,
                 steps_high=None if hit is None else hit.high,
+                b_simple_preconditioned=pre,
             )
         )
-    mean, ratio = _averages(curve, steps_run)
+    mean, ratio, pre = _averages(curve, steps_run)
     final = next((p.train_loss for p in reversed(curve) if p.train_loss is not None), None)
     return RunRecord(
         name=name,
@@ -201,6 +218,7 @@ def _record(
         final_train_loss=final,
         curve=tuple(curve),
         wall_time_s=wall,
+        b_simple_preconditioned=pre,
     )
 
 

@@ -44,20 +44,32 @@ class CurvePoint(NamedTuple):
     b_simple: float | None = None  # the meter's smoothed B_simple, in the task's unit; None: not resolved
     grad_norm_sq: float | None = None  # smoothed |G|^2
     trace_sigma: float | None = None  # smoothed tr(Sigma)
+    validation_loss: float | None = None  # mean loss per unit on the held-out subset; None: not evaluated
+    b_simple_preconditioned: float | None = None  # under Adam, the meter's preconditioned B_simple
 
     def value(self, metric: str) -> float | None:
-        """The value of ``metric`` (``"train_loss"`` or ``"test_error"``) at this check."""
-        return self.train_loss if metric == "train_loss" else self.test_error
+        """The value of ``metric`` (one of :data:`~noisescale.experiments.sweep.config.METRICS`) here."""
+        losses = {"train_loss": self.train_loss, "validation_loss": self.validation_loss}
+        return losses.get(metric, self.test_error)
+
+    @property
+    def loss(self) -> float | None:
+        """The loss a run is watched by (diverged, stalled, best): the held-out one where evaluated."""
+        return self.train_loss if self.validation_loss is None else self.validation_loss
 
     def to_json(self) -> dict[str, Any]:
-        """``{"step", "train_loss", "test_error"}`` plus the meter's three values when measured."""
+        """``{"step", "train_loss", "test_error"}``, ``validation_loss`` and the meter's values when there."""
         out: dict[str, Any] = {
             "step": self.step,
             "train_loss": self.train_loss,
             "test_error": self.test_error,
         }
+        if self.validation_loss is not None:
+            out["validation_loss"] = self.validation_loss
         if self.measured:
             out.update(b_simple=self.b_simple, grad_norm_sq=self.grad_norm_sq, trace_sigma=self.trace_sigma)
+            if self.b_simple_preconditioned is not None:
+                out["b_simple_preconditioned"] = self.b_simple_preconditioned
         return out
 
     @classmethod
@@ -71,13 +83,15 @@ class CurvePoint(NamedTuple):
             d.get("b_simple"),
             d.get("grad_norm_sq"),
             d.get("trace_sigma"),
+            d.get("validation_loss"),
+            d.get("b_simple_preconditioned"),
         )
 
 
 class GoalRecord(NamedTuple):
     """How a run did on one goal (:func:`noisescale.critical.goals.crossing` of its curve)."""
 
-    metric: str  # "train_loss" or "test_error"
+    metric: str  # "train_loss", "validation_loss" or "test_error"
     goal: float  # the level
     reached: bool
     steps: float | None  # steps to the goal, interpolated between checks; None: censored at steps_run
@@ -86,6 +100,7 @@ class GoalRecord(NamedTuple):
     b_simple_ratio: float | None  # ratio of the step-averaged tr(Sigma) and |G|^2 over the same steps
     steps_low: float | None = None  # the crossing lies in (steps_low, steps_high]; None: censored
     steps_high: float | None = None
+    b_simple_preconditioned: float | None = None  # run-averaged preconditioned B_simple (under Adam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +123,14 @@ class RunRecord:
     final_train_loss: float | None
     curve: tuple[CurvePoint, ...]  # the checks
     wall_time_s: float
+    b_simple_preconditioned: float | None = None  # run-averaged preconditioned B_simple (under Adam)
     noisescale_version: str = dataclasses.field(default_factory=package_version)
     format: int = SWEEP_FORMAT
+
+    @property
+    def final_loss(self) -> float | None:
+        """The last watched loss (:attr:`CurvePoint.loss`): held-out where evaluated, else training."""
+        return next((p.loss for p in reversed(self.curve) if p.loss is not None), None)
 
     @property
     def spec(self) -> RunSpec:
@@ -164,7 +185,13 @@ def prepare_sweep_dir(out: str | Path, config: SweepConfig) -> bool:
             writable, or ``config.json`` describes another sweep (the message lists the settings
             that differ) or cannot be read.
     """
-    return prepare_settings_dir(out, config.to_dict(), what="sweep", error=SweepConfigError, subdir="runs")
+    # Settings added since a sweep was started hold their defaults there (its runs used them).
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(SweepConfig) if f.default is not dataclasses.MISSING
+    }
+    return prepare_settings_dir(
+        out, config.to_dict(), what="sweep", error=SweepConfigError, subdir="runs", defaults=defaults
+    )
 
 
 def load_records(out: str | Path, config: SweepConfig) -> dict[RunSpec, RunRecord]:
