@@ -1,10 +1,12 @@
 """Branched training against a batch-size sweep: B_crit at the sweep's loss goals, and what each spent.
 
 Reads a finished ``noisescale sweep`` directory (its ``fit.json``, ``config.json`` and run records),
-runs ``noisescale branch`` on the same task with branch points at the sweep's training-loss goals
-(the first check of the base run at or below each), once per learning-rate rule of the branches,
-and compares, per goal, the branched B_crit with the sweep's 95% interval, and the training
-examples (and CPU seconds) of both.
+runs ``noisescale branch`` on the same task with its default branch points (0 and then doubling)
+and one more at each of the sweep's training-loss goals (the first check of the base run at or
+below each), once per learning-rate rule of the branches, and compares, per goal, the branched
+B_crit from initialisation (``b_crit_cumulative``: E_min/S_min summed over the segments, the
+quantity a sweep measures) with the sweep's 95% interval, next to the local value at the goal,
+and the training examples (and CPU seconds) of both.
 
     noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2
     python benchmarks/branch_vs_sweep.py --sweep runs/sweep-mnist --out runs/branch-vs-sweep \\
@@ -37,7 +39,7 @@ def sweep_summary(folder: Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     goals = [
-        {"goal": g["goal"], "b_crit": g["b_crit"], "b_crit_ci": g["b_crit_ci"], "bound": g["bound"]}
+        {k: g[k] for k in ("goal", "b_crit", "b_crit_ci", "bound", "e_min", "s_min")}
         for g in fit["goals"]
         if g["metric"] == "train_loss"
     ]
@@ -51,45 +53,58 @@ def sweep_summary(folder: Path) -> dict[str, Any]:
     }
 
 
-def verdict(point: dict[str, Any], ci: list[float] | None) -> tuple[str, float | None]:
-    """Whether the branched value lies inside the sweep's interval, and by what factor it misses."""
-    if ci is None or point is None:
+def _read(point: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """A point's local (``suffix=""``) or cumulative (``"_cumulative"``) B_crit, interval, bound, note."""
+    return {
+        "b_crit": point[f"b_crit{suffix}"],
+        "b_crit_ci": point[f"b_crit{suffix}_ci"],
+        "bound": point[f"b_crit{suffix}_bound" if suffix else "bound"],
+        "note": point[f"b_crit{suffix}_note" if suffix else "note"],
+    }
+
+
+def verdict(r: dict[str, Any], ci: list[float] | None) -> tuple[str, float | None]:
+    """Whether a branched value lies inside the sweep's interval, and by what factor it misses."""
+    if ci is None:
         return "no interval", None
     low, high = ci
-    if point["note"]:
-        return "no progress at B", None
-    if point["b_crit"] is not None:
-        value, mine = point["b_crit"], point["b_crit_ci"] or [point["b_crit"]] * 2
+    if r["note"]:
+        return "undefined", None
+    if r["b_crit"] is not None:
+        value, mine = r["b_crit"], r["b_crit_ci"] or [r["b_crit"]] * 2
         if low <= value <= high:
             return "inside", 1.0
         overlap = "; intervals overlap" if mine[0] <= high and mine[1] >= low else ""
         side = "above" if value > high else "below"
         return f"{side}{overlap}", (value / high if value > high else low / value)
-    value = float(point["bound"].split()[-1])
-    if ">" in point["bound"]:  # B_crit >= value
+    value = float(r["bound"].split()[-1])
+    if ">" in r["bound"]:  # B_crit >= value
         return ("above", value / high) if value > high else ("consistent (bound)", None)
     return ("below", low / value) if value < low else ("consistent (bound)", None)
 
 
 def compare(sweep: dict[str, Any], branched: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per goal: the sweep's B_crit and, per rule, the branched one from initialisation and the local one."""
     rows = []
     for g in sweep["goals"]:
-        row: dict[str, Any] = {"goal": g["goal"], "sweep_b_crit": g["b_crit"], "sweep_ci": g["b_crit_ci"]}
+        row: dict[str, Any] = {
+            "goal": g["goal"],
+            "sweep_b_crit": g["b_crit"],
+            "sweep_ci": g["b_crit_ci"],
+            "sweep_e_min": g["e_min"],
+            "sweep_s_min": g["s_min"],
+        }
         for rule, report in branched.items():
-            point = next(
-                (p for p in report["points"] if p["kind"] == "loss" and p["target"] == g["goal"]), None
-            )
-            where, factor = verdict(point, g["b_crit_ci"])
-            row[rule] = {
-                "examples": None if point is None else point["examples"],
-                "b_crit": None if point is None else point["b_crit"],
-                "b_crit_ci": None if point is None else point["b_crit_ci"],
-                "bound": None if point is None else point["bound"],
-                "note": None if point is None else point["note"],
-                "b_simple": None if point is None else point["b_simple"],
-                "verdict": where,
-                "miss_factor": factor,
-            }
+            at_goals = {p["target"]: p for p in report["points"] if p["kind"] == "loss"}
+            if g["goal"] not in at_goals:
+                raise SystemExit(f"the base run did not reach the goal {g['goal']}: raise its max_examples")
+            point = at_goals[g["goal"]]
+            row[rule] = {"examples": point["examples"], "b_simple": point["b_simple"]}
+            for name, suffix in (("cumulative", "_cumulative"), ("local", "")):
+                r = _read(point, suffix)
+                where, factor = verdict(r, g["b_crit_ci"])
+                row[rule][name] = {**r, "verdict": where, "miss_factor": factor}
+            row[rule]["cumulative"].update(e_min=point["e_min_cumulative"], s_min=point["s_min_cumulative"])
         rows.append(row)
     return rows
 
@@ -103,21 +118,35 @@ def _value(r: dict[str, Any]) -> str:
     return f"{r['b_crit']:.0f}" + ("" if ci is None else f" [{ci[0]:.0f}, {ci[1]:.0f}]")
 
 
+def _where(r: dict[str, Any]) -> str:
+    side, _, rest = r["verdict"].partition(";")
+    miss = "" if r["miss_factor"] in (None, 1.0) else f" by {r['miss_factor']:.2g}x"
+    return side + miss + (f";{rest}" if rest else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
+    """The comparison and what each spent, as Markdown tables."""
     sweep, rules = result["sweep"], list(result["branched"])
     unit = sweep["unit"]
     head = "| training-loss goal | sweep B_crit [95%] | " + " | ".join(
-        f"branched, {r} rule [95%] | inside?" for r in rules
+        f"{r} rule: from init [95%] | inside? | local at the goal" for r in rules
     )
-    lines = [head + " |", "|" + "---|" * (2 + 2 * len(rules))]
+    lines = [head + " |", "|" + "---|" * (2 + 3 * len(rules))]
     for row in result["rows"]:
         ci = row["sweep_ci"]
         cells = [f"{row['goal']:g}", f"{row['sweep_b_crit']:.0f} [{ci[0]:.0f}, {ci[1]:.0f}]"]
         for r in rules:
             b = row[r]
-            side, _, rest = b["verdict"].partition(";")
-            miss = "" if b["miss_factor"] in (None, 1.0) else f" by {b['miss_factor']:.2g}x"
-            cells += [_value(b), side + miss + (f";{rest}" if rest else "")]
+            cells += [_value(b["cumulative"]), _where(b["cumulative"]), _value(b["local"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"| E_min, S_min at the goal ({unit}, steps) | sweep | " + " | ".join(rules) + " |")
+    lines.append("|" + "---|" * (2 + len(rules)))
+    for row in result["rows"]:
+        cells = [f"{row['goal']:g}", f"{row['sweep_e_min']:,.0f}, {row['sweep_s_min']:.0f}"]
+        for r in rules:
+            c = row[r]["cumulative"]
+            cells.append("-" if c["e_min"] is None else f"{c['e_min']:,.0f}, {c['s_min']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"| spent ({unit}) | examples | share of the sweep's | CPU s |")
@@ -148,7 +177,6 @@ def main() -> None:
         start = time.perf_counter()
         config = BranchConfig.for_task(
             task,
-            points=(),
             loss_points=[g["goal"] for g in sweep["goals"]],
             replicas=args.replicas,
             **RULES[rule],

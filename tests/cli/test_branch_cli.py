@@ -25,6 +25,8 @@ TINY = [
     "--kappa",
     "4",
     "--at",
+    "0",
+    "--at",
     "64",
     "--at",
     "128",
@@ -61,10 +63,11 @@ def test_branch_prints_a_table_and_writes_its_files(measured: tuple[Path, str, s
         "images seen",
         "B_simple",
         "B_crit",
+        "B_crit from init",
         "examples ratio against B",
     ):
         assert text in stdout
-    assert "12 branches trained now" in stderr and "spent 1.66k images (base 128, branches 1.54k)" in stderr
+    assert "18 branches trained now" in stderr and "spent 2.43k images (base 128, branches 2.3k)" in stderr
 
 
 def test_json_prints_branch_json_and_a_rerun_resumes(measured: tuple[Path, str, str]) -> None:
@@ -75,7 +78,10 @@ def test_json_prints_branch_json_and_a_rerun_resumes(measured: tuple[Path, str, 
     printed = json.loads(result.stdout)
     assert printed == json.loads((out / "branch.json").read_text())
     for point in printed["points"]:
-        assert {"examples", "loss", "b_crit", "b_crit_ci", "bound", "b_simple"} <= set(point)
+        assert {"examples", "loss", "b_crit", "b_crit_ci", "bound", "b_simple", "b_crit_cumulative"} <= set(
+            point
+        )
+        assert {"b_crit_cumulative_ci", "b_crit_cumulative_bound", "b_crit_cumulative_note"} <= set(point)
     assert printed["unit"] == "images"
 
 

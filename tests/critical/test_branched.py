@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
-from noisescale.critical.branched import branch_test, check_branch_grid, decide, examples_ratio, smooth
+from noisescale.critical.branched import (
+    branch_test,
+    check_branch_grid,
+    cumulative_b_crit,
+    cumulative_chain,
+    decide,
+    examples_ratio,
+    smooth,
+)
 
 W = 1000.0
 MARKS = [100.0 * i for i in range(11)]  # 0 to W
@@ -149,3 +158,90 @@ def test_bad_shapes_and_settings_are_refused() -> None:
     for kwargs in ({"tolerance": -1.0}, {"kind": "steps"}, {"smoothing": 0.0}, {"smoothing": 1.5}):
         with pytest.raises(ValueError, match="tolerance >= 0"):
             decide(MARKS, curves, (1, 2, 4), B, **kwargs)
+
+
+# Cumulative B_crit: segments of E_min (examples) with a constant local B_crit each.
+DE_MIN = [300.0, 500.0, 1200.0, 4000.0]
+LOCAL = [12.0, 30.0, 55.0, 140.0]
+
+
+def base_run(batch: float) -> tuple[np.ndarray, list[float]]:
+    """Branch points and examples per segment of a run at ``batch``: eq. 2.11 per segment."""
+    spent = [d * (1 + batch / b) for d, b in zip(DE_MIN, LOCAL, strict=True)]
+    return np.concatenate([[0.0], np.cumsum(spent)[:-1]]), spent
+
+
+@pytest.mark.parametrize("batch", [4.0, 16.0, 64.0])
+def test_cumulative_is_e_min_over_s_min_whatever_the_base_batch(batch: float) -> None:
+    starts, spent = base_run(batch)
+    b, e, s = cumulative_b_crit(starts, LOCAL, batch, sum(spent))
+    e_min, s_min = sum(DE_MIN), sum(d / b for d, b in zip(DE_MIN, LOCAL, strict=True))
+    assert (e, s, b) == pytest.approx((e_min, s_min, e_min / s_min), rel=1e-12)
+    for other in (1.0, 50.0, 1000.0):  # every batch then follows the hyperbola of this B_crit
+        examples = sum(d * (1 + other / b) for d, b in zip(DE_MIN, LOCAL, strict=True))
+        assert examples == pytest.approx(e * (1 + other / b), rel=1e-12)
+    part, _, _ = cumulative_b_crit(starts, LOCAL, batch, starts[3] + spent[3] / 4)  # a quarter of the last
+    e_part = sum(DE_MIN[:3]) + DE_MIN[3] / 4
+    assert part == pytest.approx(e_part / (s_min - 0.75 * DE_MIN[3] / LOCAL[3]), rel=1e-12)
+
+
+def test_cumulative_of_constant_and_unbounded_local_values() -> None:
+    b, _, _ = cumulative_b_crit([0, 7, 50, 51], np.full((3, 4), 33.0), 8, 400)  # batched: [3, 4] -> [3]
+    assert b.tolist() == pytest.approx([33.0] * 3, rel=1e-14)
+    b, e, s = cumulative_b_crit([0, 100], [20.0, math.inf], 20, 300)  # the second segment takes no steps
+    assert (float(b), float(e), float(s)) == pytest.approx((100.0, 250.0, 2.5), rel=1e-14)
+
+
+def test_cumulative_of_a_growing_local_value_lies_between_start_and_end_values() -> None:
+    # b(m) = b0 + k m along E_min = m: S_min(M) = ln(1 + k M / b0) / k exactly; a run at B spends
+    # e(m) = m + B S_min(m). Start values under-, end values overestimate (B_crit rises with every
+    # b_i), and each segment's own E_min/S_min makes the sum exact.
+    b0, k, batch = 10.0, 0.05, 16.0
+    m = np.array([0.0, 200.0, 600.0, 1500.0, 4000.0])
+    s_of = np.log1p(k * m / b0) / k
+    starts, until = m[:-1] + batch * s_of[:-1], m[-1] + batch * s_of[-1]
+    exact = m[-1] / s_of[-1]
+    low = cumulative_b_crit(starts, b0 + k * m[:-1], batch, until)[0]
+    high = cumulative_b_crit(starts, b0 + k * m[1:], batch, until)[0]
+    own = cumulative_b_crit(starts, np.diff(m) / np.diff(s_of), batch, until)[0]
+    assert low < exact < high and own == pytest.approx(exact, rel=1e-12)
+
+
+def test_cumulative_refuses_points_that_do_not_start_at_initialisation() -> None:
+    with pytest.raises(ValueError, match="branch at initialisation"):
+        cumulative_b_crit([64, 128], [10.0, 20.0], 8, 200)
+    with pytest.raises(ValueError, match="local values > 0"):
+        cumulative_b_crit([0, 128], [10.0, 0.0], 8, 200)
+
+
+def hyperbola_point(*b_crits: float, n_bootstrap: int = 400) -> Any:
+    """decide() on replicas whose curves follow the hyperbola of these B_crit (one per replica)."""
+    reps = np.array([[power_law(hyperbola_rho(k, bc)) for k in KAPPAS] for bc in b_crits])
+    return decide(MARKS, reps, KAPPAS, B, smoothing=1.0, n_bootstrap=n_bootstrap)
+
+
+def test_chain_interval_resamples_every_points_replicas() -> None:
+    # Point 0: replicas say 40 and 20 (resamples give both); point 1: 40 in every resample.
+    points = [hyperbola_point(35.0, 12.0), hyperbola_point(35.0, 35.0)]
+    starts, until = [0.0, 300.0], 1000.0
+    chain = cumulative_chain(starts, points, B, until)
+    values = [p.b_crit for p in points]
+    assert chain.b_crit == pytest.approx(float(cumulative_b_crit(starts, values, B, until)[0]), rel=1e-14)
+    low = float(cumulative_b_crit(starts, [20.0, 40.0], B, until)[0])
+    assert chain.b_crit_ci == pytest.approx((low, 40.0), rel=1e-14) and chain.bound is None
+
+
+def test_chain_bounds_and_undefined_values() -> None:
+    value, top = hyperbola_point(35.0), decide(MARKS, np.array([power_law(1.0)] * 5)[None], KAPPAS, B)
+    assert top.bound == "B_crit >= 160"
+    chain = cumulative_chain([0.0, 300.0], [value, top], B, 1000.0)
+    at_bound = float(cumulative_b_crit([0.0, 300.0], [40.0, 160.0], B, 1000.0)[0])
+    assert chain.b_crit is None and chain.bound == f"B_crit >= {at_bound:.4g}" and chain.b_crit_ci is None
+    assert cumulative_chain([0.0, 300.0], [value, top], B, 300.0).b_crit == 40.0  # the bound is later
+    stuck = np.array([power_law(1.0)] + [[5.0] + [math.nan] * (len(MARKS) - 1)] * 4)[None]
+    bottom = decide(MARKS, stuck, KAPPAS, B, smoothing=1.0)
+    assert "both directions" in str(cumulative_chain([0.0, 1.0], [top, bottom], B, 9.0).note)
+    flat = decide(MARKS, np.array([[5.0] + [5.01] * 10] * 5)[None], KAPPAS, B, smoothing=1.0)
+    assert "no local value at 300" in str(cumulative_chain([0.0, 300.0], [value, flat], B, 400.0).note)
+    assert "no branch point at 0" in str(cumulative_chain([64.0], [value], B, 400.0).note)
+    assert "initialisation" in str(cumulative_chain([0.0], [value], B, 0.0).note)

@@ -9,17 +9,20 @@ from typing import Any
 
 import pytest
 
+from noisescale.critical.branched import cumulative_b_crit
 from noisescale.errors import BranchConfigError, NoiseScaleError
 from noisescale.experiments.branch import BranchConfig, run_branched
 from noisescale.experiments.branch import run as branch_run
 from noisescale.experiments.tasks import get_task
 
-# digits: base B = 8, branches at 8, 16, 32 images for 128 images, two branch points, two replicas.
+# digits: base B = 8, branches at 8, 16, 32 images, points at 0, 64 and 128 images with windows of
+# 64, 64 and 128 images (window_ratio 1), two replicas.
 TINY = {
     "batch_size": 8,
     "kappas": (1, 2, 4),
-    "points": (64, 128),
-    "window": 128,
+    "points": (0, 64, 128),
+    "window": 64,
+    "window_ratio": 1.0,
     "checks": 4,
     "replicas": 2,
     "eval_examples": 256,
@@ -61,6 +64,9 @@ def test_defaults_of_every_built_in_task_are_valid() -> None:
     for name in ("digits", "linreg"):
         config = BranchConfig.for_task(get_task(name))
         assert config.check_examples()[-1] == config.window and config.window % config.unit_examples == 0
+        assert config.points[0] == 0 and all(
+            config.window_at(p) % config.unit_examples == 0 for p in config.points
+        )
     mnist = BranchConfig.for_task(get_task("mnist"))
     # SGD with the sweep rule: every branch at the sweep's learning rate for its batch.
     assert mnist.lr == 0.2 and mnist.lr_b_star == 64.0
@@ -74,6 +80,8 @@ def test_defaults_of_every_built_in_task_are_valid() -> None:
 def test_checks_fall_on_whole_steps_of_every_branch() -> None:
     config = tiny(kappas=(1, 2, 3), window=240, checks=3)  # lcm 6 x 8 = 48 examples per unit
     assert config.check_examples() == (0, 96, 192, 240)
+    grown = tiny(window=64, window_ratio=0.5)  # half the examples seen, whole units of 32, at least 64
+    assert [grown.window_at(x) for x in (0, 64, 200, 1000)] == [64, 64, 96, 480]
     assert BranchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
@@ -85,7 +93,8 @@ def test_checks_fall_on_whole_steps_of_every_branch() -> None:
         ({"kappas": (1,)}, "at least two"),
         ({"window": 0}, "window 0 is not a positive multiple of .* 32"),
         ({"window": 100}, "use 96"),
-        ({"points": (60,)}, "not a positive multiple of the base batch 8: use 56 or 64"),
+        ({"points": (60,)}, "not 0 or a positive multiple of the base batch 8: use 56 or 64"),
+        ({"window_ratio": -1.0}, "window_ratio >= 0"),
         ({"points": (), "loss_points": ()}, "at least one branch point"),
         ({"replicas": 0}, "at least 1"),
         ({"tolerance": -1.0}, "tolerance >= 0"),
@@ -107,14 +116,24 @@ def test_bad_settings_say_what_to_change(overrides: dict[str, Any], message: str
 def test_report_schema_and_what_was_spent(reference: Path) -> None:
     report = json.loads((reference / "branch.json").read_text())
     assert report["unit"] == "images" and report["task"] == "digits"
-    assert [p["examples"] for p in report["points"]] == [64, 128]
-    for p in report["points"]:
+    points = report["points"]
+    assert [p["examples"] for p in points] == [0, 64, 128] and [p["window"] for p in points] == [64, 64, 128]
+    for p in points:
         assert {"examples", "loss", "b_crit", "b_crit_ci", "bound", "b_simple", "kappa_star"} <= set(p)
-        assert (p["b_crit"] is None) == (p["bound"] is not None)
+        assert (p["b_crit"] is None) == (p["bound"] is not None or p["note"] is not None)
         assert [b["batch_size"] for b in p["branches"]] == [8, 16, 32]
         assert p["branches"][0]["examples_ratio"] == 1.0 and p["branches"][0]["keeps_up"]
-    assert report["examples_spent"] == {"base": 128, "branches": 2 * 2 * 3 * 128, "total": 128 + 1536}
-    assert len(list((reference / "branches").glob("*.json"))) == 12
+    assert "initialisation" in points[0]["b_crit_cumulative_note"]
+    for i, p in enumerate(points[1:], 1):  # E_min/S_min over the segments before the point
+        local = [q["b_crit"] or float(q["bound"].split()[-1]) for q in points[:i]]
+        b, e, s = cumulative_b_crit([q["examples"] for q in points[:i]], local, 8, p["examples"])
+        value = p["b_crit_cumulative"] or float(p["b_crit_cumulative_bound"].split()[-1])
+        assert (value, p["e_min_cumulative"], p["s_min_cumulative"]) == pytest.approx((b, e, s), rel=1e-12)
+        assert (p["b_crit_cumulative"] is None) == any(q["b_crit"] is None for q in points[:i])
+        ci = p["b_crit_cumulative_ci"]
+        assert ci is None or ci[0] <= ci[1]
+    assert report["examples_spent"] == {"base": 128, "branches": 2 * 3 * 256, "total": 128 + 1536}
+    assert len(list((reference / "branches").glob("*.json"))) == 18
     assert (reference / "branch.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -146,7 +165,7 @@ def test_killed_among_the_branches_resumes_to_the_same_result(reference: Path, t
         run_branched(tiny(), out, n_bootstrap=200, on_record=kill_after_five)
     assert len(list((out / "branches").glob("*.json"))) == 5 and not (out / "branch.json").exists()
     result = run_branched(tiny(), out, n_bootstrap=200)
-    assert result.trained == 7
+    assert result.trained == 13
     assert branch_files(out) == branch_files(reference)
     assert read(out / "branch.json") == read(reference / "branch.json")
 
@@ -180,7 +199,7 @@ def test_an_unreadable_branch_record_is_redone(reference: Path, tmp_path: Path) 
 
 
 def test_a_directory_of_another_measurement_is_refused(reference: Path) -> None:
-    with pytest.raises(BranchConfigError, match=r"holds another branched measurement \(window: saved 128"):
+    with pytest.raises(BranchConfigError, match=r"holds another branched measurement \(window: saved 64"):
         run_branched(tiny(window=256), reference)
 
 

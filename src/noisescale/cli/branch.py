@@ -6,18 +6,22 @@ Usage::
     noisescale branch --task mnist --out runs/branch-mnist # about a minute of CPU
     noisescale branch --task mnist --at-loss 0.4 --at-loss 0.2 --at-loss 0.1 --json
 
-A base run trains at batch size ``B``; at each branch point (``--at`` examples seen, or
-``--at-loss``: the first check at or below a training loss) copies branch off at ``kappa B``
-(``--kappa``, default 1 2 4 ... 32) with the learning rate times
+A base run trains at batch size ``B``; at each branch point (``--at`` examples seen, by default
+0 and then doubling; ``--at-loss`` adds the first check at or below a training loss) copies
+branch off at ``kappa B`` (``--kappa``, default 1 2 4 ... 32) with the learning rate times
 ``((1 + B_*/B)/(1 + B_*/(kappa B)))^p`` (``--lr-power`` p: 1 for SGD, 0.5 for Adam;
 ``--lr-b-star``: the built-in SGD tasks use their sweep rule's, so that every branch runs at the
-sweep's learning rate for its batch; ``inf`` gives the paper's ``kappa^p``), train ``--window``
-examples each (``--replicas`` times with other data) and are compared at equal examples.
+sweep's learning rate for its batch; ``inf`` gives the paper's ``kappa^p``), train a window of
+examples (``--window-ratio`` times the examples seen, at least ``--window``) each
+(``--replicas`` times with other data) and are compared at equal examples.
 B_crit at the point is the largest ``kappa B`` that keeps up with every smaller one
 (Merrill et al. 2025): by default, that needs at most
 ``1 + --tolerance`` times their examples to reach the same smoothed loss (tolerance 1: twice,
 the definition of B_crit, McCandlish et al. 2018); ``--tolerance-kind loss`` uses the paper's
-rule instead (final smoothed loss at most ``--tolerance`` above, the paper's 0.01).
+rule instead (final smoothed loss at most ``--tolerance`` above, the paper's 0.01). That value is
+local; ``B_crit from init`` sums eq. 2.11 over the segments between the points, ``E_min/S_min``
+from initialisation to the point, the quantity a sweep measures
+(:func:`noisescale.critical.branched.cumulative_chain`).
 
 Prints a table (or ``--json``: ``branch.json``) and writes into ``OUT`` (default
 ``runs/branch-<task>``): ``config.json``, the base run's checkpoints and ``base.json``, one
@@ -58,27 +62,30 @@ class ToleranceKind(str, enum.Enum):
     loss = "loss"
 
 
-def _b_crit_text(point: dict[str, Any]) -> str:
-    if point["note"]:
-        return "no progress at B"
-    if point["bound"]:
-        return point["bound"].replace("B_crit ", "")
-    ci = point["b_crit_ci"]
-    text = format_batch(point["b_crit"])
+def _b_crit_text(point: dict[str, Any], suffix: str = "") -> str:
+    """The local B_crit (``suffix=""``) or the cumulative one (``"_cumulative"``) of a point."""
+    if point[f"b_crit{suffix}_note" if suffix else "note"]:
+        return "-" if suffix else "no progress at B"
+    bound = point[f"b_crit{suffix}_bound" if suffix else "bound"]
+    if bound:
+        return bound.replace("B_crit ", "")
+    ci = point[f"b_crit{suffix}_ci"]
+    text = format_batch(point[f"b_crit{suffix}"])
     return text if ci is None else f"{text} {format_interval(*ci)}"
 
 
 def branch_table(report: dict[str, Any]) -> Table:
-    """Per branch point: examples, loss, B_simple, B_crit, and each branch's comparison with the base."""
+    """Per branch point: examples, loss, B_simple, B_crit (local, from init), each branch against the base."""
     unit, s = report["unit"], report["settings"]
     kind = s["tolerance_kind"]
     what = "examples ratio" if kind == "examples" else "loss excess"
     table = Table(
         title=f"branched critical batch size: {report['task']} (batch sizes in {unit}; base B = "
         f"{s['batch_size']}, lr {s['lr']:g}; {s['confidence']:.0%} intervals over {s['replicas']} replicas)",
-        caption=f"per branch: {what} against B (x: does not keep up with a smaller branch)",
+        caption=f"B_crit: over the window after the point; from init: E_min/S_min up to the point "
+        f"(comparable with a sweep); per branch: {what} against B (x: fails against a smaller branch)",
     )
-    for col in (f"{unit} seen", "train loss", "B_simple", "B_crit"):
+    for col in (f"{unit} seen", "train loss", "B_simple", "B_crit", "B_crit from init"):
         table.add_column(col, justify="right")
     for kappa in s["kappas"][1:]:
         table.add_column(f"{kappa * s['batch_size']}", justify="right")
@@ -90,6 +97,7 @@ def branch_table(report: dict[str, Any]) -> Table:
             "-" if p["loss"] is None else f"{p['loss']:.4g}",
             "-" if bs is None else f"{short_number(bs)} {format_interval(*ci) if ci else ''}".strip(),
             _b_crit_text(p),
+            _b_crit_text(p, "_cumulative"),
         ]
         for b in p["branches"][1:]:
             value = b[key]
@@ -116,9 +124,15 @@ def branch(
     ] = None,
     at_loss: Annotated[
         list[float] | None,
-        typer.Option("--at-loss", help="Branch where the training loss first reaches this (repeat)."),
+        typer.Option("--at-loss", help="Also branch where the training loss first reaches this (repeat)."),
     ] = None,
-    window: Annotated[int | None, typer.Option(help="Examples each branch trains.")] = None,
+    window: Annotated[
+        int | None, typer.Option(help="Examples each branch trains (the least, with --window-ratio).")
+    ] = None,
+    window_ratio: Annotated[
+        float | None,
+        typer.Option(help="A point at x examples trains its branches window-ratio * x (0: fixed)."),
+    ] = None,
     checks: Annotated[int | None, typer.Option(help="Evaluations per window.")] = None,
     replicas: Annotated[int | None, typer.Option(help="Data streams per branch point (interval).")] = None,
     tolerance: Annotated[
@@ -166,9 +180,10 @@ def branch(
             batch_size=batch_size,
             lr=lr,
             kappas=kappa or None,
-            points=at or (() if at_loss else None),
+            points=at or None,
             loss_points=at_loss or None,
             window=window,
+            window_ratio=window_ratio,
             checks=checks,
             replicas=replicas,
             tolerance=tolerance,

@@ -38,6 +38,22 @@ result is a bound, ``B_crit >= kappa_max B``; when not even ``kappa = 2`` does, 
 the window (its smoothed loss did not fall below the checkpoint's: a run at its noise floor)
 there is nothing to keep up with, and the result is neither a value nor a bound but a note.
 
+Cumulative B_crit (what a sweep measures): the value at a point is *local*, the trade-off over
+the window after it, while a sweep's ``B_crit(L) = E_min(L)/S_min(L)`` is a ratio of totals
+from initialisation to the loss ``L``. With branch points ``0 = x_0 < x_1 < ... < x_n`` (the
+base run's examples) and the local value ``b_i`` taken for the segment ``[x_i, x_{i+1})`` that
+its branches trained over, eq. 2.11 per segment gives the base run's examples there,
+``dE_i = dE_min,i (1 + B/b_i)``, and ``dS_min,i = dE_min,i / b_i``; a run at any batch ``B'``
+then needs ``E(B') = sum_i dE_min,i (1 + B'/b_i) = E_min (1 + B'/B_crit)`` with
+
+.. math::
+
+    B_{crit}(x) = \frac{\sum_i \Delta E_{min,i}}{\sum_i \Delta S_{min,i}}
+                = \frac{\sum_i \Delta E_i\, b_i/(b_i + B)}{\sum_i \Delta E_i/(b_i + B)},
+
+the ``dE_min``-weighted harmonic mean of the local values: exactly the hyperbola a sweep fits
+(:func:`cumulative_b_crit`). It increases with every ``b_i``, so a local bound gives a bound.
+
 References:
     Merrill, Arora, Groeneveld & Hajishirzi (2025), Critical Batch Size Revisited: A Simple
     Empirical Approach to Large-Batch Language Model Training, arXiv:2505.23971, section 3.1.
@@ -61,8 +77,11 @@ __all__ = [
     "TOLERANCE_KINDS",
     "BranchTest",
     "BranchedCritical",
+    "CumulativeCritical",
     "branch_test",
     "check_branch_grid",
+    "cumulative_b_crit",
+    "cumulative_chain",
     "decide",
     "examples_ratio",
     "smooth",
@@ -207,6 +226,7 @@ class BranchedCritical(NamedTuple):
     test: BranchTest  # on the replica-mean curves
     batch_sizes: tuple[int, ...]  # [K] kappa B
     replicas: int
+    draws: tuple[float, ...] = ()  # [n_bootstrap] B_crit of each replica resample; () without an interval
 
     def to_dict(self, kind: str) -> dict[str, Any]:
         """JSON-ready: the result and, per branch, its batch size, loss, comparison and verdict."""
@@ -299,7 +319,7 @@ def decide(
         bound = f"B_crit >= {sizes[-1]}"
     elif star == 0:
         bound = f"B_crit <= {sizes[0]}"
-    ci = None
+    ci, draws = None, list[int]()
     if bound is None and note is None and r > 1:
         rng = np.random.default_rng(seed)
         resamples = rng.integers(r, size=(n_bootstrap, r)).tolist()  # replica indices, with replacement
@@ -318,4 +338,118 @@ def decide(
         test=main,
         batch_sizes=sizes,
         replicas=r,
+        draws=tuple(float(d) for d in draws),
     )
+
+
+def cumulative_b_crit(
+    starts: Sequence[float], local: Any, batch_size: float, until: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """B_crit from initialisation to ``until`` examples of the base run, from local values (module docstring).
+
+    Args:
+        starts: ``[n]`` the base run's examples at the branch points, non-decreasing, ``starts[0] = 0``.
+        local: ``[..., n]`` local B_crit at each point (> 0, inf allowed), the task's unit; point
+            ``i``'s value holds from ``starts[i]`` to the next point (the last one to ``until``).
+        batch_size: ``B``, the base run's batch, the task's unit.
+        until: examples of the base run at the end, > 0.
+
+    Returns:
+        ``(b_crit [...], e_min [...], s_min [...])``: ``E_min/S_min`` (examples), ``E_min``
+        (examples) and ``S_min`` (steps) of eq. 2.11 summed over the segments.
+
+    Raises:
+        ValueError: unless the starts increase from 0, ``until > 0`` and every local value is > 0.
+
+    Example:
+        >>> b, e, s = cumulative_b_crit([0, 100], [20.0, 60.0], 20, 300)  # 100 at 20, then 200 at 60
+        >>> round(float(e), 6), round(float(s), 6), round(float(b), 6)  # 50 + 150 images, 2.5 + 2.5 steps
+        (200.0, 5.0, 40.0)
+    """
+    x = np.asarray(starts, dtype=np.float64)
+    b = np.asarray(local, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 1 or x[0] != 0 or np.any(np.diff(x) < 0) or b.shape[-1:] != x.shape:
+        raise ValueError(
+            f"expected branch points non-decreasing from 0 (branch at initialisation) and local values [..., "
+            f"{len(x)}], got points {x.tolist()[:4]}... and values of shape {list(b.shape)}"
+        )
+    if not until > 0 or not np.all(b > 0) or not batch_size > 0:
+        raise ValueError(
+            f"expected until > 0, batch_size > 0 and local values > 0, got {until}, {batch_size}"
+        )
+    ends = np.minimum(np.append(x[1:], math.inf), until)
+    spent = np.clip(ends - x, 0.0, None)  # [n] the base run's examples per segment
+    e_min = (spent / (1 + batch_size / b)).sum(axis=-1)  # inf b: the whole segment, no steps
+    s_min = (spent / (b + batch_size)).sum(axis=-1)
+    with np.errstate(divide="ignore"):
+        return e_min / s_min, e_min, s_min
+
+
+class CumulativeCritical(NamedTuple):
+    """B_crit from initialisation to a point of the base run; batch sizes in the task's unit."""
+
+    b_crit: float | None  # E_min/S_min; None when only bounded (`bound`) or undefined (`note`)
+    b_crit_ci: tuple[float, float] | None  # percentile interval over the points' replica resamples
+    bound: str | None  # "B_crit >= 81.3" when a local value is a lower bound ("<=": upper)
+    note: str | None  # why it is undefined
+    e_min: float | None  # examples (at the bound values when `bound`)
+    s_min: float | None  # steps
+
+
+def cumulative_chain(
+    starts: Sequence[float],
+    points: Sequence[BranchedCritical],
+    batch_size: int,
+    until: float,
+    *,
+    confidence: float = 0.95,
+) -> CumulativeCritical:
+    """:func:`cumulative_b_crit` from the branch points' results, with bounds and an interval.
+
+    The interval resamples every point's replicas independently (their data streams are
+    independent) and recomputes the sum for each resample (the i-th draw of every point); the
+    base run itself is one run and is not resampled. A point that only bounds its local value
+    (``B_crit >= 512``) bounds the result the same way; bounds in both directions, or a point
+    without a value (no progress), leave it undefined.
+
+    Args:
+        starts: ``[n]`` the base run's examples at the points, increasing.
+        points: ``[n]`` :func:`decide`'s result at each (same ``n_bootstrap``).
+        batch_size: ``B``, the task's unit.
+        until: the base run's examples at the end.
+        confidence: level of the interval.
+
+    Returns:
+        CumulativeCritical.
+    """
+    used = [i for i, x in enumerate(starts) if x < until]
+    if not used:
+        return CumulativeCritical(None, None, None, "at initialisation: no examples yet", None, None)
+    if starts[0] != 0:
+        note = (
+            f"no branch point at 0 examples: the segment from initialisation to {starts[0]:g} is not measured"
+        )
+        return CumulativeCritical(None, None, None, note, None, None)
+    lower, upper, values = False, False, []
+    for i in used:
+        p = points[i]
+        if p.note is not None:
+            note = f"no local value at {starts[i]:g} examples (the base batch made no progress there)"
+            return CumulativeCritical(None, None, None, note, None, None)
+        if p.bound is not None:
+            lower, upper = lower or ">" in p.bound, upper or "<" in p.bound
+        values.append(p.b_crit if p.b_crit is not None else float(str(p.bound).split()[-1]))
+    if lower and upper:
+        note = "local values bounded in both directions (>= and <=): no bound on the sum"
+        return CumulativeCritical(None, None, None, note, None, None)
+    x = [starts[i] for i in used]
+    b, e, s = (float(v) for v in cumulative_b_crit(x, values, batch_size, until))
+    if lower or upper:
+        return CumulativeCritical(None, None, f"B_crit {'>=' if lower else '<='} {b:.4g}", None, e, s)
+    ci = None
+    draws = [points[i].draws for i in used]
+    if all(len(d) == len(draws[0]) > 0 for d in draws):
+        resampled = cumulative_b_crit(x, np.array(draws).T, batch_size, until)[0]  # [n_bootstrap]
+        tail = (1 - confidence) / 2
+        ci = (float(np.quantile(resampled, tail)), float(np.quantile(resampled, 1 - tail)))
+    return CumulativeCritical(b, ci, None, None, e, s)

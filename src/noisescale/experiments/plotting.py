@@ -152,8 +152,9 @@ def plot_branch(
 
     Args:
         points: per branch point (``branch.json``'s ``points``): ``examples``, ``b_crit``,
-            ``b_crit_ci``, ``bound`` (``"B_crit >= 512"``...), ``b_simple``, ``b_simple_ci``,
-            optionally ``truth`` with ``b_noise``.
+            ``b_crit_ci``, ``bound`` (``"B_crit >= 512"``...), the same with the suffix
+            ``_cumulative`` (from initialisation), ``b_simple``, ``b_simple_ci``, optionally
+            ``truth`` with ``b_noise``.
         curve: the base run's checks: ``examples``, ``loss``, ``b_simple``, ``b_simple_ci``.
         path: output image.
         unit: unit of the batch sizes and of the x axis.
@@ -166,21 +167,32 @@ def plot_branch(
     x = _column(seen, "examples")
     b_simple = _draw_b_simple(ax_b, seen, "B_simple (base run)", confidence)
     px = _column(points, "examples")
-    b_crit = _column(points, "b_crit")
-    crit_ci = np.array([p.get("b_crit_ci") or (np.nan, np.nan) for p in points], dtype=np.float64).reshape(
-        -1, 2
-    )
-    err = np.nan_to_num(np.abs(crit_ci.T - b_crit))  # [2, points]: below and above; 0 without an interval
-    ax_b.errorbar(
-        px, b_crit, yerr=err, fmt="o", color="C3", capsize=3, label=f"B_crit, branched ({confidence:.0%})"
-    )
-    shown = [*b_simple[np.isfinite(b_simple)], *b_crit[np.isfinite(b_crit)]]
-    for p, xi in zip(points, px, strict=True):
-        bound = p.get("bound")
-        if bound:  # "B_crit >= 512": an arrow up from 512; "B_crit <= 16": down
-            value = float(bound.split()[-1])
-            shown.append(value)
-            ax_b.plot([xi], [value], marker="^" if ">" in bound else "v", color="C3", linestyle="none")
+    shown = [*b_simple[np.isfinite(b_simple)]]
+    for suffix, style, color, label in (
+        ("", "o", "C3", "B_crit over the window after the point"),
+        ("_cumulative", "s-", "C2", "B_crit from initialisation (E_min/S_min)"),
+    ):
+        b_crit = _column(points, f"b_crit{suffix}")
+        crit_ci = np.array(
+            [p.get(f"b_crit{suffix}_ci") or (np.nan, np.nan) for p in points], dtype=np.float64
+        ).reshape(-1, 2)
+        err = np.nan_to_num(np.abs(crit_ci.T - b_crit))  # [2, points]: below and above; 0 without an interval
+        ax_b.errorbar(
+            px,
+            b_crit,
+            yerr=err,
+            fmt=style,
+            color=color,
+            capsize=3,
+            label=f"{label}, branched ({confidence:.0%})",
+        )
+        shown += [*b_crit[np.isfinite(b_crit)]]
+        for p, xi in zip(points, px, strict=True):
+            bound = p.get(f"b_crit{suffix}_bound" if suffix else "bound")
+            if bound:  # "B_crit >= 512": an arrow up from 512; "B_crit <= 16": down
+                value = float(bound.split()[-1])
+                shown.append(value)
+                ax_b.plot([xi], [value], marker="^" if ">" in bound else "v", color=color, linestyle="none")
     truth = [(xi, (p.get("truth") or {}).get("b_noise")) for p, xi in zip(points, px, strict=True)]
     if any(t is not None for _, t in truth):
         tx = [xi for xi, t in truth if t is not None]

@@ -58,9 +58,14 @@ class BranchConfig:
         batch_size: ``B``, the base run's batch.
         lr: ``eta``, the base run's learning rate.
         kappas: the multipliers, increasing integers from 1 (branches at ``kappa B``).
-        points: examples seen at which to branch (multiples of ``B``).
+        points: examples seen at which to branch (multiples of ``B``; 0: at initialisation, which
+            the cumulative B_crit needs).
         loss_points: training losses at which to branch (the first check at or below each).
-        window: examples each branch trains (a multiple of ``lcm(kappas) B``).
+        window: examples each branch trains (a multiple of ``lcm(kappas) B``), the least one when
+            ``window_ratio`` is set.
+        window_ratio: a point at ``x`` examples trains its branches for ``window_ratio x`` examples
+            (rounded down to whole units, at least ``window``): windows grow with training like
+            the gaps between geometric points; 0 keeps every window at ``window``.
         checks: evaluations per window (at the same examples in every branch).
         replicas: data streams per branch point (the interval resamples them).
         tolerance: ``tau`` (``"examples"``: a branch keeps up when it needs at most ``1 + tau``
@@ -87,6 +92,7 @@ class BranchConfig:
     points: tuple[int, ...]
     window: int
     loss_points: tuple[float, ...] = ()
+    window_ratio: float = 0.0
     checks: int = 8
     replicas: int = 3
     tolerance: float = 1.0
@@ -125,9 +131,9 @@ class BranchConfig:
         if not self.points and not self.loss_points:
             raise BranchConfigError("give at least one branch point: examples (--at) or a loss (--at-loss)")
         for p in self.points:
-            if p < b or p % b:
+            if p < 0 or p % b:
                 raise BranchConfigError(
-                    f"branch point {p} is not a positive multiple of the base batch {b}: "
+                    f"branch point {p} is not 0 or a positive multiple of the base batch {b}: "
                     f"use {max(b, p // b * b)} or {max(b, -(-p // b) * b)}"
                 )
         if not all(0 < v < math.inf for v in self.loss_points):
@@ -138,6 +144,10 @@ class BranchConfig:
             raise BranchConfigError(
                 f"window {self.window} is not a positive multiple of lcm(kappa) x B = {unit} examples "
                 f"(every branch must reach each check exactly): use {fix}"
+            )
+        if not 0 <= self.window_ratio < math.inf:
+            raise BranchConfigError(
+                f"expected window_ratio >= 0 (0: a fixed window) but got {self.window_ratio}"
             )
         if self.checks < 1 or self.replicas < 1 or self.eval_examples < 1 or self.threads < 1:
             raise BranchConfigError("checks, replicas, eval_examples and threads must be at least 1")
@@ -167,9 +177,18 @@ class BranchConfig:
         """``lcm(kappas) B``: the examples in which every branch takes whole steps."""
         return math.lcm(*self.kappas) * self.batch_size
 
-    def check_examples(self) -> tuple[int, ...]:
-        """Examples at which every branch is evaluated: 0, about ``window/checks`` apart, ``window``."""
-        units = self.window // self.unit_examples
+    def window_at(self, examples: int) -> int:
+        """The window of a point at ``examples`` seen: ``window_ratio x`` in whole units, >= ``window``."""
+        grown = int(self.window_ratio * examples) // self.unit_examples * self.unit_examples
+        return max(self.window, grown)
+
+    def check_examples(self, window: int | None = None) -> tuple[int, ...]:
+        """Examples at which every branch is evaluated: 0, about ``window/checks`` apart, the window.
+
+        Args:
+            window: the point's window (:meth:`window_at`); default ``window``.
+        """
+        units = (self.window if window is None else window) // self.unit_examples
         every = max(1, round(units / self.checks))
         marks = sorted({*range(every, units, every), units})
         return (0, *(m * self.unit_examples for m in marks))
@@ -249,16 +268,18 @@ def _geometric(low: int, high: int) -> list[int]:
     return out
 
 
-# Per task: the base batch well below the sweep's B_crit, so that the grid kappa B brackets it,
-# the window long enough for the largest branch to take 16-32 steps, and points spanning the
-# sweep's goals. Cost measured with one torch thread (docs/critical-batch-size.md).
+# Per task: the base batch well below the sweep's B_crit, so that the grid kappa B brackets it;
+# points at initialisation and then doubling, spanning the sweep's goals, so that the cumulative
+# B_crit is defined at each; windows half the gap to the next point (at least one step of the
+# largest branch). Cost measured with one torch thread (docs/critical-batch-size.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     # Sweep: B_crit 43-115 images at training losses 0.4-0.1, reached after 3k-50k images.
     "mnist": {
         "batch_size": 16,
         "kappas": (1, 2, 4, 8, 16, 32),
-        "points": _geometric(2048, 65_536),
-        "window": 16_384,
+        "points": [0, *_geometric(512, 65_536)],
+        "window": 512,
+        "window_ratio": 0.5,
         "ema_examples": 10_000.0,
         "max_examples": 200_000,
     },
@@ -266,8 +287,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
         "batch_size": 8,
         "kappas": (1, 2, 4, 8, 16, 32),
-        "points": _geometric(256, 4096),
-        "window": 2048,
+        "points": [0, *_geometric(128, 4096)],
+        "window": 256,
+        "window_ratio": 0.5,
         "eval_examples": 1438,
         "ema_examples": 2000.0,
         "max_examples": 20_000,
@@ -276,8 +298,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {
         "batch_size": 8,
         "kappas": (1, 2, 4, 8, 16, 32),
-        "points": _geometric(1024, 16_384),
-        "window": 8192,
+        "points": [0, *_geometric(256, 16_384)],
+        "window": 512,
+        "window_ratio": 0.5,
         "eval_examples": 1024,
         "ema_examples": 5000.0,
         "max_examples": 100_000,
@@ -287,8 +310,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "linreg": {
         "batch_size": 2,
         "kappas": (1, 2, 4, 8, 16, 32),
-        "points": _geometric(64, 1024),
-        "window": 1024,
+        "points": [0, *_geometric(32, 1024)],
+        "window": 128,
+        "window_ratio": 0.5,
         "ema_examples": 500.0,
         "max_examples": 20_000,
     },
@@ -303,7 +327,8 @@ def _defaults(task: Task) -> dict[str, Any]:
     return {
         "batch_size": b,
         "kappas": (1, 2, 4, 8),
-        "points": _geometric(16 * b, max(16 * b, total // 2)),
+        "points": [0, *_geometric(16 * b, max(16 * b, total // 2))],
         "window": 16 * 8 * b,
+        "window_ratio": 0.5,
         "max_examples": total,
     }

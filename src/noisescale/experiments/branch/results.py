@@ -7,6 +7,10 @@
      "points": [{"examples", "step", "loss", "kind", "target",
                  "b_crit", "b_crit_ci", "bound",   # b_crit null when `bound` says B_crit >= or <= a size,
                  "note",                            # or when the base batch made no progress (why)
+                 "window",                          # examples each branch of the point trained
+                 "b_crit_cumulative", "b_crit_cumulative_ci",   # E_min/S_min from initialisation to the
+                 "b_crit_cumulative_bound", "b_crit_cumulative_note",  # point: comparable with a sweep
+                 "e_min_cumulative", "s_min_cumulative",        # (critical.branched.cumulative_chain)
                  "b_simple", "b_simple_ci",         # the base run's meter at the point
                  "kappa_star", "replicas",
                  "branches": [{"batch_size", "loss", "examples_ratio" | "excess_loss", "keeps_up"}],
@@ -27,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from noisescale.critical.branched import decide
+from noisescale.critical.branched import BranchedCritical, cumulative_chain, decide
 from noisescale.experiments.branch.config import BranchConfig
 from noisescale.experiments.branch.run import BranchRecord, prepare_branch_dir, run_base, run_branches
 from noisescale.experiments.plotting import plot_branch
@@ -59,9 +63,9 @@ def branch_report(
     Raises:
         KeyError: if a branch of a point is missing.
     """
-    marks = config.check_examples()
-    points = []
+    points, results = [], []
     for p in base["points"]:
+        window = config.window_at(p["examples"])
         losses = np.array(
             [
                 [
@@ -73,7 +77,7 @@ def branch_report(
             dtype=np.float64,
         )  # [R, K, T]
         result = decide(
-            marks,
+            config.check_examples(window),
             losses,
             config.kappas,
             config.batch_size,
@@ -85,8 +89,10 @@ def branch_report(
             seed=config.seed + p["index"],
         )
         keep = ("examples", "step", "loss", "kind", "target", "b_simple", "b_simple_ci", "truth")
-        points.append({**{k: p[k] for k in keep}, **result.to_dict(config.tolerance_kind)})
-    branch_examples = len(base["points"]) * config.replicas * len(config.kappas) * config.window
+        results.append(result)
+        points.append({**{k: p[k] for k in keep}, "window": window, **result.to_dict(config.tolerance_kind)})
+    _add_cumulative(points, results, config.batch_size, confidence)
+    branch_examples = config.replicas * len(config.kappas) * sum(p["window"] for p in points)
     cpu_branches = sum(r.cpu_time_s for r in records.values())
     return {
         "task": config.task,
@@ -105,6 +111,23 @@ def branch_report(
             "total": base["cpu_time_s"] + cpu_branches,
         },
     }
+
+
+def _add_cumulative(
+    points: list[dict[str, Any]], results: list[BranchedCritical], batch_size: int, confidence: float
+) -> None:
+    """Each point's B_crit from initialisation to it (the base run records its points in order)."""
+    starts = [p["examples"] for p in points]
+    for p in points:
+        c = cumulative_chain(starts, results, batch_size, p["examples"], confidence=confidence)
+        p.update(
+            b_crit_cumulative=c.b_crit,
+            b_crit_cumulative_ci=None if c.b_crit_ci is None else list(c.b_crit_ci),
+            b_crit_cumulative_bound=c.bound,
+            b_crit_cumulative_note=c.note,
+            e_min_cumulative=c.e_min,
+            s_min_cumulative=c.s_min,
+        )
 
 
 def run_branched(

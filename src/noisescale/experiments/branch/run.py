@@ -135,6 +135,8 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
             base, cpu = json.loads(state["base"]), float(state["cpu_time_s"])
         else:
             base["curve"].append(_check(trainer, probe, measured=False))
+            if 0 in config.points:  # at initialisation
+                _add_point(task, trainer, out, base, ("examples", 0.0), base["curve"][0], cpu)
         reached = {p["target"] for p in base["points"] if p["kind"] == "loss"}
         pending_e = [p for p in config.points if p > trainer.examples]
         pending_l = [v for v in config.loss_points if v not in reached]
@@ -153,18 +155,31 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
                 new.append(("examples", float(pending_e.pop(0))))
             while pending_l and check["loss"] is not None and check["loss"] <= pending_l[0]:
                 new.append(("loss", pending_l.pop(0)))
-            for kind, target in new:
-                truth = None if task.truth is None else task.truth(trainer.model)
-                base["points"].append(
-                    {"index": len(base["points"]), "kind": kind, "target": target, **check, "truth": truth}
-                )
-                state = _trainer_state(trainer, cpu + time.process_time() - start, base)
-                _save_state(Path(out, "base", f"point_{len(base['points']) - 1}.pt"), state)
+            for point in new:
+                _add_point(task, trainer, out, base, point, check, cpu + time.process_time() - start)
         base.update(
             unreached=pending_l, examples=trainer.examples, cpu_time_s=cpu + time.process_time() - start
         )
     write_json(path, base)
     return base
+
+
+def _add_point(
+    task: Task,
+    trainer: Trainer,
+    out: str | Path,
+    base: dict[str, Any],
+    point: tuple[str, float],
+    check: Any,
+    cpu: float,
+) -> None:
+    """Record a branch point (kind, target) at the trainer's state and save its checkpoint."""
+    truth = None if task.truth is None else task.truth(trainer.model)
+    kind, target = point
+    base["points"].append(
+        {"index": len(base["points"]), "kind": kind, "target": target, **check, "truth": truth}
+    )
+    _save_state(Path(out, "base", f"point_{len(base['points']) - 1}.pt"), _trainer_state(trainer, cpu, base))
 
 
 def _check(trainer: Trainer, probe: Probe, *, measured: bool) -> dict[str, Any]:
@@ -225,17 +240,18 @@ def train_branch(
     probe: Probe,
     start_loss: float,
 ) -> BranchRecord:
-    """Train one branch from a checkpoint for ``config.window`` examples, evaluating at the checks."""
+    """Train one branch from a checkpoint for its point's window of examples, evaluating at the checks."""
     wall, cpu = time.perf_counter(), time.process_time()
+    window = config.window_at(int(state["examples"]))
     size, lr, seed = (
         kappa * config.batch_size,
         config.branch_lr(kappa),
         branch_seed(config.seed, point, replica),
     )
     train_config = config.train_config(
-        task, batch_size=size, lr=lr, method=None, microbatches=1, seed=seed, steps=config.window // size
+        task, batch_size=size, lr=lr, method=None, microbatches=1, seed=seed, steps=window // size
     )
-    marks = config.check_examples()
+    marks = config.check_examples(window)
     losses: list[float | None] = [start_loss]
     with Trainer(task, train_config) as trainer:
         _restore(trainer, state, lr=lr)
@@ -262,20 +278,23 @@ def train_branch(
     )
 
 
-def load_branches(out: str | Path, config: BranchConfig) -> dict[tuple[int, int, int], BranchRecord]:
-    """The finished branches of a directory, by ``(point, kappa, replica)``.
+def load_branches(
+    out: str | Path, config: BranchConfig, base: dict[str, Any]
+) -> dict[tuple[int, int, int], BranchRecord]:
+    """The finished branches of a directory, by ``(point, kappa, replica)``, for the points of ``base``.
 
     A record that cannot be read, or was made with other settings, is ignored (its branch redone).
     """
     records = {}
-    marks = config.check_examples()
+    windows = [config.check_examples(config.window_at(p["examples"])) for p in base["points"]]
     for path in Path(out, "branches").glob("*.json"):
         try:
             r = BranchRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        ok = r.kappa in config.kappas and r.replica < config.replicas and r.examples == marks
-        if ok and r.lr == config.branch_lr(r.kappa) and path.stem == r.name and len(r.loss) == len(marks):
+        ok = r.kappa in config.kappas and r.replica < config.replicas and 0 <= r.point < len(windows)
+        ok = ok and r.examples == windows[r.point] and len(r.loss) == len(r.examples)
+        if ok and r.lr == config.branch_lr(r.kappa) and path.stem == r.name:
             records[(r.point, r.kappa, r.replica)] = r
     return records
 
@@ -302,7 +321,7 @@ def run_branches(
     Returns:
         Every branch record, by ``(point, kappa, replica)``.
     """
-    done = load_branches(out, config)
+    done = load_branches(out, config, base)
     keys = [(p["index"], k, r) for p in base["points"] for r in range(config.replicas) for k in config.kappas]
     todo = [key for key in keys if key not in done]
     if on_plan is not None:
