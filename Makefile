@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,ray]' $(TORCH)
 	touch $@
 
 venv: $(STAMP)

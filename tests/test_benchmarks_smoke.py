@@ -45,14 +45,17 @@ def test_overhead_smallest_run_writes_records(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     run_script(
         "overhead.py",
-        "--models", "mlp", "transformer",
-        "--methods", "microbatch", "per_example", "naive",
+        "--models", "mlp", "transformer", "shakespeare",
+        "--methods", "microbatch", "per_example", "layernorm", "naive",
         "--naive-examples", "2", "--repeats", "1", "--block-s", "0.001", "--threads", "1",
         "--json", str(out),
     )  # fmt: skip
     records = json.loads(out.read_text())["records"]
     got = {(r["model"], r["method"]) for r in records}
     assert ("mlp", "microbatch") in got and ("transformer", "per_example") in got
+    assert {("shakespeare", "per_example"), ("shakespeare", "layernorm")} <= got
+    statuses = {(r["model"], r["method"]): r["status"] for r in records}
+    assert statuses[("shakespeare", "layernorm")] == "ok" and statuses[("mlp", "layernorm")] != "ok"
     for r in records:
         assert set(r) >= {"ratio_median", "ms_median", "peak_mb", "status"}
         if r["status"] == "ok":

@@ -43,6 +43,7 @@ def test_blocker_blocks() -> None:
         "noisescale.distributed",
         "noisescale.critical.fit",
         "noisescale.critical.predict",
+        "noisescale.control",
     ],
 )
 def test_core_imports_without_cli_extra(module: str) -> None:

@@ -72,6 +72,20 @@ def test_adam_weights_are_its_update_denominator(amsgrad: bool, cls: type[torch.
         assert pre.weight(p) is w
 
 
+def test_adam_weight_is_zero_where_the_second_moment_is_zero() -> None:
+    """An embedding row never drawn has v = 0: weight 0 (counted from its first gradient), not 1/eps."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(5, 3).double()
+    opt = torch.optim.AdamW(emb.parameters(), lr=0.01)
+    emb(torch.tensor([0, 1, 1])).square().sum().backward()  # rows 2, 3, 4 get no gradient
+    opt.step()
+    pre = Preconditioner([emb.weight], "adam", opt, emb)
+    (w,), (r,) = pre.weights(), pre.roots()
+    assert bool((w[2:] == 0).all()) and bool((r[2:] == 0).all())
+    v_hat = opt.state[emb.weight]["exp_avg_sq"][:2] / (1 - 0.999)
+    torch.testing.assert_close(w[:2], 1.0 / (v_hat.sqrt() + 1e-8), rtol=1e-13, atol=0.0)
+
+
 def test_adam_weights_follow_the_optimizer_and_are_nan_before_its_state() -> None:
     model, opt = _adam_run(False, torch.optim.AdamW, steps=0)
     pre = Preconditioner(list(model.parameters()), "adam", opt, model)

@@ -90,7 +90,8 @@ def test_scaler_helpers() -> None:
 _PRIVATE = re.compile(
     r"_current_graph_task_id|_will_engine_execute_node|_current_autograd_node|"
     r"_get_current_graph_task_keep_graph|_execution_engine|\._scale\b|_per_optimizer_states|"
-    r"_foreach_\w+|_current_frames|_reversed_padding_repeated_twice|torch\._C\b"
+    r"_foreach_\w+|_current_frames|_reversed_padding_repeated_twice|torch\._C\b|_get_fsdp_state|"
+    r"_fsdp_param_groups|_unsharded_param|unsharded_accumulated_grad"
 )
 
 
@@ -119,3 +120,9 @@ def test_scaler_inverse_scale_is_one_over_the_scale_on_the_device() -> None:
     scaler.scale(torch.ones(()))  # creates the scale tensor, as a training step does
     inv = tc.scaler_inverse_scale(scaler)
     assert inv is not None and inv.dtype == torch.float32 and inv.item() == 2.0**70
+
+
+def test_fsdp_internals_that_moved_are_named() -> None:
+    """A module without FSDP2's state stands for a torch whose internals moved: a clear error."""
+    with pytest.raises(UnsupportedTorchError, match=r"fully_shard \(FSDP2\) model on torch .*moved"):
+        tc.fsdp_parameters(nn.Linear(2, 1))

@@ -5,8 +5,11 @@ References:
     Large-Batch Training, arXiv:1812.06162.
 """
 
+from noisescale.b_noise import BNoiseEstimate, estimate_b_noise
+from noisescale.control import AdamRule, BatchSizeController, SGDRule
 from noisescale.errors import (
     DatasetNotFoundError,
+    DoubleBackwardError,
     NoiseScaleError,
     ParameterGroupError,
     SingleMicrobatchError,
@@ -22,23 +25,31 @@ from noisescale.estimators import (
     per_example_stats,
     two_batch_stats,
 )
+from noisescale.flops import flops_per_example
 from noisescale.io import package_version
 from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate, layernorm_groups
 
 __all__ = [
+    "AdamRule",
+    "BNoiseEstimate",
+    "BatchSizeController",
     "DatasetNotFoundError",
+    "DoubleBackwardError",
     "GradientNoiseScale",
     "GroupEstimate",
     "NoiseScaleError",
     "NoiseScaleEstimate",
     "NoiseStats",
     "ParameterGroupError",
+    "SGDRule",
     "SingleMicrobatchError",
     "SweepConfigError",
     "SweepDataError",
     "UnsupportedLayerError",
     "UnsupportedTorchError",
     "effective_batch_size",
+    "estimate_b_noise",
+    "flops_per_example",
     "layernorm_groups",
     "microbatch_stats",
     "per_example_stats",

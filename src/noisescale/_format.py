@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-__all__ = ["describe_b_simple", "format_batch", "format_interval", "short_number"]
+__all__ = ["describe_b_simple", "format_batch", "format_duration", "format_interval", "short_number"]
 
 Rounding = Literal["nearest", "down", "up"]
 _ROUNDING: dict[str, Callable[[float], int]] = {"nearest": round, "down": math.floor, "up": math.ceil}
@@ -57,6 +57,19 @@ def short_number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for people: seconds, minutes, hours or days with :func:`short_number`.
+
+    Examples:
+        >>> format_duration(42.0), format_duration(5400.0), format_duration(3 * 86400.0)
+        ('42 s', '1.5 h', '3 d')
+    """
+    for scale, unit in ((86_400.0, "d"), (3_600.0, "h"), (60.0, "min")):
+        if seconds >= scale:
+            return f"{short_number(seconds / scale)} {unit}"
+    return f"{short_number(seconds)} s"
+
+
 def format_interval(low: float, high: float) -> str:
     """``[low, high]`` with :func:`short_number`.
 
@@ -68,9 +81,14 @@ def format_interval(low: float, high: float) -> str:
 
 
 def describe_b_simple(
-    b_simple: float | None, ci: tuple[float, float] | None, unit: str, confidence: float = 0.95
+    b_simple: float | None,
+    ci: tuple[float, float] | None,
+    unit: str,
+    confidence: float = 0.95,
+    *,
+    name: str = "B_simple",
 ) -> str:
-    """One line for people: B_simple rounded, in its unit, with its interval, or "not resolved".
+    """One line for people: B_simple (or ``name``) rounded, in its unit, with its interval, or "not resolved".
 
     Examples:
         >>> describe_b_simple(307.32104327359593, (250.4, 390.2), "images")
@@ -79,9 +97,9 @@ def describe_b_simple(
         ('B_simple = 1,431 tokens [14.8, 2,109] (95%)', 'B_simple not resolved')
     """
     if b_simple is None or ci is None:
-        return "B_simple not resolved"
+        return f"{name} not resolved"
 
     def n(x: float) -> str:
         return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
-    return f"B_simple = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] ({confidence:.0%})"
+    return f"{name} = {n(b_simple)} {unit} [{n(ci[0])}, {n(ci[1])}] ({confidence:.0%})"

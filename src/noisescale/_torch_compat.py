@@ -36,6 +36,8 @@ __all__ = [
     "conv_padding",
     "current_node_adds_into_grad",
     "foreach_norm",
+    "fsdp_parameters",
+    "fsdp_unreduced",
     "graph_task_id",
     "keeps_graph",
     "queue_callback",
@@ -187,6 +189,47 @@ def conv_padding(module: nn.Conv1d | nn.Conv2d) -> Sequence[int]:
     would duplicate PyTorch's rule.
     """
     return module._reversed_padding_repeated_twice
+
+
+def fsdp_parameters(module: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """``(sharded, unsharded)`` pairs of the parameters ``fully_shard`` gave ``module`` itself (FSDP2).
+
+    The sharded parameter (a DTensor) is the one the optimizer holds and whose ``.grad``
+    receives this rank's shard of the reduced gradient; the unsharded one is what the
+    layers use between FSDP's all-gather and reshard, and what each backward's local
+    gradient reaches first. FSDP2 creates it at its first all-gather and keeps the same
+    object afterwards (it only frees and refills its storage), so call ``module.unshard()``
+    first. FSDP2 exposes neither publicly; the meter hooks the unsharded ones.
+
+    Raises:
+        noisescale.errors.UnsupportedTorchError: if FSDP2's internals are not where torch
+            2.13 keeps them (``FSDPModule._get_fsdp_state()._fsdp_param_groups[i].fsdp_params[j]``
+            with ``sharded_param`` and ``_unsharded_param``).
+    """
+    try:
+        groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+        return [(fp.sharded_param, fp._unsharded_param) for g in groups for fp in g.fsdp_params]
+    except AttributeError as exc:
+        raise UnsupportedTorchError(
+            f"noisescale cannot measure a fully_shard (FSDP2) model on torch {torch.__version__}: FSDP2's "
+            f"internals moved ({exc}). Last verified on torch 2.13; measure under DistributedDataParallel."
+        ) from None
+
+
+def fsdp_unreduced(module: nn.Module) -> bool:
+    """Whether a backward left an unreduced local gradient in ``module``'s unsharded parameters.
+
+    Under ``set_requires_gradient_sync(False)`` FSDP2 keeps each backward's local gradient in
+    the unsharded parameter's ``.grad`` (or, with a reduce dtype, in ``unsharded_accumulated_grad``)
+    until a backward with the sync on reduce-scatters it into the sharded ``.grad``.
+    """
+    groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+    return any(
+        fp.unsharded_accumulated_grad is not None
+        or (hasattr(fp, "_unsharded_param") and fp._unsharded_param.grad is not None)
+        for g in groups
+        for fp in g.fsdp_params
+    )
 
 
 def _frames() -> list[FrameType]:

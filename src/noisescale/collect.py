@@ -31,7 +31,7 @@ Shape letters: ``P`` parameters, ``G`` parameter groups, ``N`` examples in a mic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -226,6 +226,12 @@ class GradientRecorder:
             meter reads them.
         preconditioner: also take every squared norm weighted by its ``P`` (one more
             elementwise product and norm per gradient).
+        hooked: the tensors each backward's gradient reaches, one per parameter, when they
+            are not the parameters themselves: FSDP2's unsharded parameters
+            (:mod:`noisescale.fsdp`), whose parameters' ``.grad`` is a DTensor read through its
+            local shard.
+        cleared: whether every gradient was cleared since the last records (a backward then
+            starts the step afresh); default: every parameter's ``.grad`` is None.
     """
 
     def __init__(
@@ -237,8 +243,11 @@ class GradientRecorder:
         snapshot: bool = False,
         backward_norms: bool = False,
         preconditioner: Preconditioner | None = None,
+        hooked: Sequence[torch.Tensor] | None = None,
+        cleared: Callable[[Sequence[nn.Parameter]], bool] | None = None,
     ) -> None:
         self.params = list(params)
+        self._cleared = cleared or _no_grads
         self.preconditioner = preconditioner
         self._columns = len(self.params) * (1 if preconditioner is None else 2)
         self.scaler = scaler
@@ -258,7 +267,8 @@ class GradientRecorder:
         tc.check()  # a clear error now, not an AttributeError inside a backward hook
         if per_example is not None:
             per_example.set_scaler(scaler)
-        self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(self.params)]
+        targets = self.params if hooked is None else hooked
+        self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(targets)]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
         """Tensor hook: this backward's gradient of parameter ``i``, right before it is added to ``.grad``."""
@@ -297,7 +307,7 @@ class GradientRecorder:
             self._record_of.clear()
             self._raised = True
         nested = bool(self._held) or task < self._newest_task
-        if not nested and (self.records or self._raised) and all(p.grad is None for p in self.params):
+        if not nested and (self.records or self._raised) and self._cleared(self.params):
             self.records.clear()
             self._raised = False
             if self.per_example is not None:
@@ -336,7 +346,8 @@ class GradientRecorder:
             tc.queue_callback(self._take_snapshot)
 
     def _take_snapshot(self) -> None:
-        self.snapshot = self.accumulated_sq_norms()
+        # None after a backward that left no .grad (FSDP2 without gradient sync): the step's last one has
+        self.snapshot = None if _no_grads(self.params) else self.accumulated_sq_norms()
 
     def sq_norms(self, records: Sequence[MicrobatchRecord], *, big: bool = False) -> torch.Tensor:
         """``[k, P]`` float64 squared norms of each record's gradient per parameter, AMP scale removed.
@@ -357,7 +368,7 @@ class GradientRecorder:
         snapshot = self.snapshot if big else None
         inv_scale = None
         if big and snapshot is None:
-            if all(p.grad is None for p in self.params):
+            if _no_grads(self.params):
                 raise RuntimeError(_NO_GRAD)
             inv_scale = self._grad_inv_scale()
             values += [_norm_or_hold(g, inv_scale) for g in self._grads()]
@@ -375,13 +386,13 @@ class GradientRecorder:
         Raises:
             RuntimeError: if no parameter has a gradient.
         """
-        if all(p.grad is None for p in self.params):
+        if _no_grads(self.params):
             raise RuntimeError(_NO_GRAD)
         return squared_norms(self._grads(), self._grad_inv_scale())
 
     def _grads(self) -> list[torch.Tensor | None]:
         """Every ``.grad``, then, with a preconditioner, each weighted by its ``P^{1/2}``."""
-        grads = [p.grad for p in self.params]
+        grads = [None if p.grad is None else _local(p.grad) for p in self.params]
         if self.preconditioner is None:
             return grads
         roots = self.preconditioner.roots()
@@ -432,6 +443,17 @@ def _backward_calls_running() -> int:
     starts while another one has not finished (nested, or one that raised).
     """
     return tc.backward_calls_running((torch.autograd.backward.__code__, torch.autograd.grad.__code__))
+
+
+def _no_grads(params: Sequence[nn.Parameter]) -> bool:
+    """Whether no parameter has a ``.grad``."""
+    return all(p.grad is None for p in params)
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor gradient (FSDP2: squared norms sum over the ranks), else ``grad``."""
+    to_local = getattr(grad, "to_local", None)
+    return grad if to_local is None else to_local()
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -45,6 +45,7 @@ import dataclasses
 import datetime
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,7 +59,6 @@ __all__ = [
     "DistInfo",
     "DistributedSetupError",
     "SyncCounter",
-    "check_supported_parallelism",
     "close",
     "gather_rows",
     "grad_sync",
@@ -200,7 +200,9 @@ def grad_sync(model: nn.Module, *, last: bool) -> contextlib.AbstractContextMana
     """``model.no_sync()`` on every micro-step but the last, for DDP models; else a no-op.
 
     Put BOTH the forward and the backward of the micro-step inside it: DDP decides at
-    forward time whether the following backward all-reduces.
+    forward time whether the following backward all-reduces. For a ``fully_shard``
+    (FSDP2) model, ``set_requires_gradient_sync(False)`` inside it and ``True`` again after:
+    the step's earlier backward passes accumulate unreduced, the last one reduce-scatters.
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -209,43 +211,23 @@ def grad_sync(model: nn.Module, *, last: bool) -> contextlib.AbstractContextMana
     """
     if isinstance(model, DistributedDataParallel) and not last:
         return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync") and not last:  # FSDP2's FSDPModule
+        return _without_gradient_sync(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside a DistributedDataParallel wrapper (else ``model`` itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def check_supported_parallelism(model: nn.Module) -> None:
-    """Refuse sharded models (FSDP, tensor parallelism) instead of measuring them wrongly.
-
-    FSDP's ``fully_shard`` runs on CPU with gloo in this torch version, but its
-    parameters are sharded DTensors: each backward's gradient goes to transient
-    unsharded parameters and then through a reduce-scatter, so the per-micro-batch hooks
-    would see nothing and ``.grad`` holds one shard. Rather than a silently different
-    number, this raises.
-
-    Raises:
-        DistributedSetupError: if any module is FSDP-wrapped or any parameter is a DTensor.
-    """
-    from torch.distributed.tensor import DTensor
-
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind == "FullyShardedDataParallel" or "FSDP" in kind:
-            raise DistributedSetupError(
-                f"module {name or '<root>'!r} is sharded with FSDP ({kind}): noisescale measures "
-                "data-parallel models wrapped in torch.nn.parallel.DistributedDataParallel. Measure "
-                "the noise scale on a DDP run of the model (it does not depend on the parallelism), "
-                "or on one process with method='microbatch'."
-            )
-    for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            raise DistributedSetupError(
-                f"parameter {name!r} is a sharded DTensor (tensor or fully sharded parallelism): "
-                "its gradients are not whole on any rank. Use DistributedDataParallel to measure."
-            )
 
 
 # -- synchronised backward passes ----------------------------------------------------------------

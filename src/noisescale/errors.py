@@ -7,7 +7,9 @@ never an error: it is reported as ``resolved=False`` (see :mod:`noisescale.meter
 from __future__ import annotations
 
 __all__ = [
+    "BranchConfigError",
     "DatasetNotFoundError",
+    "DoubleBackwardError",
     "NoiseScaleError",
     "ParameterGroupError",
     "SingleMicrobatchError",
@@ -42,9 +44,17 @@ class SweepConfigError(NoiseScaleError, ValueError):
     """A sweep's settings are invalid, or its directory holds another sweep's configuration."""
 
 
+class BranchConfigError(NoiseScaleError, ValueError):
+    """A branched measurement's settings are invalid, or its directory holds another one's."""
+
+
 class SweepDataError(NoiseScaleError, ValueError):
     """A sweep or log file cannot give a trustworthy fit (too few points, corrupt rows...)."""
 
 
 class UnsupportedTorchError(NoiseScaleError, RuntimeError):
     """The installed torch lacks (or changed) a private API the meter's hooks rely on."""
+
+
+class DoubleBackwardError(NoiseScaleError, RuntimeError):
+    """An operation of the model or loss has no double backward, so no Hessian-vector product (B_noise)."""

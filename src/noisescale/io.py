@@ -8,11 +8,16 @@ destination is left untouched.
 
 JSON is written strictly (``allow_nan=False``): non-finite floats become ``null``,
 so that a value that is not resolved never shows up as ``NaN`` or ``Infinity``.
+
+A resumable output directory (a sweep's, a branched measurement's) keeps its settings, a frozen
+dataclass (:func:`settings_fields`, :func:`settings_to_dict`), in ``config.json``;
+:func:`prepare_settings_dir` creates it or refuses other settings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,8 +34,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "package_version",
+    "prepare_settings_dir",
     "read_jsonl",
     "save_figure",
+    "settings_fields",
+    "settings_to_dict",
     "to_jsonable",
     "write_json",
     "write_jsonl",
@@ -209,3 +217,83 @@ def save_figure(fig: Figure, path: str | Path, **savefig_kwargs: Any) -> None:
     fmt = savefig_kwargs.pop("format", path.suffix.lstrip(".") or "png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format=fmt, **savefig_kwargs)
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as a JSON-ready dict (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+
+
+def settings_fields(
+    cls: type, values: Mapping[str, Any], *, what: str, error: type[Exception]
+) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` from :func:`settings_to_dict` output (lists as tuples).
+
+    Raises:
+        error: on keys that are not fields of ``cls``, naming them and the fields.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise error(f"unknown {what} settings {sorted(unknown)}: expected some of {sorted(names)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def prepare_settings_dir(
+    out: str | Path,
+    settings: Mapping[str, Any],
+    *,
+    what: str,
+    error: type[Exception],
+    subdir: str,
+    defaults: Mapping[str, Any] | None = None,
+) -> bool:
+    """Create a resumable output directory with its ``config.json``, or check that it holds these settings.
+
+    Stale temporary files of writes that were killed are removed from ``out/subdir``.
+
+    Args:
+        out: the directory.
+        settings: JSON-ready settings; the saved ones must equal them (the version of
+            noisescale that wrote them aside).
+        what: what the directory holds, for the messages ("sweep").
+        error: the exception to raise.
+        subdir: the folder of the records, created too.
+        defaults: the values of settings added since a directory may have been started, which
+            a saved ``config.json`` without them holds (its runs used them).
+
+    Returns:
+        True when resuming (``config.json`` was already there).
+
+    Raises:
+        error: if ``out`` cannot be a directory (e.g. it is a file) or is not writable, or
+            ``config.json`` holds other settings (the message lists those that differ) or cannot
+            be read.
+    """
+    out = Path(out)
+    path = out / "config.json"
+    try:
+        (out / subdir).mkdir(parents=True, exist_ok=True)
+        for stale in (out / subdir).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if not path.exists():
+            write_json(path, {**settings, "noisescale_version": package_version()})
+            return False
+    except OSError as exc:
+        why = "is a file, not a directory" if out.is_file() else f"cannot hold the {what} ({exc.strerror})"
+        raise error(f"{out} {why}: choose another --out directory") from None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: cannot read the saved {what} configuration ({exc})") from exc
+    saved.pop("noisescale_version", None)
+    saved = {**json.loads(json.dumps(to_jsonable(defaults or {}))), **saved}
+    mine = json.loads(json.dumps(to_jsonable(settings)))
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: saved {saved.get(k)!r}, asked {mine.get(k)!r}" for k in diff[:6])
+        raise error(
+            f"{out} holds another {what} ({shown}). Re-run with the saved settings to resume it, "
+            "or choose another --out directory"
+        )
+    return True

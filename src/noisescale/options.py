@@ -29,9 +29,10 @@ __all__ = [
     "parse_method",
 ]
 
-Method = Literal["per_example", "microbatch", "ddp"]
+Method = Literal["per_example", "microbatch", "ddp", "fsdp"]
 """``per_example``: exact per-example norms from layer hooks; ``microbatch``: k-way estimator over
-the backward passes of a step; ``ddp``: the k-way estimator over every rank's micro-batches."""
+the backward passes of a step; ``ddp``: the k-way estimator over every rank's micro-batches;
+``fsdp``: the same over a ``fully_shard`` model's ranks (:mod:`noisescale.fsdp`)."""
 
 METHODS: tuple[Method, ...] = get_args(Method)
 SINGLE_PROCESS_METHODS: tuple[Method, ...] = ("per_example", "microbatch")  # what one process can run

@@ -22,7 +22,12 @@ that has a gradient but no Adam state yet (before the first ``optimizer.step()``
 first time it gets a gradient) has no preconditioner: its weights are NaN, the step's
 preconditioned norms are NaN, and the preconditioned series skips that step (counted in
 its ``skipped_steps``); the raw series is unaffected. ``1/eps`` in its place would weight
-those entries 10^8 times more than the others, a number of no optimiser.
+those entries 10^8 times more than the others, a number of no optimiser. Likewise an entry
+whose second moment is exactly 0 (it never had a gradient: the embedding row of a token not
+drawn yet) gets weight 0, not ``1/eps``: Adam's own update there divides by the current
+gradient's magnitude, which ``v`` of the previous steps does not know; such an entry counts
+from the step after its first gradient. (With ``1/eps``, one rare token drawn for the first
+time moved B_P of the shakespeare model a thousandfold.)
 
 Cost: Adam's weights are computed once per step (a few elementwise passes over the
 parameters) and kept for the step: ``P^{1/2}`` for the ``microbatch`` norms (one tensor of
@@ -231,9 +236,10 @@ class Preconditioner:
                 v, step, beta2 = state[key].to(_dtype(p)), state["step"], group["betas"][1]
                 if isinstance(step, Tensor) and step.device.type != "cpu":  # capturable/fused: no host sync
                     root_bias = (1 - beta2 ** step.to(torch.float64)).sqrt()
-                    out.append(v.sqrt().div_(root_bias).add_(group["eps"]))
+                    d = v.sqrt().div_(root_bias).add_(group["eps"])
                 else:  # as torch.optim.Adam computes it
-                    out.append(v.sqrt().div_(math.sqrt(1 - beta2 ** float(step))).add_(group["eps"]))
+                    d = v.sqrt().div_(math.sqrt(1 - beta2 ** float(step))).add_(group["eps"])
+                out.append(d.masked_fill_(v == 0, math.inf))  # never had a gradient: weight 0, not 1/eps
         return out
 
 

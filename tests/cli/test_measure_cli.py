@@ -77,7 +77,7 @@ def test_measure_digits(tmp_path: Path, method: str, extra: list[str]) -> None:
     summary = _check_outputs(out, steps=40)
     assert summary["task"] == "digits"
     assert summary["method"] == method.replace("-", "_")
-    assert summary["unit"] == "images"
+    assert summary["unit"] == "images" and summary["optimizer"] == "sgd" and summary["preconditioned"] is None
     assert 0.0 <= summary["test_error"] <= 1.0
     assert "B_simple" in stdout
     assert "temperature" in stdout
@@ -102,6 +102,17 @@ def test_measure_shakespeare_in_tokens(tmp_path: Path, only: str) -> None:
     )
     assert "512 tokens in 1 micro-batch(es)" in stdout
     assert "bits per character (validation)" in stdout
+    # AdamW: the preconditioned B_simple (Adam's P) next to the raw one, in the table, summary and records.
+    assert set(summary["preconditioned"]) >= {
+        "b_simple",
+        "b_simple_ci",
+        "grad_norm_sq",
+        "trace_sigma",
+        "resolved",
+    }
+    assert "B_simple, preconditioned" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("b_simple_preconditioned" in r for r in records)
 
 
 def test_measure_linreg_interval_contains_the_truth(tmp_path: Path) -> None:
@@ -186,3 +197,17 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
     assert code == 2
     assert stderr.strip() == f"error: --out {taken} is a file, not a folder: choose another --out"
     assert taken.read_text() == "something else"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fsdp"], "error: --fsdp needs torchrun with 2 or more processes"),
+        (["--method", "fsdp"], "error: --method fsdp needs torchrun with 2 or more processes"),
+        (["--fsdp", "--method", "ddp"], "the ddp method measures DDP: with --fsdp use --method fsdp"),
+    ],
+)
+def test_fsdp_outside_torchrun_is_a_usage_error(tmp_path: Path, args: list[str], message: str) -> None:
+    code, _, stderr = _run("--task", "digits", "--steps", "2", "--out", str(tmp_path / "x"), *args)
+    assert code == 2
+    assert message in " ".join(stderr.split())

@@ -64,7 +64,7 @@ def test_measure_cartpole_resolves_b_simple_with_its_defaults(tmp_path: Path) ->
     [
         (("--batch-size", "100"), "choose a multiple of 16"),
         (("--method", "microbatch", "--microbatches", "4", "--batch-size", "96"), "choose a multiple of 64"),
-        (("--only", "layernorm"), "without torchrun and --only"),
+        (("--only", "layernorm"), "run it without torchrun, --only"),
         (("--method", "ddp"), "--method ddp needs torchrun"),
     ],
 )

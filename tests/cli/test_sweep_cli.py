@@ -15,6 +15,7 @@ from noisescale.cli import sweep as sweep_cli
 from noisescale.cli.app import app
 from noisescale.experiments.optim import OPTIMIZERS
 from noisescale.experiments.rl import RL_TASK_NAMES
+from noisescale.experiments.sweep.run import EXECUTORS
 from noisescale.experiments.tasks import TASK_NAMES
 from noisescale.experiments.training import ONLY
 from noisescale.options import METHODS, SINGLE_PROCESS_METHODS
@@ -156,7 +157,7 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
 
 def test_subcommands_share_the_option_choices() -> None:
     assert sweep_cli.TaskName is measure_cli.TaskName is common.TaskName
-    assert [m.value for m in common.MethodName] == ["per-example", "microbatch", "ddp"]  # measure
+    assert [m.value for m in common.MethodName] == ["per-example", "microbatch", "ddp", "fsdp"]  # measure
     assert [m.value for m in common.SweepMethodName] == ["per-example", "microbatch"]  # one process per run
 
 
@@ -169,6 +170,7 @@ def test_option_choices_spell_the_library_names_in_order() -> None:
     assert [(m.name, m.value) for m in common.MethodName] == spelled(METHODS)
     assert [(m.name, m.value) for m in common.SweepMethodName] == spelled(SINGLE_PROCESS_METHODS)
     assert [(m.name, m.value) for m in common.OptimizerName] == spelled(OPTIMIZERS)
+    assert [(m.name, m.value) for m in common.ExecutorName] == spelled(EXECUTORS)
     assert [m.value for m in common.OnlyName] == ["all", *[o for o in ONLY if o]]
     assert common.DEFAULT_TASK.value == "mnist"
 
@@ -202,3 +204,12 @@ def test_classification_sweep_has_test_error_goal_plots(tmp_path: Path) -> None:
     ]  # fmt: skip
     bracketed = sum(g["metric"] == "train_loss" and g.get("b_crit") is not None for g in report["goals"])
     assert report["power_law"] is None and f"got {bracketed}" in report["power_law_note"]
+
+
+def test_validation_loss_goals_reach_the_sweep(tmp_path: Path) -> None:
+    """--val-loss-goal sets the held-out goals (checked before any run: a negative level is refused)."""
+    result = runner.invoke(
+        app, ["sweep", "--task", "shakespeare", "--val-loss-goal", "-1", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "loss goals must be positive and finite, got [-1.0]" in result.stderr
+    assert not list(tmp_path.iterdir())

@@ -7,11 +7,13 @@ import pytest
 from scipy import optimize
 
 from noisescale.critical.predict import (
+    PF_DAY,
     BCritPowerLaw,
     b_crit_at_loss,
     compute_min,
     examples_at,
     fit_b_crit_power_law,
+    learning_rate_at,
     optimal_batch_for_exchange_rate,
     predict_batches,
     speedup,
@@ -20,6 +22,7 @@ from noisescale.critical.predict import (
     tradeoff_sentence,
 )
 from noisescale.errors import SweepDataError
+from noisescale.experiments.tasks import LINREG_DELTA, linreg_truth
 
 B = np.geomspace(1, 1e6, 25)
 
@@ -139,9 +142,50 @@ def test_predict_batches_table() -> None:
     assert predict_batches([512], b_crit=835.0)["steps"].isna().all()
 
 
+def test_learning_rate_is_eq_2_6_on_the_oracle() -> None:
+    """SCIENCE.md: at B = 16 the oracle's eps_opt is 0.3124837; linear below B_noise, flat above."""
+    truth = linreg_truth(LINREG_DELTA)
+    eps_max, b_noise = truth["eps_max"], truth["b_noise"]
+    assert learning_rate_at(16.0, eps_max, b_noise) == pytest.approx(0.3124837, abs=1e-7)
+    assert learning_rate_at(b_noise, eps_max, b_noise) == pytest.approx(eps_max / 2, rel=1e-12)
+    small, huge = learning_rate_at(np.array([1e-6, 1e12]), eps_max, b_noise)
+    assert small == pytest.approx(eps_max * 1e-6 / b_noise, rel=1e-6)
+    assert huge == pytest.approx(eps_max, rel=1e-10)
+    # The quadratic model's loss drop at that step is the closed form's 0.5859070 (eq. 2.5, 2.7).
+    eps = learning_rate_at(16.0, eps_max, b_noise)
+    drop = eps * truth["grad_norm_sq"] - 0.5 * eps**2 * (truth["g_h_g"] + truth["trace_h_sigma"] / 16)
+    assert drop == pytest.approx(0.5859070, abs=1e-7)
+
+
+def test_predict_batches_compute_and_time_follow_the_hand_formulas() -> None:
+    s_min, b_crit, flops, tput, devices = 1200.0, 835.0, 6 * 1.2e8, 3000.0, 8
+    df = predict_batches(
+        [256, 1024], b_crit=b_crit, s_min=s_min, learning_rate=(0.45, 7.14),
+        flops_per_example=flops, throughput=tput, devices=devices,
+    )  # fmt: skip
+    for b, row in zip([256, 1024], df.itertuples(), strict=True):
+        examples = s_min * b_crit * (1 + b / b_crit)  # E = E_min (1 + B/B_crit)
+        assert row.flops == pytest.approx(flops * examples, rel=1e-12)
+        assert row.pf_days == pytest.approx(flops * examples / (1e15 * 86400), rel=1e-12)
+        assert row.compute_ratio == pytest.approx(1 + b / b_crit, rel=1e-12)  # Kaplan eq. 5.5
+        assert compute_min(row.flops, b, b_crit) == pytest.approx(flops * s_min * b_crit, rel=1e-12)
+        assert row.time_s == pytest.approx(examples / (tput * devices), rel=1e-12)
+        assert row.lr == pytest.approx(0.45 / (1 + 7.14 / b), rel=1e-12)
+    assert PF_DAY == 8.64e19
+    no_steps = predict_batches([256], b_crit=b_crit, flops_per_example=flops, throughput=tput)
+    assert no_steps[["flops", "pf_days", "time_s"]].isna().all(axis=None)
+    assert no_steps["compute_ratio"].iloc[0] == pytest.approx(1 + 256 / b_crit)
+    with pytest.raises(ValueError, match="`devices` to be an integer >= 1 but got 0"):
+        predict_batches([256], b_crit=b_crit, throughput=tput, devices=0)
+    with pytest.raises(ValueError, match="`throughput` to be positive"):
+        predict_batches([256], b_crit=b_crit, throughput=-1.0)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf])
 def test_non_positive_inputs_raise(bad: float) -> None:
     with pytest.raises(ValueError, match="positive"):
         steps_at(bad, 1.0, 1.0)
     with pytest.raises(ValueError, match="positive"):
         optimal_batch_for_exchange_rate(bad, 100.0)
+    with pytest.raises(ValueError, match="`eps_max` to be positive"):
+        learning_rate_at(16.0, bad, 7.0)

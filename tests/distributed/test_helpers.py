@@ -51,13 +51,17 @@ def test_ddp_method_needs_a_ddp_model() -> None:
         GradientNoiseScale(nn.Linear(2, 1), method="ddp")
 
 
-def test_fsdp_wrapped_modules_are_refused() -> None:
-    class Fake(nn.Module):
+def test_fsdp1_and_deepspeed_are_refused_saying_what_works() -> None:
+    class Layer(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.p = nn.Parameter(torch.zeros(2))
 
-    model = Fake()
-    model.__class__ = type("FSDPFake", (Fake,), {})
-    with pytest.raises(nsdist.DistributedSetupError, match="FSDP"):
-        GradientNoiseScale(model, method="microbatch")
+    fsdp1 = Layer()
+    fsdp1.__class__ = type("FullyShardedDataParallel", (Layer,), {})
+    with pytest.raises(nsdist.DistributedSetupError, match=r"FSDP1 .*fully_shard.*method='fsdp'"):
+        GradientNoiseScale(nn.Sequential(fsdp1), method="microbatch")
+    engine = Layer()
+    engine.__class__ = type("DeepSpeedEngine", (Layer,), {})  # deepspeed's class name, not installed here
+    with pytest.raises(nsdist.DistributedSetupError, match=r"DeepSpeed engine \(ZeRO\).*fully_shard \(FSDP2"):
+        GradientNoiseScale(engine, method="microbatch")

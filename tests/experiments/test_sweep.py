@@ -451,7 +451,8 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_same_result(tmp_path: Path) 
     table = pd.read_csv(out / "results.csv")
     assert list(table.columns) == [
         "metric", "goal", "batch_size", "steps", "steps_low", "steps_high", "reached", "run", "lr",
-        "b_simple", "unit",
+        "b_simple", "b_simple_preconditioned", "unit",
     ]  # fmt: skip
+    assert table["b_simple_preconditioned"].isna().all()  # plain SGD: no preconditioner
     assert (table["unit"] == "examples").all()
     assert not table.loc[table["goal"] == 0.2, "reached"].any()  # below the floor: censored

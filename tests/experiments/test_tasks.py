@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from noisescale.experiments.evaluation import Probe, evaluate, train_loss
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.tasks import (
     CLASSIFICATION_TASKS,
     LINREG_DELTA,
@@ -17,7 +18,7 @@ from noisescale.experiments.tasks import (
     get_task,
     linreg_truth,
 )
-from noisescale.experiments.training import StepRecord, TrainConfig, Trainer, train
+from noisescale.experiments.training import TrainConfig, Trainer, train
 
 # ----------------------------------------------------------------------------------------------
 # The closed-form oracle (SCIENCE.md, "A closed-form oracle for tests")
@@ -146,7 +147,7 @@ def test_config_defaults_follow_the_method() -> None:
     [
         ({"batch_size": 30, "microbatches": 4}, ValueError, "not divisible by 4 micro-batches"),
         ({"method": "microbatch", "microbatches": 1}, ValueError, "at least 2 micro-batches"),
-        ({"method": "adam"}, ValueError, "one of 'per-example', 'microbatch', 'ddp' but got 'adam'"),
+        ({"method": "adam"}, ValueError, "one of 'per-example', 'microbatch', 'ddp', 'fsdp' but got 'adam'"),
         ({"lr": -1.0}, ValueError, "lr and momentum >= 0"),
         ({"batchsize": 3}, TypeError, "unknown TrainConfig fields"),
         ({"seed": 2**64}, ValueError, "expected `seed` in"),

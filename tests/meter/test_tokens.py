@@ -147,14 +147,22 @@ def test_per_example_weights_each_sequence_by_its_tokens(passes: int) -> None:
     assert est.examples == int(mask.sum())
 
 
-def test_fixed_length_windows_give_tokens_the_same_way_for_both_methods() -> None:
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["raw", "preconditioned"])
+def test_fixed_length_windows_give_tokens_the_same_way_for_both_methods(preconditioned: bool) -> None:
     """B windows of T tokens, loss the mean over all B T tokens: ``per_example(example_sizes=T)`` equals
-    ``microbatch`` with one window per micro-batch (sizes T), and T times the per-window estimate."""
+    ``microbatch`` with one window per micro-batch (sizes T), and T times the per-window estimate; so
+    does the preconditioned estimate (a fixed diagonal P: the same rows on P-weighted norms)."""
     ids, targets, _ = batch(3)
     results = {}
     for name, method in (("tokens", "per_example"), ("windows", "per_example"), ("microbatch", "microbatch")):
         model = TinyLM()
-        meter = GradientNoiseScale(model, method=method, ema_decay=1.0)
+        weights = {
+            p: torch.rand(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype)
+            for p in model.parameters()
+        }
+        meter = GradientNoiseScale(
+            model, method=method, ema_decay=1.0, preconditioner=weights if preconditioned else None
+        )
         if method == "microbatch":
             for s in range(len(ids)):
                 (token_losses(model, ids[s : s + 1], targets[s : s + 1]).mean() / len(ids)).backward()
@@ -162,8 +170,10 @@ def test_fixed_length_windows_give_tokens_the_same_way_for_both_methods() -> Non
         else:
             token_losses(model, ids, targets).mean().backward()
             meter.update(example_sizes=T if name == "tokens" else None)
-        results[name] = meter.compute()
+        estimate = meter.compute()
+        results[name] = estimate.preconditioned if preconditioned else estimate
     tokens, windows, micro = results["tokens"], results["windows"], results["microbatch"]
+    assert tokens is not None and windows is not None and micro is not None
     assert tokens.examples == micro.examples == len(ids) * T and windows.examples == len(ids)
     for key in ("grad_norm_sq", "trace_sigma", "b_simple"):
         if getattr(micro, key) is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from noisescale.cli.branch import branch
 from noisescale.cli.fit import fit
 from noisescale.cli.measure import measure
 from noisescale.cli.predict import predict
+from noisescale.cli.schedule import schedule
 from noisescale.cli.sweep import sweep
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app.command()(measure)
 app.command()(fit)
 app.command()(predict)
 app.command()(sweep)
+app.command()(branch)
+app.command()(schedule)
 
 
 def main() -> None:

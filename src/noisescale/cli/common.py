@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_TASK",
     "BootstrapOption",
     "ConfidenceOption",
+    "ExecutorName",
     "MethodName",
     "OnlyName",
     "OptimizerName",
@@ -65,6 +66,14 @@ class MethodName(str, enum.Enum):
     per_example = "per-example"
     microbatch = "microbatch"
     ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class ExecutorName(str, enum.Enum):
+    """``--executor`` of ``sweep``: :data:`~noisescale.experiments.sweep.run.EXECUTORS`."""
+
+    local = "local"
+    ray = "ray"
 
 
 class SweepMethodName(str, enum.Enum):

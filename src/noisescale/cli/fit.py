@@ -95,8 +95,11 @@ def report_table(report: FitReport, title: str = "critical batch size") -> Table
     table = Table(title=f"{title} (batch sizes in {unit}, {report.settings.confidence:.0%} intervals)")
     columns = ["goal", "B_crit", "S_min (steps)", f"E_min ({unit})", "runs (censored)", "scatter"]
     has_b = any(g.b_simple is not None for g in report.goals)
+    has_p = any(g.b_simple_preconditioned is not None for g in report.goals)
     if has_b:
         columns += ["B_simple, run average (median [range])", "B_simple/B_crit"]
+    if has_p:
+        columns += ["B_simple preconditioned, run average", "preconditioned/B_crit"]
     for col in columns:
         table.add_column(col, justify="right")
     for g in report.goals:
@@ -111,10 +114,12 @@ def report_table(report: FitReport, title: str = "critical batch size") -> Table
                 f"{f.n_points} ({f.n_censored})",
                 f"{f.residual_sd:.1%}",
             ]
-        if has_b:
-            bs, ratio = g.b_simple, g.ratio
-            row.append("-" if bs is None else f"{short_number(bs.median)} {format_interval(bs.min, bs.max)}")
-            row.append("-" if ratio is None else f"{ratio:.2g}")
+        pairs = ((has_b, g.b_simple, g.ratio), (has_p, g.b_simple_preconditioned, g.ratio_preconditioned))
+        for shown, bs, ratio in pairs:
+            if shown:
+                median = "-" if bs is None else short_number(bs.median)
+                row.append(median if bs is None else f"{median} {format_interval(bs.min, bs.max)}")
+                row.append("-" if ratio is None else f"{ratio:.2g}")
         table.add_row(*row)
     return table
 

@@ -7,6 +7,8 @@ Usage::
     noisescale predict --from fit.json                            # output of `noisescale fit --json`
     noisescale predict --from curves.csv --goal 3.0 --goal 2.8 --loss 2.5   # fit, then B_crit(L=2.5)
     noisescale predict --b-star 2e8 --alpha-b 0.21 --loss 2.5 --unit tokens
+    noisescale predict --b-crit 835 --s-min 1200 --flops-per-example 1.2e6 --throughput 5e4 --devices 8
+    noisescale predict --b-noise-from runs/linreg --batch-size 16        # learning rate, eq. 2.6
 
 With ``S = S_min (1 + B_crit/B)`` and ``E = S_min B_crit (1 + B/B_crit)`` (McCandlish et al.
 2018, eqs. 2.11-2.12) it prints, per goal, a table of steps, examples, speed-up against the
@@ -15,6 +17,12 @@ sizes ("doubling the batch from 512 to 1024 cuts steps by 31% and costs 38% more
 the batch ``sqrt(r B_crit)`` that minimises ``E + r S`` for an exchange rate ``r``, and B_crit
 at loss targets from ``B_crit(L) = B*/L^(1/alpha_B)`` (Kaplan et al. 2020, eq. 5.3), fitted
 across the goals of the file or given with ``--b-star`` and ``--alpha-b``.
+
+Optional columns: the learning rate ``eps_max/(1 + B_noise/B)`` of plain SGD (eq. 2.6; ``eps_max``
+and ``B_noise`` given, or read from a ``noisescale measure --b-noise`` run), and with FLOPs per
+example ``F`` (``summary.json`` of ``measure`` records them) the compute ``F E`` in FLOPs and
+PF-days, ``C/C_min = 1 + B/B_crit`` (Kaplan et al. 2020, eq. 5.5) and, with a throughput per
+device, the wall-clock time on ``--devices`` devices.
 """
 
 from __future__ import annotations
@@ -30,12 +38,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from noisescale._format import format_batch, short_number
+from noisescale._format import format_batch, format_duration, short_number
 from noisescale.cli.common import fail
 from noisescale.cli.fit import Unit, law_sentence, output_console
 from noisescale.critical.predict import (
+    PF_DAY,
     BCritPowerLaw,
     b_crit_at_loss,
+    learning_rate_at,
     optimal_batch_for_exchange_rate,
     predict_batches,
     tradeoff_sentence,
@@ -132,10 +142,41 @@ def _default_batches(b_crit: float) -> list[float]:
     return [2.0**k for k in range(max(lo, 0), max(hi, 1) + 1)]
 
 
-def _prediction(entry: dict, batches: list[float] | None, rate: float | None, unit: str) -> dict[str, Any]:
+def _learning_rate(
+    eps_max: float | None, b_noise: float | None, run: Path | None
+) -> tuple[tuple[float, float] | None, str | None]:
+    """``(eps_max, b_noise)`` from the options or a ``measure --b-noise`` run, and the run's unit.
+
+    Raises:
+        ValueError: on half a pair, both sources, or a run without a resolved B_noise.
+    """
+    if (eps_max is None) != (b_noise is None):
+        raise ValueError("give both --eps-max and --b-noise (or --b-noise-from a run)")
+    if run is None:
+        return (None if eps_max is None or b_noise is None else (eps_max, b_noise)), None
+    if eps_max is not None:
+        raise ValueError("give either --b-noise-from RUN or --eps-max and --b-noise, not both")
+    path = run / "summary.json" if run.is_dir() else run
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--b-noise-from {path}: cannot read a summary.json ({exc})") from None
+    if not isinstance(summary, dict) or "b_noise" not in summary:
+        raise ValueError(f"{path} has no b_noise: measure with `noisescale measure --b-noise`")
+    eps, b = summary.get("eps_max"), summary.get("b_noise")
+    if not (_is_number(eps, positive=True) and _is_number(b, positive=True)):
+        why = summary.get("b_noise_reason") or "not resolved"
+        raise ValueError(f"{path}: B_noise and eps_max are not both resolved ({why})")
+    unit = summary.get("unit")
+    return (float(eps), float(b)), unit if isinstance(unit, str) else None  # type: ignore[arg-type]
+
+
+def _prediction(
+    entry: dict, batches: list[float] | None, rate: float | None, unit: str, columns: dict[str, Any]
+) -> dict[str, Any]:
     b_crit, s_min = float(entry["b_crit"]), entry["s_min"]
     sizes = sorted(set(batches)) if batches else _default_batches(b_crit)
-    df = predict_batches(sizes, b_crit=b_crit, s_min=s_min)
+    df = predict_batches(sizes, b_crit=b_crit, s_min=s_min, **columns)
     sentences = [tradeoff_sentence(a, b, b_crit, unit=unit) for a, b in itertools.pairwise(sizes)]
     optimum = None
     if rate is not None:
@@ -155,13 +196,46 @@ def _prediction(entry: dict, batches: list[float] | None, rate: float | None, un
     }
 
 
+_EXTRA_COLUMNS: dict[str, tuple[str, Any]] = {  # optional columns of predict_batches: header, format
+    "lr": ("learning rate", lambda x: f"{x:.3g}"),
+    "flops": ("FLOPs", lambda x: f"{x:.3g}"),
+    "pf_days": ("PF-days", lambda x: f"{x:.3g}"),
+    "compute_ratio": ("C/C_min", lambda x: f"{x:.2f}"),
+    "time_s": ("time", format_duration),
+}
+
+
+def _notes(lr: tuple[float, float] | None, columns: dict[str, Any], unit: str) -> list[str]:
+    """One line per optional column group: what it assumes and where its numbers came from."""
+    notes = []
+    if lr is not None:
+        notes.append(
+            f"learning rate eps_max/(1 + B_noise/B) of plain SGD (McCandlish et al. 2018, eq. 2.6) with "
+            f"eps_max = {lr[0]:.4g}, B_noise = {format_batch(lr[1])} {unit}"
+        )
+    if columns.get("flops_per_example") is not None:
+        notes.append(
+            f"compute = {columns['flops_per_example']:.3g} FLOPs x {unit}; 1 PF-day = "
+            f"{PF_DAY:.3g} FLOPs; C/C_min = 1 + B/B_crit (Kaplan et al. 2020, eq. 5.5)"
+        )
+    if columns.get("throughput") is not None:
+        notes.append(
+            f"time = {unit} / ({columns['throughput']:g} {unit}/s per device x {columns['devices']} "
+            "device(s)), data parallel with free communication"
+        )
+    return notes
+
+
 def _print_prediction(console: Console, pred: dict, unit: str) -> None:
     name = "" if pred["goal"] is None else f"goal {pred['goal']:g}: "
     s_min = "" if pred["s_min"] is None else f", S_min = {short_number(pred['s_min'])} steps"
     table = Table(title=f"{name}B_crit = {format_batch(pred['b_crit'])} {unit}{s_min}")
     ref = format_batch(pred["rows"][0]["batch_size"])
+    extra = [c for c in _EXTRA_COLUMNS if c in pred["rows"][0]]
     for col in (f"batch size ({unit})", "steps", unit, f"speed-up vs {ref}", "efficiency E_min/E"):
         table.add_column(col, justify="right")
+    for col in extra:
+        table.add_column(_EXTRA_COLUMNS[col][0], justify="right")
     for r in pred["rows"]:
         known = r["steps"] == r["steps"]  # NaN without S_min
         table.add_row(
@@ -170,6 +244,7 @@ def _print_prediction(console: Console, pred: dict, unit: str) -> None:
             short_number(r["examples"]) if known else "-",
             f"{r['speedup']:.2f}x",
             f"{r['efficiency']:.0%}",
+            *(_EXTRA_COLUMNS[c][1](r[c]) if r[c] == r[c] else "-" for c in extra),
         )
     console.print(table)
     for s in pred["sentences"]:
@@ -231,6 +306,28 @@ def predict(
         Unit | None,
         typer.Option(help="What a batch size counts (default: the unit of --from, else examples)."),
     ] = None,
+    eps_max: Annotated[
+        float | None,
+        typer.Option(help="eps_max = |G|^2/(G^T H G), plain SGD's best lr for an infinite batch (eq. 2.6)."),
+    ] = None,
+    b_noise: Annotated[
+        float | None,
+        typer.Option(help="B_noise = tr(H Sigma)/(G^T H G) (eq. 2.8), in --unit; with --eps-max."),
+    ] = None,
+    b_noise_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--b-noise-from", help="A `noisescale measure --b-noise` run folder or its summary.json."
+        ),
+    ] = None,
+    flops_per_example: Annotated[
+        float | None,
+        typer.Option(help="FLOPs of one example's forward + backward (measure's summary.json has them)."),
+    ] = None,
+    throughput: Annotated[
+        float | None, typer.Option(help="Examples (in --unit) per second of one device: adds the time.")
+    ] = None,
+    devices: Annotated[int, typer.Option(min=1, help="Devices sharing each batch (with --throughput).")] = 1,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON object instead of tables.")
     ] = False,
@@ -240,10 +337,13 @@ def predict(
     Example: noisescale predict --b-crit 835 --s-min 1200 --batch-size 512 --batch-size 1024
     """
     units = Unit.examples.value if unit is None else unit.value
+    columns: dict[str, Any] = {}
     try:
         _check(b_crit, s_min, from_file, goal, loss, (b_star, alpha_b))
+        lr, lr_unit = _learning_rate(eps_max, b_noise, b_noise_from)
         law = None if b_star is None or alpha_b is None else BCritPowerLaw(b_star, alpha_b)  # both or neither
         entries: list[dict] = []
+        file_unit = None
         if from_file is not None:
             entries, file_law, file_unit = _load_entries(from_file, goal)
             if unit is not None and file_unit is not None and unit.value != file_unit:
@@ -253,13 +353,29 @@ def predict(
             law = law or file_law
         elif b_crit is not None:
             entries = [{"goal": None, "b_crit": b_crit, "s_min": s_min, "bound": None, "error": None}]
-        elif law is None:
-            raise ValueError("give --b-crit (and --s-min), --from FILE, or --b-star and --alpha-b")
+        elif law is None and lr is None:
+            raise ValueError(
+                "give --b-crit (and --s-min), --from FILE, --b-star and --alpha-b, or --eps-max and --b-noise"
+            )
+        if lr_unit is not None and lr_unit != units:
+            if unit is not None or file_unit is not None:
+                raise ValueError(f"{b_noise_from} gives B_noise in {lr_unit}, the batch sizes are in {units}")
+            units = lr_unit
         if loss and law is None:
             raise ValueError("--loss needs B_crit(L): --b-star and --alpha-b, or --from with 3 or more goals")
-        if (batch_size or exchange_rate is not None) and not entries:
-            raise ValueError("--batch-size and --exchange-rate need B_crit: give --b-crit or --from FILE")
-        preds = [_prediction(e, batch_size, exchange_rate, units) for e in entries if e.get("b_crit")]
+        if ((batch_size and lr is None) or exchange_rate is not None) and not entries:
+            raise ValueError(
+                "--batch-size and --exchange-rate need B_crit: give --b-crit or --from FILE (for the "
+                "learning rate alone, --batch-size with --eps-max and --b-noise)"
+            )
+        if (flops_per_example is not None or throughput is not None) and not entries:
+            raise ValueError("--flops-per-example and --throughput need B_crit: give --b-crit or --from FILE")
+        columns = {"learning_rate": lr, "flops_per_example": flops_per_example, "throughput": throughput}
+        columns["devices"] = devices
+        preds = [
+            _prediction(e, batch_size, exchange_rate, units, columns) for e in entries if e.get("b_crit")
+        ]
+        lr_rows = [] if lr is None or entries else _lr_rows(batch_size, lr)
         at_loss = [{"loss": x, "b_crit": b_crit_at_loss(x, *law)} for x in loss or []] if law else []
     except (SweepDataError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -273,18 +389,39 @@ def predict(
             "skipped": [{"goal": e["goal"], "reason": _why(e)} for e in skipped],
             "power_law": None if law is None else {"b_star": law.b_star, "alpha_b": law.alpha_b},
             "b_crit_at_loss": at_loss,
-        }
+            "learning_rate": lr and {"eps_max": lr[0], "b_noise": lr[1], "run": b_noise_from},
+            "learning_rates": lr_rows,
+            "compute": None if flops_per_example is None and throughput is None else {
+                "flops_per_example": flops_per_example, "pf_day_flops": PF_DAY, "throughput": throughput,
+                "devices": devices,
+            },
+        }  # fmt: skip
         typer.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
         return
     console = output_console()
     for pred in preds:
         _print_prediction(console, pred, units)
+    if lr_rows:
+        table = Table(title="plain SGD")
+        table.add_column(f"batch size ({units})", justify="right")
+        table.add_column("learning rate", justify="right")
+        for r in lr_rows:
+            table.add_row(format_batch(r["batch_size"]), f"{r['lr']:.3g}")
+        console.print(table)
+    for line in _notes(lr, columns, units):
+        console.print(line)
     for e in skipped:
         console.print(_why(e))
     if law is not None:
         console.print(law_sentence(law, units))
     for row in at_loss:
         console.print(f"at loss {row['loss']:g}: B_crit = {short_number(row['b_crit'])} {units}")
+
+
+def _lr_rows(batches: list[float] | None, lr: tuple[float, float]) -> list[dict[str, float]]:
+    """The learning rate at each batch size (default: powers of two around B_noise), no B_crit needed."""
+    sizes = sorted(set(batches)) if batches else _default_batches(lr[1])
+    return [{"batch_size": b, "lr": learning_rate_at(b, *lr)} for b in sizes]
 
 
 def _why(entry: dict) -> str:

@@ -10,6 +10,8 @@
   the one ``fit.json`` schema.
 - :mod:`~noisescale.critical.predict`: steps, examples, speed-up and the best batch from a fit.
 - :mod:`~noisescale.critical.plotting`: the Pareto front and B_crit per goal (matplotlib).
+- :mod:`~noisescale.critical.branched`: the branched-training test (Merrill et al. 2025): B_crit at
+  a checkpoint from short branches at larger batches, on their logged curves.
 """
 
 from noisescale.critical.fit import MIN_BOOTSTRAP, CriticalBatchFit, check_fit_settings, fit_critical_batch

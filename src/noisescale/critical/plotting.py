@@ -37,7 +37,14 @@ def _label(g: GoalFit) -> str:
     return f"{name}: {g.fit.bound or 'B_crit not constrained'}"
 
 
-def plot_pareto_front(goal_fits: Sequence[GoalFit], path: str | Path, *, unit: str = "examples") -> Path:
+def plot_pareto_front(
+    goal_fits: Sequence[GoalFit],
+    path: str | Path,
+    *,
+    unit: str = "examples",
+    extra: Sequence[tuple[float, float] | None] = (),
+    extra_label: str = "",
+) -> Path:
     """Steps against examples on log-log axes, with the fitted hyperbola of every goal.
 
     Runs that reached the goal are filled circles; censored runs are open triangles (their
@@ -50,6 +57,9 @@ def plot_pareto_front(goal_fits: Sequence[GoalFit], path: str | Path, *, unit: s
         goal_fits: results of :func:`noisescale.critical.report.fit_sweep`.
         path: image file to write (format from the extension, e.g. ``.png``, ``.pdf``).
         unit: batch-size unit for the axis label (images, tokens, observations, examples).
+        extra: per goal, in order, another run's ``(E, S)`` to draw as a diamond (or None), e.g.
+            an adaptive run's examples and steps to the goal.
+        extra_label: the legend entry of the diamonds.
 
     Returns:
         The path written.
@@ -72,6 +82,11 @@ def plot_pareto_front(goal_fits: Sequence[GoalFit], path: str | Path, *, unit: s
         ax.plot(b * s, s, color=color, label=_label(g))
         if f.bracketed:
             ax.scatter([2 * f.e_min], [2 * f.s_min], color=color, marker="*", s=110, zorder=4)
+    label: str | None = extra_label or None  # one legend entry for all the diamonds
+    for point, color in zip(extra, colors, strict=False):
+        if point is not None:
+            ax.scatter(*point, color=color, marker="D", s=60, edgecolors="k", zorder=5, label=label)
+            label = None
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"{unit} to reach the goal, E")

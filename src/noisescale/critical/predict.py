@@ -9,14 +9,19 @@ With ``S(B) = S_min (1 + B_crit/B)`` and ``E(B) = B S(B) = E_min (1 + B/B_crit)`
   ``E_min/B_crit = r S_min B_crit/B^2``, i.e. ``B = sqrt(r B_crit)`` (section 2.3);
 * across loss targets, ``B_crit(L) = B* / L^(1/alpha_B)`` (Kaplan et al. 2020, eq. 5.3), and a
   run at batch ``B`` relates to the minimum steps and compute through
-  ``S_min = S/(1 + B_crit/B)`` and ``C_min = C/(1 + B/B_crit)`` (eqs. 5.4-5.5).
+  ``S_min = S/(1 + B_crit/B)`` and ``C_min = C/(1 + B/B_crit)`` (eqs. 5.4-5.5);
+* compute is ``C = F E`` for ``F`` FLOPs per example (:func:`noisescale.flops.flops_per_example`),
+  in PF-days of :data:`PF_DAY` FLOPs, and ``C/C_min = E/E_min = 1 + B/B_crit``;
+* plain SGD's best learning rate at a batch size is ``eps_opt(B) = eps_max/(1 + B_noise/B)``
+  (McCandlish et al. eq. 2.6; ``eps_max`` and ``B_noise`` from :func:`noisescale.estimate_b_noise`).
 
 Batch sizes are in the user's unit (examples, or tokens for language models).
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
-    eqs. (2.11)-(2.12) and section 2.3.
+    eqs. (2.6), (2.11)-(2.12) and section 2.3.
     Kaplan et al. (2020), Scaling Laws for Neural Language Models, arXiv:2001.08361, eqs. 5.3-5.5.
+    OpenAI (2018), AI and Compute: one PF-day is 10^15 FLOP/s for a day.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ if TYPE_CHECKING:  # the table needs pandas, from the `cli` extra; the rest of t
     import pandas as pd
 
 __all__ = [
+    "PF_DAY",
     "BCritPowerLaw",
     "b_crit_at_loss",
     "compute_min",
     "examples_at",
     "fit_b_crit_power_law",
+    "learning_rate_at",
     "optimal_batch_for_exchange_rate",
     "predict_batches",
     "speedup",
@@ -47,6 +54,8 @@ __all__ = [
 ]
 
 ArrayLike = float | Sequence[float] | np.ndarray  # scalars in, a float out (the overloads say so)
+PF_DAY = 1e15 * 86_400
+"""FLOPs in one PF-day: 10^15 FLOP/s for 86,400 s (OpenAI, "AI and Compute")."""
 
 
 def _positive(name: str, value: ArrayLike) -> np.ndarray:
@@ -289,6 +298,40 @@ def compute_min(compute: ArrayLike, batch_size: ArrayLike, b_crit: float) -> flo
     return _out(c / (1.0 + b / _positive("b_crit", b_crit)))
 
 
+@overload
+def learning_rate_at(batch_size: float, eps_max: float, b_noise: float) -> float: ...
+
+
+@overload
+def learning_rate_at(batch_size: ArrayLike, eps_max: float, b_noise: float) -> float | np.ndarray: ...
+
+
+def learning_rate_at(batch_size: ArrayLike, eps_max: float, b_noise: float) -> float | np.ndarray:
+    """Plain SGD's optimal learning rate at a batch size, ``eps_max/(1 + B_noise/B)`` (eq. 2.6).
+
+    Linear in ``B`` while ``B << B_noise``, flat at ``eps_max`` beyond. It is the best step of the
+    local quadratic model at the point where ``eps_max = |G|^2/(G^T H G)`` and ``B_noise`` were
+    measured (:func:`noisescale.estimate_b_noise`); both move as training goes on.
+
+    Args:
+        batch_size: batch size(s) ``B``, in the unit of ``b_noise`` (examples or tokens).
+        eps_max: the best learning rate of an infinite batch.
+        b_noise: ``tr(H Sigma)/(G^T H G)`` (eq. 2.8).
+
+    Returns:
+        Learning rate(s), a float or an array shaped like ``batch_size``.
+
+    Raises:
+        ValueError: if an argument is not positive and finite.
+
+    Examples:
+        >>> round(learning_rate_at(16.0, eps_max=0.4519434, b_noise=7.140705), 6)  # SCIENCE.md's oracle
+        0.312484
+    """
+    b = _positive("batch_size", batch_size)
+    return _out(_positive("eps_max", eps_max) / (1.0 + _positive("b_noise", b_noise) / b))
+
+
 class BCritPowerLaw(NamedTuple):
     """``B_crit(L) = b_star / L^(1/alpha_b)`` (Kaplan et al. 2020, eq. 5.3)."""
 
@@ -372,20 +415,38 @@ def fit_b_crit_power_law(losses: ArrayLike, b_crits: ArrayLike) -> BCritPowerLaw
 
 
 def predict_batches(
-    batch_sizes: ArrayLike, *, b_crit: float, s_min: float | None = None, reference: float | None = None
+    batch_sizes: ArrayLike,
+    *,
+    b_crit: float,
+    s_min: float | None = None,
+    reference: float | None = None,
+    learning_rate: tuple[float, float] | None = None,
+    flops_per_example: float | None = None,
+    throughput: float | None = None,
+    devices: int = 1,
 ) -> pd.DataFrame:
     """Table of predictions at several batch sizes.
 
     Args:
         batch_sizes: batch sizes ``[K]``, in examples (or tokens).
         b_crit: critical batch size.
-        s_min: minimum steps; without it ``steps`` and ``examples`` are NaN.
+        s_min: minimum steps; without it ``steps``, ``examples``, ``flops``, ``pf_days`` and
+            ``time_s`` are NaN.
         reference: batch size for the speed-up column; default the smallest of ``batch_sizes``.
+        learning_rate: ``(eps_max, b_noise)``: adds ``lr``, :func:`learning_rate_at` (eq. 2.6).
+        flops_per_example: FLOPs of one example's forward and backward: adds ``flops`` (``F E``),
+            ``pf_days`` (``F E`` / :data:`PF_DAY`) and ``compute_ratio`` (``C/C_min = E/E_min =
+            1 + B/B_crit``, Kaplan et al. eq. 5.5).
+        throughput: examples per second of one device: adds ``time_s``, the seconds ``E`` examples
+            take on ``devices`` devices in data parallel, assuming each keeps this throughput at a
+            share ``B/devices`` of the batch and communication is free.
+        devices: devices sharing each batch (>= 1).
 
     Returns:
         DataFrame sorted by batch size with columns ``batch_size``, ``steps``, ``examples``,
         ``speedup`` (steps at ``reference`` / steps) and ``efficiency`` (``E_min/E =
-        1/(1 + B/B_crit)``, the fraction of the examples that a tiny batch would need).
+        1/(1 + B/B_crit)``, the fraction of the examples that a tiny batch would need), then the
+        optional columns above.
 
     Raises:
         ValueError: if a value is not positive and finite.
@@ -401,12 +462,22 @@ def predict_batches(
     b = np.sort(np.atleast_1d(_positive("batch_sizes", batch_sizes)))
     ref = float(b[0]) if reference is None else reference
     nan = np.full(b.shape, np.nan)
-    return pd.DataFrame(
-        {
-            "batch_size": b,
-            "steps": nan if s_min is None else steps_at(b, s_min, b_crit),
-            "examples": nan if s_min is None else examples_at(b, s_min * b_crit, b_crit),
-            "speedup": speedup(b, ref, b_crit),
-            "efficiency": 1.0 / (1.0 + b / b_crit),
-        }
-    )
+    examples = nan if s_min is None else examples_at(b, s_min * b_crit, b_crit)
+    columns = {
+        "batch_size": b,
+        "steps": nan if s_min is None else steps_at(b, s_min, b_crit),
+        "examples": examples,
+        "speedup": speedup(b, ref, b_crit),
+        "efficiency": 1.0 / (1.0 + b / b_crit),
+    }
+    if learning_rate is not None:
+        columns["lr"] = learning_rate_at(b, *learning_rate)
+    if flops_per_example is not None:
+        columns["flops"] = examples * _positive("flops_per_example", flops_per_example)
+        columns["pf_days"] = columns["flops"] / PF_DAY
+        columns["compute_ratio"] = examples_at(b, 1.0, b_crit)  # E/E_min, with E_min = 1
+    if throughput is not None:
+        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+            raise ValueError(f"expected `devices` to be an integer >= 1 but got {devices!r}")
+        columns["time_s"] = examples / (_positive("throughput", throughput) * devices)
+    return pd.DataFrame(columns)

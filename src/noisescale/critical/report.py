@@ -17,7 +17,8 @@ The JSON schema (non-finite numbers are written as null)::
      "settings": {"n_bootstrap", "confidence", "max_increase", "seed"},
      "goals": [{"metric", "goal", "n_batch_sizes",
                 <CriticalBatchFit.to_dict() fields> | "error",
-                "b_simple": {"median", "min", "max"} | null, "b_simple_over_b_crit"}],
+                "b_simple": {"median", "min", "max"} | null, "b_simple_over_b_crit",
+                "b_simple_preconditioned": {...} | null, "b_simple_preconditioned_over_b_crit"}],
      "power_law": {"metric", "b_star", "alpha_b", "goals"} | null,
      "power_law_note": why there is none, or null}
 
@@ -75,13 +76,22 @@ class GoalFit(NamedTuple):
     error: str | None  # the SweepDataError message
     points: pd.DataFrame  # this goal's rows of the sweep table (sweepdata.COLUMNS)
     b_simple: BSimpleRange | None  # None when no run that reached the goal measured it
+    b_simple_preconditioned: BSimpleRange | None = None  # the preconditioned one (under Adam)
 
     @property
     def ratio(self) -> float | None:
         """Median run-averaged B_simple over B_crit; None unless both exist (B_crit bracketed)."""
-        if self.fit is None or self.fit.b_crit is None or self.b_simple is None:
+        return self._over_b_crit(self.b_simple)
+
+    @property
+    def ratio_preconditioned(self) -> float | None:
+        """Median run-averaged preconditioned B_simple over B_crit; None unless both exist."""
+        return self._over_b_crit(self.b_simple_preconditioned)
+
+    def _over_b_crit(self, b: BSimpleRange | None) -> float | None:
+        if self.fit is None or self.fit.b_crit is None or b is None:
             return None
-        return self.b_simple.median / self.fit.b_crit
+        return b.median / self.fit.b_crit
 
 
 class FitSettings(NamedTuple):
@@ -131,6 +141,9 @@ def _goal_json(g: GoalFit) -> dict[str, Any]:
     entry.update(g.fit.to_dict() if g.fit is not None else {"error": g.error})
     entry["b_simple"] = None if g.b_simple is None else g.b_simple._asdict()
     entry["b_simple_over_b_crit"] = g.ratio
+    pre = g.b_simple_preconditioned
+    entry["b_simple_preconditioned"] = None if pre is None else pre._asdict()
+    entry["b_simple_preconditioned_over_b_crit"] = g.ratio_preconditioned
     return entry
 
 
@@ -173,13 +186,14 @@ def fit_sweep(table: pd.DataFrame, settings: FitSettings = DEFAULT_SETTINGS) -> 
             error = None
         except SweepDataError as exc:
             fit, error = None, str(exc)
-        out.append(GoalFit(str(points["metric"].iloc[0]), goal, fit, error, points, _b_simple(points)))
+        ranges = _b_simple(points), _b_simple(points, "b_simple_preconditioned")
+        out.append(GoalFit(str(points["metric"].iloc[0]), goal, fit, error, points, *ranges))
     return out
 
 
-def _b_simple(points: pd.DataFrame) -> BSimpleRange | None:
-    """Median, min and max of the B_simple of the rows that reached the goal."""
-    v = points.loc[points["reached"].to_numpy(bool), "b_simple"].to_numpy(float)
+def _b_simple(points: pd.DataFrame, column: str = "b_simple") -> BSimpleRange | None:
+    """Median, min and max of the B_simple (``column``) of the rows that reached the goal."""
+    v = points.loc[points["reached"].to_numpy(bool), column].to_numpy(float)
     v = v[np.isfinite(v)]
     if not v.size:
         return None

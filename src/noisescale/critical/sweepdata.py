@@ -59,6 +59,7 @@ COLUMNS = [
     "run",  # name of the run kept for this batch size (str or None)
     "lr",  # its learning rate (NaN: not given)
     "b_simple",  # its run-averaged B_simple to the goal, in `unit` (NaN: not measured)
+    "b_simple_preconditioned",  # the same of the preconditioned B_simple (under Adam; NaN: not measured)
     "unit",  # what a batch size counts: images, tokens, observations, examples (None: not given)
 ]
 DEFAULT_METRIC = "loss"  # the metric of a file without a `metric` column
@@ -233,6 +234,7 @@ def _runs(table: pd.DataFrame, goals: Sequence[float] | None) -> pd.DataFrame:
             "run": _text(table, "run", None).to_numpy(),
             "lr": _optional(table, "lr"),
             "b_simple": _optional(table, "b_simple"),
+            "b_simple_preconditioned": _optional(table, "b_simple_preconditioned"),
             "unit": _text(table, "unit", None).to_numpy(),
             "_line": table["_line"].to_numpy(),
         }

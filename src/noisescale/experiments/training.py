@@ -25,9 +25,8 @@ sweep that trains to a loss goal); :func:`train` runs it for a number of steps w
 an optional per-step callback and stop condition. Runs are deterministic given
 ``seed`` and the number of torch threads.
 
-The noise scale depends on the temperature ``lr / B`` (McCandlish et al. 2018,
-appendix C): every :class:`StepRecord` keeps the learning rate and the batch size. Models
-are evaluated by :mod:`noisescale.experiments.evaluation`.
+B_simple depends on the temperature ``lr / B`` (McCandlish et al. 2018, appendix C): every
+:class:`StepRecord` keeps both. Models are evaluated by :mod:`noisescale.experiments.evaluation`.
 """
 
 from __future__ import annotations
@@ -41,12 +40,16 @@ import torch
 from torch import nn
 
 import noisescale.distributed as nsdist
+from noisescale import fsdp
+from noisescale.control.controller import BatchChange, BatchSizeController
+from noisescale.experiments.adaptive import AdaptiveSettings, make_controller
 from noisescale.experiments.optim import check_optimizer, make_optimizer
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.tasks import Task, TaskDefaults
 from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, layernorm_groups
 from noisescale.options import Averaging, parse_method
 
-__all__ = ["ONLY", "StepRecord", "TrainConfig", "TrainResult", "Trainer", "make_meter", "train"]
+__all__ = ["ONLY", "TrainConfig", "TrainResult", "Trainer", "make_meter", "train"]
 
 ONLY = (None, "layernorm")  # what a run measures: every parameter, or the LayerNorms only
 
@@ -59,6 +62,7 @@ def make_meter(
     ema_examples: float | None,
     confidence: float = 0.95,
     only: str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     groups: Mapping[str, Iterable[nn.Parameter]] | None = None,
 ) -> GradientNoiseScale:
     """The one place that picks and builds the meter for a training run.
@@ -72,8 +76,10 @@ def make_meter(
         confidence: level of the interval of B_simple.
         only: ``"layernorm"``: measure (and hook) the LayerNorm parameters only
             (:func:`noisescale.meter.layernorm_groups`); None: every parameter.
-        groups: named parameter groups (e.g. an agent's policy and value), or None: one per
-            module (with ``only``: the LayerNorms).
+        optimizer: the run's optimizer: B_simple is also reported per parameter group, and
+            under Adam/AdamW the preconditioned estimate too (``preconditioner="adam"``:
+            ``estimate.preconditioned``, B_P = tr(P Sigma)/(G^T P G) with Adam's P).
+        groups: named parameter groups (an agent's policy and value), or None: one per module.
 
     Returns:
         A :class:`noisescale.GradientNoiseScale` attached to ``model`` (mean reduction per
@@ -95,6 +101,8 @@ def make_meter(
         ema_examples=ema_examples,
         confidence=confidence,
         groups=groups if only is None else layernorm_groups(nsdist.unwrap_model(model)),
+        optimizer=optimizer,
+        preconditioner="adam" if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else None,
     )
 
 
@@ -128,6 +136,8 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` value, or None to leave it as is.
         device: where the model and the batches live (``"cpu"``, ``"cuda"``...); the data
             is sampled on the CPU (reproducible) and each batch is copied over.
+        fsdp: under torchrun, shard the model with ``fully_shard`` (FSDP2,
+            :func:`noisescale.fsdp.wrap_fsdp`) instead of DDP; implied by ``method="fsdp"``.
     """
 
     batch_size: int
@@ -149,11 +159,15 @@ class TrainConfig:
     measure_every: int = 1
     threads: int | None = None
     device: str = "cpu"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field; the messages say what to change."""
         if self.method is not None:
             object.__setattr__(self, "method", parse_method(self.method))
+        object.__setattr__(self, "fsdp", self.fsdp or self.method == "fsdp")
+        if self.fsdp and self.method == "ddp":
+            raise ValueError("the ddp method measures DDP: with --fsdp use --method fsdp or per-example")
         for name in ("batch_size", "microbatches", "measure_every", "units_per_example"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"expected `{name}` >= 1 but got {getattr(self, name)}")
@@ -235,57 +249,6 @@ class TrainConfig:
         return cls(**values)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """What one optimizer step did and measured.
-
-    Attributes:
-        step: optimizer steps done, counting this one (1-based).
-        examples: training examples seen so far, this step included.
-        loss: mean training loss of this step's batch, at the weights before the update.
-        lr: learning rate of this step.
-        batch_size: B, examples in this step.
-        wall_time: seconds since the run started.
-        estimate: the meter's :class:`~noisescale.meter.NoiseScaleEstimate` after this step,
-            or None (no meter, or not a measuring step). Under DDP it covers the steps
-            exchanged so far (its ``steps`` says how many): up to ``sync_every - 1`` behind.
-    """
-
-    step: int
-    examples: int
-    loss: float
-    lr: float
-    batch_size: int
-    wall_time: float
-    estimate: NoiseScaleEstimate | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A flat JSON-ready record.
-
-        B_simple and its interval are the meter's: None while the estimate is not resolved
-        (:class:`~noisescale.meter.NoiseScaleEstimate` never gives an unresolved ratio).
-        """
-        est = self.estimate
-        out: dict[str, Any] = {
-            "step": self.step,
-            "examples": self.examples,
-            "loss": self.loss,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "wall_time": self.wall_time,
-        }
-        if est is not None:
-            out.update(
-                grad_norm_sq=est.grad_norm_sq,
-                trace_sigma=est.trace_sigma,
-                b_simple=est.b_simple,
-                b_simple_ci=None if est.b_simple_ci is None else list(est.b_simple_ci),
-                b_simple_se=est.b_simple_se,
-                resolved=est.resolved,
-            )
-        return out
-
-
 class Trainer:
     """A model, its optimizer, its meter and a seeded data stream, advanced one step at a time.
 
@@ -294,6 +257,9 @@ class Trainer:
     Args:
         task: what to train.
         config: hyperparameters (see :meth:`TrainConfig.for_task`).
+        dist: this process's rank and world size under DDP, or None.
+        adaptive: grow the batch with the noise scale (:mod:`noisescale.experiments.adaptive`):
+            ``batch_size`` and ``microbatches`` then follow ``controller``; None: fixed.
 
     Example:
         >>> from noisescale.experiments.tasks import get_task
@@ -305,7 +271,14 @@ class Trainer:
         (1, 16)
     """
 
-    def __init__(self, task: Task, config: TrainConfig, *, dist: nsdist.DistInfo | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        config: TrainConfig,
+        *,
+        dist: nsdist.DistInfo | None = None,
+        adaptive: AdaptiveSettings | None = None,
+    ) -> None:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         if dist is not None and config.microbatches % dist.world_size:
@@ -319,7 +292,7 @@ class Trainer:
         self.model: nn.Module = task.make_model(config.seed).to(config.device)  # same weights on every rank
         self.model.train()
         if dist is not None:
-            self.model = nsdist.wrap_ddp(self.model, dist)
+            self.model = (fsdp.wrap_fsdp if config.fsdp else nsdist.wrap_ddp)(self.model, dist)
         self.optimizer, self.scheduler = make_optimizer(
             self.model.parameters(),
             config.optimizer,
@@ -339,8 +312,15 @@ class Trainer:
                 ema_examples=config.ema_examples,
                 confidence=config.confidence,
                 only=config.only,
+                optimizer=self.optimizer,
             )
         )
+        self.batch_size, self.microbatches = config.batch_size, config.microbatches  # of the next step
+        self.controller: BatchSizeController | None = None
+        if adaptive is not None:
+            if self.meter is None:
+                raise ValueError("an adaptive run needs a meter (a measuring method)")
+            self.controller = make_controller(self.meter, self.optimizer, self.scheduler, adaptive, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps_done = 0
         self.examples = 0
@@ -348,8 +328,8 @@ class Trainer:
 
     def step(self) -> StepRecord:
         """One optimizer step (k micro-batches, meter update, update); an estimate every ``measure_every``."""
-        cfg, k, units = self.config, self.config.microbatches, self.config.units_per_example
-        x, y = self.task.sample_batch(cfg.batch_size // units, self.generator)
+        cfg, batch, k, units = self.config, self.batch_size, self.microbatches, self.config.units_per_example
+        x, y = self.task.sample_batch(batch // units, self.generator)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
         if self.dist is not None:  # this rank's share: global micro-batches r m .. r m + m - 1
             x, y = nsdist.shard_batch(x, y, rank=self.dist.rank, world_size=self.dist.world_size)
@@ -370,20 +350,25 @@ class Trainer:
             loss_sum /= self.dist.world_size
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
+        if self.controller is not None:  # before the schedule steps: it follows examples seen
+            self.controller.step(examples=batch)  # computes the estimate every measure_every steps
+            self.batch_size = self.controller.batch_size
+            self.microbatches = self.batch_size // (cfg.batch_size // cfg.microbatches)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        self.examples += cfg.batch_size
-        measuring = self.steps_done % cfg.measure_every == 0
+        self.examples += batch
+        estimate = None
+        if self.meter is not None and self.steps_done % cfg.measure_every == 0:  # no collective
+            estimate = self.meter.compute() if self.controller is None else self.controller.last_estimate
         return StepRecord(
             step=self.steps_done,
             examples=self.examples,
             loss=float(loss_sum) / k,
             lr=lr,
-            batch_size=cfg.batch_size,
+            batch_size=batch,
             wall_time=time.perf_counter() - self._start,
-            # no collective: DDP exchanges every 16
-            estimate=self.meter.compute() if self.meter is not None and measuring else None,
+            estimate=estimate,
         )
 
     def estimate(self) -> NoiseScaleEstimate | None:
@@ -420,6 +405,7 @@ class TrainResult:
         estimate: the meter's final estimate, or None without a meter.
         wall_time: seconds the training loop took.
         stopped: whether the stop condition ended the run before ``config.steps``.
+        batch_schedule: an adaptive run's batch sizes, from the initial one (else None).
     """
 
     model: nn.Module
@@ -428,6 +414,7 @@ class TrainResult:
     estimate: NoiseScaleEstimate | None
     wall_time: float
     stopped: bool
+    batch_schedule: list[BatchChange] | None = None
 
 
 def train(
@@ -437,6 +424,7 @@ def train(
     callback: Callable[[StepRecord], None] | None = None,
     stop: Callable[[StepRecord, Trainer], bool] | None = None,
     dist: nsdist.DistInfo | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``config.steps`` steps, or until ``stop`` returns True.
 
@@ -447,6 +435,7 @@ def train(
         stop: ``stop(record, trainer)`` after every step; True ends the run (e.g. a loss goal
             checked with :func:`evaluate` on ``trainer.model``).
         dist: this process's rank and world size under DDP (:mod:`noisescale.distributed`), or None.
+        adaptive: grow the batch with the noise scale (see :class:`Trainer`), or None.
 
     Returns:
         The model, the records and the final estimate.
@@ -454,7 +443,7 @@ def train(
     records: list[StepRecord] = []
     stopped = False
     start = time.perf_counter()
-    with Trainer(task, config, dist=dist) as trainer:
+    with Trainer(task, config, dist=dist, adaptive=adaptive) as trainer:
         for _ in range(config.steps):
             record = trainer.step()
             records.append(record)
@@ -465,4 +454,8 @@ def train(
                 break
         estimate = trainer.estimate()  # every step (under DDP a collective, on every rank)
         model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
-    return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped)
+        if config.fsdp and dist is not None:  # FSDP2: a whole copy (gathered on every rank) for rank 0
+            model = task.make_model(config.seed).to(config.device)
+            model.load_state_dict(fsdp.full_state_dict(trainer.model))
+    schedule = None if trainer.controller is None else trainer.controller.schedule
+    return TrainResult(model, config, records, estimate, time.perf_counter() - start, stopped, schedule)

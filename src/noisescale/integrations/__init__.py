@@ -15,10 +15,15 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from noisescale.control.rules import OptimizerRule, apply_rule
+
 if TYPE_CHECKING:
+    from collections.abc import Iterable, MutableMapping
+
+    from noisescale.control.controller import BatchSizeController
     from noisescale.meter import GradientNoiseScale, GroupEstimate, NoiseScaleEstimate
 
-__all__ = ["MeterCallback", "estimate_scalars", "require"]
+__all__ = ["BatchCallback", "MeterCallback", "estimate_scalars", "require"]
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -137,3 +142,44 @@ class MeterCallback:
         self.meter.sync()
         self.last_estimate = self.meter.compute()
         return estimate_scalars(self.last_estimate, self.prefix, groups=self.log_groups)
+
+
+class BatchCallback:
+    """What the framework batch-size callbacks share: a decided change waits for its window.
+
+    A framework closes an accumulation window when the epoch's micro-batch count is a multiple
+    of its accumulation setting, so a change to ``m`` micro-batches per step starts only after a
+    count that is a multiple of ``m`` (OLMo-core's batch-size scheduler waits the same way); the
+    optimizer rule is applied then, with the B_simple of the decision.
+    """
+
+    controller: BatchSizeController | None
+    rule: OptimizerRule | None
+    _pending: tuple[int, int, float] | None  # (global batch before, after, B_simple at the decision)
+
+    def _decide(self, examples: int, applied: int) -> None:
+        """Count a step of ``examples`` (all ranks) at the ``applied`` global batch; keep a change pending."""
+        controller = self.controller
+        assert controller is not None, "the controller is created when training starts"
+        change = controller.step(examples=examples)
+        if change is not None:
+            estimate = controller.last_estimate
+            assert estimate is not None and estimate.b_simple is not None
+            self._pending = (applied, change.batch_size, estimate.b_simple)
+
+    def _due(self, done: int, granule: int) -> int | None:
+        """The new micro-batches per step, if the pending change can start after ``done`` micro-batches."""
+        if self._pending is None:
+            return None
+        steps = self._pending[1] // granule
+        return None if done % steps else steps
+
+    def _apply_rule(
+        self, param_groups: Iterable[MutableMapping[str, Any]], schedulers: Iterable[Any]
+    ) -> None:
+        """Rescale the optimizer for the pending change (with a rule), which is then done."""
+        assert self._pending is not None
+        old, new, b_simple = self._pending
+        if self.rule is not None:
+            apply_rule(self.rule, param_groups, old=old, new=new, b_simple=b_simple, schedulers=schedulers)
+        self._pending = None

@@ -24,10 +24,11 @@ Example:
     >>> meter.compute().steps
     3
 
-Data-parallel training: wrap the model in DistributedDataParallel first; the meter then
-measures over every replica's micro-batches (:mod:`noisescale.meter.exchange`). Per-layer
-values: one estimate per module (``groups``) and, given the optimizer, per optimizer
-parameter group (``param_groups``); the total is the mediant of either.
+Data-parallel training: wrap the model in DistributedDataParallel (or ``fully_shard`` it)
+first; the meter then measures over every replica's micro-batches
+(:mod:`noisescale.meter.parallel`). Per-layer values: one estimate per module (``groups``)
+and, given the optimizer, per optimizer parameter group (``param_groups``); the total is the
+mediant of either.
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training,
@@ -42,9 +43,7 @@ from typing import Any, Literal, NoReturn
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from noisescale import distributed as nsdist
 from noisescale.collect import GradientRecorder, MicrobatchRecord
 from noisescale.errors import SingleMicrobatchError
 from noisescale.estimators import (
@@ -57,6 +56,7 @@ from noisescale.estimators import (
 )
 from noisescale.meter.averages import Averages
 from noisescale.meter.exchange import Exchange
+from noisescale.meter.parallel import data_parallel
 from noisescale.meter.partition import default_groups, layernorm_groups, measured_groups, partition
 from noisescale.meter.results import GroupEstimate, NoiseScaleEstimate
 from noisescale.meter.state import check_settings, settings_of
@@ -96,7 +96,8 @@ class GradientNoiseScale:
     call :meth:`update` on every rank every step, with the same number of backward
     passes on every rank (sizes may differ); the big gradient is the mean DDP's own
     all-reduce leaves in ``.grad`` (with ``read_grad="after_backward"``, read right
-    after it, so clipping before :meth:`update` does no harm). The ranks exchange their
+    after it, so clipping before :meth:`update` does no harm); under ``fully_shard`` the
+    same, from the shards of ``.grad`` (:mod:`noisescale.fsdp`). The ranks exchange their
     rows in one small asynchronous collective every ``sync_every`` steps
     (:mod:`noisescale.meter.exchange`); :meth:`compute` needs no collective and covers
     the steps exchanged so far (``compute().steps``); :meth:`sync`, called on every
@@ -110,8 +111,8 @@ class GradientNoiseScale:
     It holds hooks and cannot be pickled: :meth:`load_state_dict` a :meth:`state_dict` instead.
 
     Args:
-        model: the module being trained, or its DistributedDataParallel wrapper. Only
-            parameters with ``requires_grad`` count.
+        model: the module being trained (``fully_shard`` or not), or its DistributedDataParallel
+            wrapper. Only parameters with ``requires_grad`` count.
         method: ``"microbatch"``: each of k >= 2 backward passes per step is a small
             batch (the usual gradient-accumulation loop; no extra cost).
             ``"per_example"``: exact per-example squared norms from layer hooks
@@ -119,7 +120,8 @@ class GradientNoiseScale:
             ``nn.GroupNorm``); lowest variance, works with one backward per step.
             ``"ddp"``: the k-way estimator over ``W`` replicas x ``m`` micro-batches
             (``m >= 1``); selected automatically when a DDP model is given with
-            ``"microbatch"``. Spellings such as ``"per-example"`` are accepted
+            ``"microbatch"``; ``"fsdp"``: the same for a ``fully_shard`` (FSDP2) model
+            (:mod:`noisescale.fsdp`). Spellings such as ``"per-example"`` are accepted
             (:func:`noisescale.options.parse_method`).
         reduction: how ONE micro-batch's loss is reduced over its examples:
             ``"mean"`` or ``"sum"``.
@@ -160,11 +162,12 @@ class GradientNoiseScale:
 
     Raises:
         ValueError: on an unknown method/reduction/accumulation or bad EMA settings,
-            ``method="ddp"`` without a DistributedDataParallel model, ``sync_every`` below
+            ``method="ddp"``/``"fsdp"`` without a DDP/``fully_shard`` model, ``sync_every`` below
             1, or ``dataset_size`` not an integer >= 2.
         noisescale.errors.ParameterGroupError: (a ValueError) when the model has no
             trainable parameter, or one tensor is in two ``groups`` (named with both groups).
-        noisescale.distributed.DistributedSetupError: on an FSDP or DTensor model.
+        noisescale.distributed.DistributedSetupError: FSDP1, DeepSpeed ZeRO, HSDP or tensor
+            parallelism (:func:`noisescale.fsdp.sharded_model`, saying what works instead).
         noisescale.errors.UnsupportedLayerError: ``per_example`` on a model with a
             layer that has no kernel (and ``fallback=False``); the message names it.
         ValueError: (preconditioner) ``"adam"`` without an Adam/AdamW ``optimizer``, or a
@@ -203,16 +206,8 @@ class GradientNoiseScale:
             raise ValueError(f"Expected `confidence` in (0, 1) but got {confidence}")
         check_count("sync_every", sync_every, "optimizer steps")
         self.dataset_size = check_dataset_size(dataset_size)
-        module = nsdist.unwrap_model(model)
-        nsdist.check_supported_parallelism(module)
-        ddp = model if isinstance(model, DistributedDataParallel) else None
-        if ddp is not None and method == "microbatch":
-            method = "ddp"
-        if method == "ddp" and ddp is None:
-            raise ValueError(
-                "method='ddp' measures a DistributedDataParallel model: wrap the model first "
-                "(noisescale.distributed.wrap_ddp), or use method='microbatch' in one process"
-            )
+        parallel = data_parallel(model, method, preconditioned=preconditioner is not None)
+        method, module = parallel.method, parallel.module
         part = partition(
             measured_groups(default_groups(module) if groups is None else groups, module), optimizer
         )
@@ -231,10 +226,11 @@ class GradientNoiseScale:
         if method == "per_example":
             from noisescale.per_example import PerExampleNorms
 
-            per_example = PerExampleNorms(
-                module, part.cells, fallback=fallback, preconditioner=self.preconditioner
-            )
-        snapshot, local = read_grad == "after_backward", ddp is not None  # DDP: each backward's norms too
+            with parallel.layers_gathered():  # FSDP2: the kernels see the unsharded parameters
+                cells = [parallel.hooked(c) or c for c in part.cells]
+                pre = self.preconditioner
+                per_example = PerExampleNorms(module, cells, fallback=fallback, preconditioner=pre)
+        snapshot, local = read_grad == "after_backward", parallel.world_size > 1  # each backward's norms too
         self._recorder = GradientRecorder(
             params,
             scaler=scaler,
@@ -242,20 +238,21 @@ class GradientNoiseScale:
             snapshot=snapshot,
             backward_norms=local,
             preconditioner=self.preconditioner,
+            hooked=parallel.hooked(params),
+            cleared=None if parallel.sharded is None else parallel.sharded.cleared,
         )
-        self._sync_counter: nsdist.SyncCounter | None = None
-        self._exchange: Exchange | None = None
-        self.world_size = 1
-        if ddp is not None:
-            self._sync_counter = nsdist.SyncCounter(ddp)
-            self.world_size = self._sync_counter.world_size
+        self._sync_counter = parallel.replicas  # DDP's or FSDP2's check of each step's reduction
+        self.world_size = parallel.world_size
+        self._exchange = None
+        if parallel.replicas is not None:
             self._exchange = Exchange(
                 method,
                 reduction=reduction,
                 accumulation=accumulation,
-                process_group=ddp.process_group,
+                process_group=parallel.replicas.process_group,
                 world_size=self.world_size,
                 dataset_size=self.dataset_size,
+                sharded=parallel.sharded is not None,
             )
         self.sync_every = int(sync_every)
         self._warned = False  # compute() warned about a contradiction since the last reset

@@ -6,7 +6,10 @@ steps (and at ``meter.sync()``) the unsent steps travel in ONE collective: under
 backward pass: its squared norms per cell, then :class:`MicrobatchRow`); under
 ``per_example`` an all-reduce (sum) of ``[N, 3 C + 3]`` rows (one per step: its per-example
 sums, its backward passes' ``local`` sum, then :class:`PerExampleRow`). The big batch needs
-no exchange: DDP's all-reduce left the same ``.grad`` on every rank. The collective
+no exchange under DDP, whose all-reduce left the same ``.grad`` on every rank; under FSDP2
+each rank's ``.grad`` is a shard (:mod:`noisescale.fsdp`), so each row also carries the
+squared norms of this rank's shard (``C`` more columns, on a step's first row under
+``microbatch``/``fsdp``), summed over the ranks in the same collective. The collective
 started at one exchange is waited for at the next (it has had ``sync_every`` steps to
 finish) or at ``compute()``; then every rank turns the same numbers into the same
 ``[N, 4, C]`` rows, so rank 0's estimate is every rank's.
@@ -95,12 +98,14 @@ class Exchange:
     """The unsent steps of one rank and the collective in flight.
 
     Args:
-        method: ``"ddp"`` (k-way over every rank's backward passes) or ``"per_example"``.
+        method: ``"ddp"``/``"fsdp"`` (k-way over every rank's backward passes) or ``"per_example"``.
         reduction: the loss convention (see :func:`noisescale.estimators.loss_factors`).
         accumulation: the loss convention.
         process_group: the DDP model's group.
         world_size: W.
         dataset_size: N for sampling without replacement, or None.
+        sharded: each rank's ``.grad`` is a shard (FSDP2): the big batch's squared norms are
+            summed over the ranks.
     """
 
     def __init__(
@@ -112,8 +117,10 @@ class Exchange:
         process_group: dist.ProcessGroup | None,
         world_size: int,
         dataset_size: int | None,
+        sharded: bool = False,
     ) -> None:
         self.method = method
+        self.sharded = sharded
         self.reduction: Reduction = reduction
         self.accumulation: Accumulation = accumulation
         self.process_group = process_group
@@ -144,26 +151,30 @@ class Exchange:
             return
         big = torch.stack([s.big for s in unsent])  # [N, C]
         if self.method == "per_example":
-            rows = torch.cat([self._per_example_row(s) for s in unsent])  # [N, 3 C + 3], additive
+            rows = torch.cat([self._per_example_row(s, self.sharded) for s in unsent])  # [N, 3 C + 3 (+ C)]
             work, outputs, passes = nsdist.reduce_sums(rows, self.process_group), [rows], [1] * len(unsent)
         else:
-            rows = torch.cat([self._microbatch_rows(s) for s in unsent])  # [M, C + 2]
+            rows = torch.cat([self._microbatch_rows(s, self.sharded) for s in unsent])  # [M, C + 2 (+ C)]
             work, outputs = nsdist.gather_rows(rows, self.process_group)
             passes = [len(s.sizes) for s in unsent]  # type: ignore[union-attr]
         self.collective = _Collective(work, outputs, passes, big, skip)
 
     @staticmethod
-    def _microbatch_rows(step: MicrobatchStep | PerExampleStep) -> torch.Tensor:
+    def _microbatch_rows(step: MicrobatchStep | PerExampleStep, sharded: bool) -> torch.Tensor:
         assert isinstance(step, MicrobatchStep)
         m = len(step.sizes)
         meta = torch.tensor([[b, m] for b in step.sizes], dtype=torch.float64)
-        return torch.cat([step.small, meta.to(step.small.device)], dim=1)
+        parts = [step.small, meta.to(step.small.device)]
+        if sharded:  # this rank's part of |.grad|^2, on the step's first row
+            parts.append(torch.cat([step.big[None], step.small.new_zeros(m - 1, len(step.big))]))
+        return torch.cat(parts, dim=1)
 
     @staticmethod
-    def _per_example_row(step: MicrobatchStep | PerExampleStep) -> torch.Tensor:
+    def _per_example_row(step: MicrobatchStep | PerExampleStep, sharded: bool) -> torch.Tensor:
         assert isinstance(step, PerExampleStep) and step.local is not None
         meta = torch.tensor([step.examples, step.weight, step.weight2], dtype=torch.float64)
-        return torch.cat([step.sums.flatten(), step.local, meta.to(step.sums.device)])[None]
+        big = [step.big] if sharded else []  # this rank's part of |.grad|^2
+        return torch.cat([step.sums.flatten(), step.local, meta.to(step.sums.device), *big])[None]
 
     def drop(self) -> None:
         """Forget the collective in flight; the unsent steps are still sent (every rank's shapes match)."""
@@ -194,17 +205,27 @@ class Exchange:
         collective.work.wait()
         if collective.skip >= len(collective.backward_passes):
             return None
+        if self.sharded:
+            collective = collective._replace(big=self._summed_big(collective))
         if self.method == "per_example":
             rows, examples = self._per_example_rows(collective)
         else:
             rows, examples = self._microbatch_stats(collective)
         return rows[collective.skip :], examples[collective.skip :]
 
+    def _summed_big(self, collective: _Collective) -> torch.Tensor:
+        """``[N, C]``: each step's ``|.grad|^2``, the sum of every rank's shard (FSDP2)."""
+        n_cells = collective.big.shape[1]
+        if self.method == "per_example":
+            return collective.outputs[0][:, -n_cells:]
+        parts = torch.stack(collective.outputs)[..., -n_cells:].sum(0)  # [M, C]: summed over ranks
+        return torch.stack([rows.sum(0) for rows in parts.split(collective.backward_passes)])
+
     def _per_example_rows(self, collective: _Collective) -> tuple[torch.Tensor, list[int]]:
         summed = collective.outputs[0]  # [N, 3 C + 3]
         n_cells = collective.big.shape[1]
         matrices, examples, local_scale = [], [], []
-        for columns in summed[:, 3 * n_cells :].tolist():
+        for columns in summed[:, 3 * n_cells : 3 * n_cells + 3].tolist():
             row = PerExampleRow.of(columns)
             check_within_dataset(row.examples, self.dataset_size)
             weight, weight2, scale = row.weight, row.weight2, [1.0, 1.0, 1.0]
@@ -231,7 +252,7 @@ class Exchange:
     def _microbatch_stats(self, collective: _Collective) -> tuple[torch.Tensor, list[int]]:
         gathered = torch.stack(collective.outputs)  # [W, M, C + 2]
         n_cells = collective.big.shape[1]
-        meta = [[MicrobatchRow.of(r) for r in rank] for rank in gathered[..., n_cells:].tolist()]
+        meta = [[MicrobatchRow.of(r) for r in rank] for rank in gathered[..., n_cells : n_cells + 2].tolist()]
         matrices, examples, start = [], [], 0
         for m_t in collective.backward_passes:  # each step's k = W m_t backward passes, rank-major
             per_rank = [rank[start : start + m_t] for rank in meta]

@@ -53,13 +53,20 @@ def register_kernel(module_type: type[nn.Module], kernel: Kernel) -> None:
 def find_kernel(module: nn.Module) -> Kernel | None:
     """The kernel registered for ``type(module)``, or None if it has none.
 
+    ``fully_shard`` (FSDP2) gives a layer it shards the class ``FSDP<Layer>(FSDPModule, Layer)``,
+    with the layer's own forward: the kernel of ``Layer``. Any other subclass has none.
+
     Args:
         module: any layer.
 
     Returns:
         The kernel, or None.
     """
-    return _KERNELS.get(type(module))
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
+        cls = bases[1]
+    return _KERNELS.get(cls)
 
 
 def supported_types() -> tuple[type[nn.Module], ...]:

@@ -44,10 +44,11 @@ import torch
 
 from noisescale.critical.goals import run_mean
 from noisescale.experiments.optim import make_optimizer
+from noisescale.experiments.records import StepRecord
 from noisescale.experiments.rl.agent import a2c_loss
 from noisescale.experiments.rl.env import VectorEnvs
 from noisescale.experiments.rl.task import RLTask
-from noisescale.experiments.training import StepRecord, TrainConfig, TrainResult, make_meter
+from noisescale.experiments.training import TrainConfig, TrainResult, make_meter
 from noisescale.meter import GradientNoiseScale
 
 __all__ = ["EXAMPLES", "RLStepRecord", "RLTrainer", "rl_results", "train_rl"]
@@ -125,6 +126,7 @@ class RLTrainer:
                 ema_examples=config.ema_examples,
                 confidence=config.confidence,
                 only=config.only,
+                optimizer=self.optimizer,
                 groups=self.model.groups(),
             )
         )

@@ -2,7 +2,8 @@ r"""The configuration of a batch-size sweep: the grid, the learning-rate rule, t
 
 For a geometric grid of batch sizes ``B`` (in the task's unit: images, examples, tokens or
 observations) a sweep trains the task with its optimizer (plain SGD without momentum, the
-optimizer of the paper's analysis, for the image tasks; Adam for ``cartpole``) at a few
+optimizer of the paper's analysis, for the image tasks; AdamW after a warmup for ``shakespeare``;
+Adam for ``cartpole``) at a few
 learning rates per batch size, centred on the rule of McCandlish et al. (2018), appendix A.3,
 
 .. math::
@@ -15,7 +16,7 @@ they come from, are in ``_DEFAULTS``.
 
 An RL task (``cartpole``) has return goals, reached when the mean return of the last episodes is
 at or above the level; RL is noisy, so each of its runs trains ``seeds`` seeds in lockstep and is
-judged by their mean (:mod:`noisescale.experiments.sweep.run`).
+judged by their median (:mod:`noisescale.experiments.sweep.run`).
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
@@ -32,12 +33,13 @@ from noisescale.errors import SweepConfigError
 from noisescale.experiments.rl import RL_TASK_NAMES
 from noisescale.experiments.tasks import CLASSIFICATION_TASKS
 from noisescale.experiments.training import TrainConfig
+from noisescale.io import settings_fields, settings_to_dict
 from noisescale.options import SINGLE_PROCESS_METHODS, parse_method
 
 __all__ = ["METRICS", "SWEEP_FORMAT", "SWEEP_TASKS", "Goal", "RunSpec", "SweepConfig", "lr_rule"]
 
 SWEEP_FORMAT = 1  # version of config.json and of the run records
-METRICS = ("train_loss", "test_error", "mean_return")
+METRICS = ("train_loss", "validation_loss", "test_error", "mean_return")
 _MAX_SEED = 2**63  # seeds are in [0, 2**63)
 
 
@@ -70,7 +72,7 @@ def lr_rule(batch_size: float, lr_max: float, b_star: float, alpha: float = 1.0)
 class Goal(NamedTuple):
     """One target of a sweep: a level of a metric, reached at or below it (at or above: a return)."""
 
-    metric: str  # "train_loss" (on a fixed training subset), "test_error" (fraction) or "mean_return"
+    metric: str  # "train_loss" (a training subset), "validation_loss" (held-out), "test_error", "mean_return"
     level: float
 
 
@@ -88,9 +90,12 @@ class SweepConfig:
         lr_points: learning rates per batch size before widening (centred on the rule).
         max_widenings: extra learning rates per batch size at most.
         loss_goals: training-loss levels (mean loss per example on ``eval_examples`` training examples).
+        validation_loss_goals: held-out loss levels (mean loss per unit on ``eval_test_examples``
+            examples of the task's held-out set: the validation plays of ``shakespeare``, the test
+            set of the image tasks, which have no other split).
         error_goals: test-error levels (fraction misclassified on ``eval_test_examples`` test examples).
-        return_goals: mean-return levels of an RL task (the mean undiscounted return of the last
-            ``return_window`` episodes, averaged over the ``seeds``), reached at or above.
+        return_goals: mean-return levels of an RL task (the best mean undiscounted return of the last
+            ``return_window`` episodes so far, median over the ``seeds``), reached at or above.
         max_steps: largest step budget of a run.
         max_examples: example budget of a run: the step budget is ``max_examples / B`` clipped to
             ``[min_steps, max_steps]``, so small batches get many steps and large ones few.
@@ -109,8 +114,7 @@ class SweepConfig:
         units_per_example: units of a batch size one example carries (the task's: 64 tokens a
             ``shakespeare`` window, 16 observations a ``cartpole`` rollout, else 1).
         seed: initial weights and data stream of every run.
-        seeds: seeds per run, ``seed, seed + 1, ...``, trained in lockstep (RL tasks only); the
-            run's curve is their mean.
+        seeds: seeds per run, ``seed, seed + 1, ...``, trained in lockstep (RL tasks only).
         format: version of the sweep directory layout.
     """
 
@@ -123,6 +127,7 @@ class SweepConfig:
     lr_points: int = 3
     max_widenings: int = 2
     loss_goals: tuple[float, ...] = ()
+    validation_loss_goals: tuple[float, ...] = ()
     error_goals: tuple[float, ...] = ()
     return_goals: tuple[float, ...] = ()
     max_steps: int = 10_000
@@ -147,12 +152,9 @@ class SweepConfig:
         """Normalise the sequences and validate every field; the messages say what to change."""
         sizes = tuple(sorted({int(b) for b in self.batch_sizes}))
         object.__setattr__(self, "batch_sizes", sizes)
-        object.__setattr__(
-            self, "loss_goals", tuple(sorted({float(g) for g in self.loss_goals}, reverse=True))
-        )
-        object.__setattr__(
-            self, "error_goals", tuple(sorted({float(g) for g in self.error_goals}, reverse=True))
-        )
+        for name in ("loss_goals", "validation_loss_goals", "error_goals"):
+            levels = sorted({float(g) for g in getattr(self, name)}, reverse=True)
+            object.__setattr__(self, name, tuple(levels))
         object.__setattr__(self, "return_goals", tuple(sorted({float(g) for g in self.return_goals})))
         try:  # a sweep trains each run in one process: no ddp
             object.__setattr__(self, "method", parse_method(self.method, SINGLE_PROCESS_METHODS))
@@ -161,8 +163,9 @@ class SweepConfig:
         # Comparisons are written so that NaN fails them.
         if len(sizes) < 3 or sizes[0] < 2:
             raise SweepConfigError(f"expected at least 3 batch sizes >= 2 but got {list(sizes)}")
+        losses = self.loss_goals + self.validation_loss_goals
         rl = self.task in RL_TASK_NAMES
-        if rl != bool(self.return_goals) or (rl and (self.loss_goals or self.error_goals)):
+        if rl != bool(self.return_goals) or (rl and (losses or self.error_goals)):
             raise SweepConfigError(
                 f"task {self.task!r} needs return goals and no other goals"
                 if rl
@@ -172,11 +175,11 @@ class SweepConfig:
             raise SweepConfigError(f"return goals must be positive and finite, got {list(self.return_goals)}")
         if not (self.seeds >= 1 and (rl or self.seeds == 1)):
             raise SweepConfigError(f"seeds={self.seeds}: expected 1, or more for an RL task")
-        if not self.loss_goals and not self.error_goals and not rl:
+        if not losses and not self.error_goals and not rl:
             raise SweepConfigError("a sweep needs at least one goal: give a loss goal or an error goal")
-        if not all(0 < g < math.inf for g in self.loss_goals):
-            raise SweepConfigError(f"loss goals must be positive and finite, got {list(self.loss_goals)}")
-        if set(self.loss_goals) & set(self.error_goals):
+        if not all(0 < g < math.inf for g in losses):
+            raise SweepConfigError(f"loss goals must be positive and finite, got {list(losses)}")
+        if set(losses) & set(self.error_goals):
             raise SweepConfigError("a loss goal and an error goal have the same value: make them differ")
         if not all(0 < g < 1 for g in self.error_goals):
             raise SweepConfigError(f"error goals are fractions in (0, 1), got {list(self.error_goals)}")
@@ -221,9 +224,10 @@ class SweepConfig:
 
     @property
     def goals(self) -> list[Goal]:
-        """Loss goals, then error goals (highest first), then return goals (lowest first): easiest first."""
+        """Loss, validation-loss and error goals (highest first), then return goals (lowest first)."""
         return (
             [Goal("train_loss", g) for g in self.loss_goals]
+            + [Goal("validation_loss", g) for g in self.validation_loss_goals]
             + [Goal("test_error", g) for g in self.error_goals]
             + [Goal("mean_return", g) for g in self.return_goals]
         )
@@ -267,7 +271,7 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (sequences as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepConfig:
@@ -276,14 +280,7 @@ class SweepConfig:
         Raises:
             SweepConfigError: on unknown keys or invalid values.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise SweepConfigError(
-                f"unknown sweep settings {sorted(unknown)}: expected some of {sorted(names)}"
-            )
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**fields)
+        return cls(**settings_fields(cls, values, what="sweep", error=SweepConfigError))
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> SweepConfig:
@@ -366,6 +363,31 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "max_examples": 20_000,
         "min_steps": 50,
         "ema_examples": 500.0,
+    },
+    # The character GPT of tasks.py under AdamW, batch sizes in tokens (windows of 64), goals in
+    # validation loss (nats per character on 256 windows of the held-out plays). Pilot runs (seed
+    # 0, the rule's learning rate): 1.95 nats took 4,416 steps at B = 256, 2,118 at 512, 407 at
+    # 4,096 and 288 at 16,384 (B_crit about 5,000 tokens from the two ends); 1.85 nats took 5,467
+    # steps at 512 and 718 at 4,096 (B_crit far beyond 4,096), hence goals down to 1.95 nats, a
+    # grid up to 16,384 tokens and budgets (4M tokens, at least 400 steps) above those runs'.
+    "shakespeare": {
+        "batch_sizes": _grid(256, 16_384, 2),
+        "lr_max": 6e-3,
+        "lr_b_star": 2048.0,
+        "lr_alpha": 0.5,
+        "validation_loss_goals": [2.2, 2.05, 1.95],
+        "optimizer": "adamw",
+        "warmup_steps": 20,
+        "weight_decay": 0.1,
+        "units_per_example": 64,
+        "max_steps": 16_000,
+        "max_examples": 4_000_000,
+        "min_steps": 400,
+        "eval_examples": 256,
+        "eval_test_examples": 256,
+        "eval_growth": 1.2,
+        "ema_examples": 200_000.0,
+        "max_widenings": 1,
     },
     # A2C with Adam on CartPole-v1, batch sizes in observations (16-step rollouts of B/16
     # environment copies), 3 seeds per run; a goal is the median over the seeds of the best mean

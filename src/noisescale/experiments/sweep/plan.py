@@ -27,7 +27,7 @@ def _score(record: RunRecord) -> tuple[int, float]:
     reached = [g.steps for g in record.goals if g.reached and g.steps is not None]
     if reached:
         return len(reached), -float(max(reached))
-    loss = record.final_train_loss  # no goal reached: the lowest final loss
+    loss = record.final_loss  # no goal reached: the lowest final loss
     if record.stopped == "diverged" or loss is None or not math.isfinite(loss):
         return 0, -math.inf
     return 0, -float(loss)
@@ -37,8 +37,9 @@ def best_lr_index(records: dict[RunSpec, RunRecord], batch_size: int) -> int | N
     """The learning-rate index of the best run at ``batch_size`` (None: no run there).
 
     Best: most goals reached, then fewest steps to the last of them; with no goal reached,
-    the lowest final training loss of the runs that did not diverge. Ties go to the index
-    nearest the rule's value, so a tie with an edge does not widen the grid.
+    the lowest final loss (held-out where evaluated, else training) of the runs that did not
+    diverge. Ties go to the index nearest the rule's value, so a tie with an edge does not
+    widen the grid.
     """
     runs = {s.lr_index: r for s, r in records.items() if s.batch_size == batch_size}
     if not runs:

@@ -31,7 +31,7 @@ from noisescale.critical.sweepdata import COLUMNS
 from noisescale.errors import SweepConfigError, SweepDataError
 from noisescale.experiments.sweep.config import RunSpec, SweepConfig
 from noisescale.experiments.sweep.plan import plan_next
-from noisescale.experiments.sweep.run import execute_runs, goal_crossing
+from noisescale.experiments.sweep.run import Executor, execute_runs, goal_crossing
 from noisescale.experiments.sweep.store import RunRecord, load_records, prepare_sweep_dir
 from noisescale.io import atomic_write_text, write_json
 
@@ -58,9 +58,11 @@ def results_table(config: SweepConfig, records: dict[RunSpec, RunRecord]) -> pd.
             outcomes = [RunOutcome(goal_crossing(r.curve, goal, r.name), r.stopped) for r in runs]
             k = fastest(outcomes)
             best, c = runs[k], outcomes[k].crossing
-            b_simple = None
-            if c.reached:
-                b_simple = run_mean([p.step for p in best.curve], [p.b_simple for p in best.curve], c.steps)
+            b_simple = pre = None
+            if c.reached:  # run-averaged to the goal, raw and (under Adam) preconditioned
+                steps = [p.step for p in best.curve]
+                b_simple = run_mean(steps, [p.b_simple for p in best.curve], c.steps)
+                pre = run_mean(steps, [p.b_simple_preconditioned for p in best.curve], c.steps)
             rows.append(
                 {
                     "metric": goal.metric,
@@ -73,6 +75,7 @@ def results_table(config: SweepConfig, records: dict[RunSpec, RunRecord]) -> pd.
                     "run": best.name,
                     "lr": best.lr,
                     "b_simple": b_simple,
+                    "b_simple_preconditioned": pre,
                     "unit": best.unit,
                 }
             )
@@ -128,18 +131,24 @@ def run_sweep(
     on_plan: Callable[[list[RunSpec]], None] | None = None,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
+    executor: Executor = "local",
+    address: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep in ``out``, then fit it and write its results and plots.
 
     Args:
         config: the sweep.
-        out: its directory (created; a directory of another sweep is refused).
-        jobs: parallel processes.
+        out: its directory (created; a directory of another sweep is refused). Under Ray, on
+            storage every worker sees at the same path.
+        jobs: parallel processes (``executor="local"``).
         on_record: called with every run finished by this call.
         on_plan: called with the runs of every round before they start (the initial grid,
             then each widening round).
         n_bootstrap: bootstrap resamples of the fit's intervals.
         confidence: level of the intervals and bounds.
+        executor: ``"local"`` processes or ``"ray"`` tasks
+            (:func:`~noisescale.experiments.sweep.run.execute_runs`).
+        address: the Ray cluster's address (``executor="ray"``).
 
     Returns:
         The records, the table, the fit report and the files written.
@@ -158,7 +167,9 @@ def run_sweep(
     while todo := plan_next(config, records):
         if on_plan is not None:
             on_plan(todo)
-        new = execute_runs(config, todo, str(out), jobs=jobs, on_record=on_record)
+        new = execute_runs(
+            config, todo, str(out), jobs=jobs, on_record=on_record, executor=executor, address=address
+        )
         records.update(new)
         trained += len(new)
     result = write_results(config, out, records, n_bootstrap=n_bootstrap, confidence=confidence)

@@ -1,8 +1,9 @@
 """Training the runs of a sweep: one run to its goals, and many in parallel processes.
 
 Each run trains until it has reached every goal (training-loss levels on a fixed subset of the
-training set, test-error levels on a fixed subset of the test set: the :class:`Probe` of
-:mod:`noisescale.experiments.training`), its loss diverges or stalls, or its step budget
+training set, validation-loss levels and test-error levels on a fixed subset of the held-out set:
+the :class:`Probe` of :mod:`noisescale.experiments.evaluation`), its loss (the held-out one where
+evaluated, else the training one) diverges or stalls, or its step budget
 (``max_examples / B`` steps within ``[min_steps, max_steps]``) is spent. The goals are checked
 on a geometric schedule of steps (every ``eval_growth - 1`` of the steps done, e.g. 10%); the
 steps to a goal follow the one rule of :mod:`noisescale.critical.goals` (interpolated between
@@ -20,7 +21,8 @@ A2C's collapses after a peak. Its B_simple at a check is the mean of the seeds' 
 in total and per group (policy, value). It stops when every goal is reached, or at its budget.
 
 Runs are deterministic given the seed (one torch thread each), so a resumed sweep ends with
-the same records as an uninterrupted one, whatever the number of parallel jobs.
+the same records as an uninterrupted one, whatever the number of parallel jobs, and whether they
+ran in local processes or as Ray tasks (:mod:`noisescale.experiments.sweep.on_ray`).
 
 References:
     McCandlish et al. (2018), An Empirical Model of Large-Batch Training, arXiv:1812.06162,
@@ -38,12 +40,12 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from noisescale.critical.goals import HIGHER_IS_BETTER, GoalCrossing, crossing, meets, run_mean
-from noisescale.errors import SweepDataError
+from noisescale.errors import SweepConfigError, SweepDataError
 from noisescale.experiments.evaluation import Probe
 from noisescale.experiments.rl import RL_TASK_NAMES, RLTask, RLTrainer, get_rl_task
 from noisescale.experiments.sweep.config import Goal, RunSpec, SweepConfig
@@ -51,7 +53,11 @@ from noisescale.experiments.sweep.store import CurvePoint, GoalRecord, RunRecord
 from noisescale.experiments.tasks import Task, get_task
 from noisescale.experiments.training import Trainer
 
-__all__ = ["execute_runs", "goal_crossing", "run_one", "train_rl_run", "train_run"]
+__all__ = ["EXECUTORS", "Executor", "execute_runs", "goal_crossing", "run_one", "train_rl_run", "train_run"]
+
+Executor = Literal["local", "ray"]
+"""Where a sweep's runs train: ``local`` processes (a process pool), or ``ray`` tasks on a Ray cluster."""
+EXECUTORS: tuple[Executor, ...] = ("local", "ray")
 
 _DIVERGED = 3.0  # a training loss above this many times the initial one counts as diverged
 # A run is "stalled" when its loss is still above _STALL_LOSS times the initial one after
@@ -89,13 +95,18 @@ def train_run(task: Task, config: SweepConfig, spec: RunSpec) -> RunRecord:
         it, the checks, and the wall time.
     """
     start = time.perf_counter()
+    if config.units_per_example != task.units_per_example:
+        raise SweepConfigError(
+            f"units_per_example={config.units_per_example} but an example of {task.name!r} is "
+            f"{task.units_per_example} {task.unit}: leave units_per_example to the task's defaults"
+        )
     train_config = config.train_config(spec.batch_size, spec.lr(config))
     budget = train_config.steps
     probe = Probe(task, config.eval_examples, config.eval_test_examples)
     goals = config.goals
     done = [False] * len(goals)
     curve: list[CurvePoint] = []
-    stopped, next_check, initial_loss = "budget", 0, None
+    stopped, next_check, first = "budget", 0, None
     with Trainer(task, train_config) as trainer:
         for step in range(budget + 1):
             if step:
@@ -105,9 +116,9 @@ def train_run(task: Task, config: SweepConfig, spec: RunSpec) -> RunRecord:
             next_check = max(step + 1, math.ceil(step * config.eval_growth))
             point = _check(trainer, probe, step, goals, done)
             curve.append(point)
-            initial_loss = point.train_loss if initial_loss is None else initial_loss
+            first = point if first is None else first
             late = step >= max(budget * _STALL_FRACTION, _STALL_MIN_STEPS)
-            verdict = _hopeless(point.train_loss, initial_loss, late=late)
+            verdict = _hopeless(point, first, late=late)
             if verdict is not None:
                 stopped = verdict
                 break
@@ -121,13 +132,16 @@ def _check(trainer: Trainer, probe: Probe, step: int, goals: list[Goal], done: l
     """Evaluate the metrics still needed and the meter at one check; marks the goals reached."""
     need = {g.metric for g, d in zip(goals, done, strict=True) if not d}
     loss = probe.train_loss(trainer.model) if "train_loss" in need or step == 0 else None
-    error = probe.test(trainer.model)[1] if "test_error" in need else None
-    point = CurvePoint(step, loss, error)
+    held_out = probe.test(trainer.model) if need & {"validation_loss", "test_error"} else (None, None)
+    error = held_out[1] if "test_error" in need else None
+    point = CurvePoint(step, loss, error, validation_loss=held_out[0] if "validation_loss" in need else None)
     est = trainer.estimate() if step else None
     if est is not None and est.steps:  # the meter's b_simple is None unless resolved
         point = point._replace(
             measured=True, b_simple=est.b_simple, grad_norm_sq=est.grad_norm_sq, trace_sigma=est.trace_sigma
         )
+        if est.preconditioned is not None:  # under Adam
+            point = point._replace(b_simple_preconditioned=est.preconditioned.b_simple)
     _mark(point, goals, done)
     return point
 
@@ -203,14 +217,18 @@ def _rl_check(agents: Sequence[RLTrainer], step: int) -> CurvePoint:
     )
 
 
-def _hopeless(loss: float | None, initial: float | None, *, late: bool) -> str | None:
+
+def _hopeless(point: CurvePoint, first: CurvePoint, *, late: bool) -> str | None:
     """Why a run cannot be the fastest to any goal, or None.
 
-    ``"diverged"``: a non-finite loss or one above ``_DIVERGED`` times the initial loss.
+    The loss is the check's watched loss (:attr:`CurvePoint.loss`), against the same loss at
+    the first check. ``"diverged"``: a non-finite loss or one above ``_DIVERGED`` times the initial loss.
     ``"stalled"``: still above 90% of the initial loss after 5% of the budget and at least 100
     steps (``late``), e.g. a network whose units all died at a too large learning rate (its
     loss stays at log(classes)).
     """
+    loss = point.loss
+    initial = first.train_loss if point.validation_loss is None else first.validation_loss
     if loss is None or initial is None:
         return None
     if not math.isfinite(loss) or loss > _DIVERGED * initial:
@@ -218,14 +236,18 @@ def _hopeless(loss: float | None, initial: float | None, *, late: bool) -> str |
     return "stalled" if late and loss > _STALL_LOSS * initial else None
 
 
-def _averages(curve: Sequence[CurvePoint], upto: float) -> tuple[float | None, float | None]:
-    """Run-averaged B_simple to ``upto`` and the ratio of the run-averaged tr(Sigma) and |G|^2."""
+def _averages(curve: Sequence[CurvePoint], upto: float) -> tuple[float | None, float | None, float | None]:
+    """Run-averaged B_simple to ``upto``, tr(Sigma)/|G|^2 of the run averages, preconditioned B_simple.
+
+    The last is None without a preconditioner (SGD).
+    """
     steps = [p.step for p in curve]
     mean = run_mean(steps, [p.b_simple for p in curve], upto)
+    pre = run_mean(steps, [p.b_simple_preconditioned for p in curve], upto)
     both = [p.grad_norm_sq is not None and p.trace_sigma is not None for p in curve]
     tr = run_mean(steps, [p.trace_sigma if ok else None for p, ok in zip(curve, both, strict=True)], upto)
     g2 = run_mean(steps, [p.grad_norm_sq if ok else None for p, ok in zip(curve, both, strict=True)], upto)
-    return mean, (tr / g2 if tr is not None and g2 is not None and g2 > 0 else None)
+    return mean, (tr / g2 if tr is not None and g2 is not None and g2 > 0 else None), pre
 
 
 def _record(
@@ -245,7 +267,7 @@ def _record(
         c = _safe_crossing(curve, g, name)
         hit = c if c is not None and c.reached else None
         steps = None if hit is None else hit.steps
-        mean, ratio = _averages(curve, steps if steps is not None else steps_run)
+        mean, ratio, pre = _averages(curve, steps if steps is not None else steps_run)
         per_goal.append(
             GoalRecord(
                 metric=g.metric,
@@ -257,9 +279,10 @@ def _record(
                 b_simple_ratio=ratio,
                 steps_low=None if hit is None else hit.low,
                 steps_high=None if hit is None else hit.high,
+                b_simple_preconditioned=pre,
             )
         )
-    mean, ratio = _averages(curve, steps_run)
+    mean, ratio, pre = _averages(curve, steps_run)
     final = next((p.train_loss for p in reversed(curve) if p.train_loss is not None), None)
     return RunRecord(
         name=name,
@@ -278,6 +301,7 @@ def _record(
         final_train_loss=final,
         curve=tuple(curve),
         wall_time_s=wall,
+        b_simple_preconditioned=pre,
     )
 
 
@@ -331,24 +355,35 @@ def execute_runs(
     *,
     jobs: int = 1,
     on_record: Callable[[RunSpec, RunRecord], None] | None = None,
+    executor: Executor = "local",
+    address: str | None = None,
 ) -> dict[RunSpec, RunRecord]:
     """Train ``specs`` (largest batch sizes first), ``jobs`` at a time, each writing its record.
 
     With ``jobs > 1`` the runs go to a pool of spawned processes with one torch thread each;
     with ``jobs == 1`` they run in this process, also with one thread (the same results).
+    With ``executor="ray"`` each run is a Ray task of one CPU instead (``jobs`` is then Ray's
+    to choose: :func:`noisescale.experiments.sweep.on_ray.execute_on_ray`).
 
     Args:
         config: the sweep.
         specs: runs to train.
-        out: the sweep directory.
-        jobs: parallel processes.
+        out: the sweep directory (under Ray, on storage every worker sees).
+        jobs: parallel processes (``local``).
         on_record: called in this process with every finished run (progress, tests).
+        executor: ``"local"`` or ``"ray"``.
+        address: the Ray cluster's address (``ray``; default: the running one, ``RAY_ADDRESS``,
+            or a new local one).
 
     Returns:
         The records of the runs trained.
     """
     order = sorted(specs, key=lambda s: (-s.batch_size, s.lr_index))
     values, done = config.to_dict(), {}
+    if executor == "ray":
+        from noisescale.experiments.sweep.on_ray import execute_on_ray
+
+        return execute_on_ray(values, order, str(out), address=address, on_record=on_record)
     if jobs <= 1 or len(order) <= 1:
         for spec in order:
             done[spec] = run_one(values, (spec.batch_size, spec.lr_index), str(out))

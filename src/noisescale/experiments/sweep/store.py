@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from noisescale.errors import SweepConfigError
 from noisescale.experiments.sweep.config import SWEEP_FORMAT, RunSpec, SweepConfig
-from noisescale.io import package_version, write_json
+from noisescale.io import package_version, prepare_settings_dir, write_json
 
 __all__ = [
     "CurvePoint",
@@ -44,22 +44,34 @@ class CurvePoint(NamedTuple):
     b_simple: float | None = None  # the meter's smoothed B_simple, in the task's unit; None: not resolved
     grad_norm_sq: float | None = None  # smoothed |G|^2
     trace_sigma: float | None = None  # smoothed tr(Sigma)
+    validation_loss: float | None = None  # mean loss per unit on the held-out subset; None: not evaluated
+    b_simple_preconditioned: float | None = None  # under Adam, the meter's preconditioned B_simple
     mean_return: float | None = None  # RL: best mean return so far, median over the seeds; None: none yet
     groups: dict[str, float | None] | None = None  # RL: the smoothed B_simple of each group (policy, value)
 
     def value(self, metric: str) -> float | None:
         """The value of ``metric`` (one of :data:`~noisescale.experiments.sweep.config.METRICS`) here."""
-        return {"train_loss": self.train_loss, "mean_return": self.mean_return}.get(metric, self.test_error)
+        values = {"train_loss": self.train_loss, "validation_loss": self.validation_loss}
+        return (values | {"mean_return": self.mean_return}).get(metric, self.test_error)
+
+    @property
+    def loss(self) -> float | None:
+        """The loss a run is watched by (diverged, stalled, best): the held-out one where evaluated."""
+        return self.train_loss if self.validation_loss is None else self.validation_loss
 
     def to_json(self) -> dict[str, Any]:
-        """``{"step", "train_loss", "test_error"}``, the meter's values when measured, RL's where there."""
+        """``{"step", "train_loss", "test_error"}`` and what else this check has (held-out, meter, RL)."""
         out: dict[str, Any] = {
             "step": self.step,
             "train_loss": self.train_loss,
             "test_error": self.test_error,
         }
+        if self.validation_loss is not None:
+            out["validation_loss"] = self.validation_loss
         if self.measured:
             out.update(b_simple=self.b_simple, grad_norm_sq=self.grad_norm_sq, trace_sigma=self.trace_sigma)
+            if self.b_simple_preconditioned is not None:
+                out["b_simple_preconditioned"] = self.b_simple_preconditioned
         rl = {"mean_return": self.mean_return, "groups": self.groups}
         out.update({k: v for k, v in rl.items() if v is not None})
         return out
@@ -75,15 +87,17 @@ class CurvePoint(NamedTuple):
             d.get("b_simple"),
             d.get("grad_norm_sq"),
             d.get("trace_sigma"),
-            mean_return=d.get("mean_return"),
-            groups=d.get("groups"),
+            d.get("validation_loss"),
+            d.get("b_simple_preconditioned"),
+            d.get("mean_return"),
+            d.get("groups"),
         )
 
 
 class GoalRecord(NamedTuple):
     """How a run did on one goal (:func:`noisescale.critical.goals.crossing` of its curve)."""
 
-    metric: str  # "train_loss" or "test_error"
+    metric: str  # "train_loss", "validation_loss" or "test_error"
     goal: float  # the level
     reached: bool
     steps: float | None  # steps to the goal, interpolated between checks; None: censored at steps_run
@@ -92,6 +106,7 @@ class GoalRecord(NamedTuple):
     b_simple_ratio: float | None  # ratio of the step-averaged tr(Sigma) and |G|^2 over the same steps
     steps_low: float | None = None  # the crossing lies in (steps_low, steps_high]; None: censored
     steps_high: float | None = None
+    b_simple_preconditioned: float | None = None  # run-averaged preconditioned B_simple (under Adam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +129,14 @@ class RunRecord:
     final_train_loss: float | None
     curve: tuple[CurvePoint, ...]  # the checks
     wall_time_s: float
+    b_simple_preconditioned: float | None = None  # run-averaged preconditioned B_simple (under Adam)
     noisescale_version: str = dataclasses.field(default_factory=package_version)
     format: int = SWEEP_FORMAT
+
+    @property
+    def final_loss(self) -> float | None:
+        """The last watched loss (:attr:`CurvePoint.loss`): held-out where evaluated, else training."""
+        return next((p.loss for p in reversed(self.curve) if p.loss is not None), None)
 
     @property
     def spec(self) -> RunSpec:
@@ -170,35 +191,13 @@ def prepare_sweep_dir(out: str | Path, config: SweepConfig) -> bool:
             writable, or ``config.json`` describes another sweep (the message lists the settings
             that differ) or cannot be read.
     """
-    out = Path(out)
-    path = out / "config.json"
-    try:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-        for stale in (out / "runs").glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        if not path.exists():
-            write_json(path, {**config.to_dict(), "noisescale_version": package_version()})
-            return False
-    except OSError as exc:
-        what = "is a file, not a directory" if out.is_file() else f"cannot hold the sweep ({exc.strerror})"
-        raise SweepConfigError(f"{out} {what}: choose another --out directory") from None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SweepConfigError(f"{path}: cannot read the saved sweep configuration ({exc})") from exc
-    saved.pop("noisescale_version", None)
-    mine = json.loads(json.dumps(config.to_dict()))
     # Settings added since a sweep was started hold their defaults there (its runs used them).
-    defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig) if f.name not in saved}
-    saved |= json.loads(json.dumps({k: v for k, v in defaults.items() if v is not dataclasses.MISSING}))
-    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: saved {saved.get(k)!r}, asked {mine.get(k)!r}" for k in diff[:6])
-        raise SweepConfigError(
-            f"{out} holds another sweep ({shown}). Re-run with the saved settings to resume it, "
-            "or choose another --out directory"
-        )
-    return True
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(SweepConfig) if f.default is not dataclasses.MISSING
+    }
+    return prepare_settings_dir(
+        out, config.to_dict(), what="sweep", error=SweepConfigError, subdir="runs", defaults=defaults
+    )
 
 
 def load_records(out: str | Path, config: SweepConfig) -> dict[RunSpec, RunRecord]:
