@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -61,9 +61,11 @@ __all__ = [
     "TaskDefaults",
     "get_task",
     "linreg_truth",
+    "seeded",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 Generate = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 # The oracle's test vector (SCIENCE.md, "A closed-form oracle for tests").
@@ -186,13 +188,13 @@ class Task:
         return self.x_train[idx], self.y_train[idx]
 
 
-def _seeded(build: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
+def seeded(build: Callable[[], ModuleT]) -> Callable[[int], ModuleT]:
     """Wrap a model builder so that ``make(seed)`` gives the same weights for the same seed.
 
     The global RNG is forked, so building a model does not change other random streams.
     """
 
-    def make(seed: int) -> nn.Module:
+    def make(seed: int) -> ModuleT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build()
@@ -241,7 +243,7 @@ def _image_task(name: str, build: Callable[[], nn.Module], **defaults: Any) -> T
     return Task(
         name=name,
         unit="images",
-        make_model=_seeded(build),
+        make_model=seeded(build),
         loss_fn=F.cross_entropy,
         x_train=data.x_train,
         y_train=data.y_train,
@@ -350,7 +352,7 @@ def _linreg() -> Task:
     return Task(
         name="linreg",
         unit="examples",
-        make_model=_seeded(build),
+        make_model=seeded(build),
         loss_fn=loss_fn,
         x_test=x_test,
         y_test=y_test,
@@ -387,7 +389,7 @@ def _shakespeare() -> Task:
     return Task(
         name="shakespeare",
         unit="tokens",
-        make_model=_seeded(build),
+        make_model=seeded(build),
         loss_fn=lm_loss,
         x_test=x_val,
         y_test=y_val,

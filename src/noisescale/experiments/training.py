@@ -49,7 +49,7 @@ from noisescale.experiments.tasks import Task, TaskDefaults
 from noisescale.meter import GradientNoiseScale, NoiseScaleEstimate, layernorm_groups
 from noisescale.options import Averaging, parse_method
 
-__all__ = ["ONLY", "TrainConfig", "TrainResult", "Trainer", "make_meter", "train"]
+__all__ = ["ONLY", "TrainConfig", "TrainResult", "Trainer", "make_meter", "optimizer_and_meter", "train"]
 
 ONLY = (None, "layernorm")  # what a run measures: every parameter, or the LayerNorms only
 
@@ -104,6 +104,40 @@ def make_meter(
         optimizer=optimizer,
         preconditioner="adam" if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else None,
     )
+
+
+def optimizer_and_meter(
+    model: nn.Module, config: TrainConfig, groups: Mapping[str, Iterable[nn.Parameter]] | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, GradientNoiseScale | None]:
+    """A run's optimizer, its warmup schedule and its meter (None when ``config.method`` is None).
+
+    Args:
+        model: the model (wrapped for DDP/FSDP where the run is).
+        config: the run's settings.
+        groups: the meter's parameter groups (:func:`make_meter`), or None.
+    """
+    optimizer, scheduler = make_optimizer(
+        model.parameters(),
+        config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        betas=config.betas,
+        warmup_steps=config.warmup_steps,
+    )
+    if config.method is None:
+        return optimizer, scheduler, None
+    meter = make_meter(
+        model,
+        config.method,
+        ema_decay=config.ema_decay,
+        ema_examples=config.ema_examples,
+        confidence=config.confidence,
+        only=config.only,
+        optimizer=optimizer,
+        groups=groups,
+    )
+    return optimizer, scheduler, meter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,28 +327,7 @@ class Trainer:
         self.model.train()
         if dist is not None:
             self.model = (fsdp.wrap_fsdp if config.fsdp else nsdist.wrap_ddp)(self.model, dist)
-        self.optimizer, self.scheduler = make_optimizer(
-            self.model.parameters(),
-            config.optimizer,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            betas=config.betas,
-            warmup_steps=config.warmup_steps,
-        )
-        self.meter: GradientNoiseScale | None = (
-            None
-            if config.method is None
-            else make_meter(
-                self.model,
-                config.method,
-                ema_decay=config.ema_decay,
-                ema_examples=config.ema_examples,
-                confidence=config.confidence,
-                only=config.only,
-                optimizer=self.optimizer,
-            )
-        )
+        self.optimizer, self.scheduler, self.meter = optimizer_and_meter(self.model, config)
         self.batch_size, self.microbatches = config.batch_size, config.microbatches  # of the next step
         self.controller: BatchSizeController | None = None
         if adaptive is not None:

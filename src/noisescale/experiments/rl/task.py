@@ -21,10 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import torch
-
 from noisescale.experiments.rl.agent import ActorCritic
 from noisescale.experiments.rl.env import require_gymnasium
+from noisescale.experiments.tasks import seeded
 
 __all__ = ["RL_TASK_NAMES", "RLTask", "get_rl_task"]
 
@@ -81,12 +80,6 @@ class RLTask:
         return self.rollout
 
 
-def _cartpole_model(seed: int) -> ActorCritic:
-    with torch.random.fork_rng(devices=[]):  # leaves the global random stream alone
-        torch.manual_seed(seed)
-        return ActorCritic(4, 2, hidden=64)
-
-
 def _cartpole() -> RLTask:
     # A2C with Adam (lr 1e-3), 16 copies x 16 steps = 256 observations per update, 600 updates
     # (153,600 observations): see the README for the run (mean return and B_simple against
@@ -94,7 +87,7 @@ def _cartpole() -> RLTask:
     return RLTask(
         name="cartpole",
         env_id="CartPole-v1",
-        make_model=_cartpole_model,
+        make_model=seeded(lambda: ActorCritic(4, 2, hidden=64)),
         rollout=16,
         gamma=0.99,
         gae_lambda=0.95,

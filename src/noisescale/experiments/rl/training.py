@@ -11,8 +11,9 @@ each (:class:`~noisescale.experiments.rl.env.VectorEnvs`), then back-propagates 
     optimizer.step(); optimizer.zero_grad()
 
 It reuses :class:`~noisescale.experiments.training.TrainConfig` (``batch_size`` in observations,
-``units_per_example = T``), the meter of :func:`~noisescale.experiments.training.make_meter`
-with the groups ``policy`` and ``value``, and :class:`~noisescale.experiments.training.TrainResult`.
+``units_per_example = T``), the optimizer and meter of
+:func:`~noisescale.experiments.training.optimizer_and_meter` (with the groups ``policy`` and
+``value``) and :class:`~noisescale.experiments.training.TrainResult`.
 
 **What counts as an example.** The copies are independent given the weights; the observations
 of one copy are not (the same episode, a step apart). The k-way estimator over groups of copies
@@ -43,13 +44,11 @@ from typing import Any
 import torch
 
 from noisescale.critical.goals import run_mean
-from noisescale.experiments.optim import make_optimizer
 from noisescale.experiments.records import StepRecord
 from noisescale.experiments.rl.agent import a2c_loss
 from noisescale.experiments.rl.env import VectorEnvs
 from noisescale.experiments.rl.task import RLTask
-from noisescale.experiments.training import TrainConfig, TrainResult, make_meter
-from noisescale.meter import GradientNoiseScale
+from noisescale.experiments.training import TrainConfig, TrainResult, optimizer_and_meter
 
 __all__ = ["EXAMPLES", "RLStepRecord", "RLTrainer", "rl_results", "train_rl"]
 
@@ -107,28 +106,8 @@ class RLTrainer:
         self.task, self.config, self.example = task, config, example
         self.model = task.make_model(config.seed).to(config.device)
         self.envs = VectorEnvs(task.env_id, config.batch_size // task.rollout, config.seed)
-        self.optimizer, self.scheduler = make_optimizer(
-            self.model.parameters(),
-            config.optimizer,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            betas=config.betas,
-            warmup_steps=config.warmup_steps,
-        )
-        self.meter: GradientNoiseScale | None = (
-            None
-            if config.method is None
-            else make_meter(
-                self.model,
-                config.method,
-                ema_decay=config.ema_decay,
-                ema_examples=config.ema_examples,
-                confidence=config.confidence,
-                only=config.only,
-                optimizer=self.optimizer,
-                groups=self.model.groups(),
-            )
+        self.optimizer, self.scheduler, self.meter = optimizer_and_meter(
+            self.model, config, groups=self.model.groups()
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.returns: deque[float] = deque(maxlen=task.return_window)
