@@ -78,10 +78,10 @@ def measure_table(summary: dict[str, Any]) -> Table:
         ("learning rate", _lr_text(summary)),
         ("batch size", _batch_text(summary)),
         ("temperature lr/B", fmt(summary["temperature"])),
-        ("FLOPs per example", f"{summary['flops_per_example']:.3g} (forward + backward)"),
+        (f"FLOPs per {unit.removesuffix('s')}", f"{summary['flops_per_example']:.3g} (forward + backward)"),
         ("resolved", "yes" if summary["resolved"] else "no"),
         ("skipped steps (non-finite)", str(summary["skipped_steps"])),
-        ("steps / examples", f"{summary['steps']} / {summary['examples']}"),
+        (f"steps / {unit}", f"{summary['steps']} / {summary['examples']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
     ]
     if "b_simple_true" in summary:
