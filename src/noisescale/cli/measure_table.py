@@ -80,11 +80,12 @@ def measure_table(summary: dict[str, Any]) -> Table:
         ("temperature lr/B", fmt(summary["temperature"])),
     ]
     if "flops_per_example" in summary:
-        rows.append(("FLOPs per example", f"{summary['flops_per_example']:.3g} (forward + backward)"))
+        flops = f"{summary['flops_per_example']:.3g} (forward + backward)"
+        rows.append((f"FLOPs per {unit.removesuffix('s')}", flops))
     rows += [
         ("resolved", "yes" if summary["resolved"] else "no"),
         ("skipped steps (non-finite)", str(summary["skipped_steps"])),
-        ("steps / examples", f"{summary['steps']} / {summary['examples']}"),
+        (f"steps / {unit}", f"{summary['steps']} / {summary['examples']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
     ]
     if "b_simple_true" in summary:
