@@ -184,6 +184,10 @@ def test_one_batch_and_a_non_finite_batch() -> None:
     data[2][0][0, 0] = float("inf")
     skipped = estimate_b_noise(model, loss_fn, data)
     assert skipped.skipped_batches == 1 and skipped.batches == 4 and skipped.examples == 40
+    nan = estimate_b_noise(
+        model, lambda out, y: loss_fn(out, y) * float("nan"), data
+    )  # said "one batch" before
+    assert nan.batches == 0 and nan.skipped_batches == 5 and "every batch gave non-finite" in nan.reason
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -223,6 +227,7 @@ class _Square(nn.Module):
         ({}, [(torch.zeros(3, 2), torch.zeros(3))], ValueError, "batch 0 has 3 examples, fewer than the 4"),
         ({}, [(torch.zeros(8, 2), torch.zeros(7))], ValueError, "batch 0: 8 inputs but 7 targets"),
         ({}, [torch.zeros(8, 2)], TypeError, "expected a pair"),
+        ({}, [(torch.zeros(8, 2), torch.tensor(0.0))], ValueError, "both need dim 0 over the examples"),
         ({}, [(torch.zeros(8, 2), [0.0] * 8)], TypeError, "expected tensors but got Tensor, list"),
         ({"loss_fn": nn.MSELoss(reduction="none")}, None, ValueError, "must return the MEAN loss"),
         ({"model": nn.Sequential(nn.Linear(2, 3), _Square(), nn.Linear(3, 1))}, None, DoubleBackwardError,
@@ -232,8 +237,8 @@ class _Square(nn.Module):
          "once_differentiable"),
         ({"loss_fn": lambda out, y: (out * y).mean()}, None, DoubleBackwardError, "linear in every"),
     ],
-    ids=["k2", "k_bool", "confidence", "no_batches", "small_batch", "lengths", "not_pair", "not_tensor",
-         "sum_loss", "once_differentiable", "cdist", "gradient_without_graph", "linear_loss"],
+    ids=["k2", "k_bool", "confidence", "no_batches", "small_batch", "lengths", "not_pair", "scalar_target",
+         "not_tensor", "sum_loss", "once_differentiable", "cdist", "gradient_without_graph", "linear_loss"],
 )  # fmt: skip
 def test_bad_input_gets_a_clear_error(kwargs: dict, data: list | None, error: type, match: str) -> None:
     model = kwargs.pop("model", nn.Linear(2, 1))

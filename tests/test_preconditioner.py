@@ -178,6 +178,14 @@ def _linear() -> tuple[nn.Module, list[nn.Parameter]]:
             "not parameters of the model",
         ),
         (lambda m, ps: ("sgd", None), "to be 'adam' or a mapping but got 'sgd'"),
+        (  # an AttributeError from deep inside before
+            lambda m, ps: ({n: torch.ones_like(p) for n, p in m.named_parameters()}, None),
+            "keyed by str 'weight', not by parameters",
+        ),
+        (  # the imaginary part was dropped with a warning before
+            lambda m, ps: ({m.weight: torch.ones(2, 3, dtype=torch.complex64), m.bias: torch.ones(2)}, None),
+            "are complex",
+        ),
     ],
     ids=[
         "sgd",
@@ -190,6 +198,8 @@ def _linear() -> tuple[nn.Module, list[nn.Parameter]]:
         "nan",
         "stranger",
         "name",
+        "keyed-by-names",
+        "complex",
     ],
 )
 def test_bad_preconditioners_are_refused_with_the_fix(make, match: str) -> None:  # type: ignore[no-untyped-def]

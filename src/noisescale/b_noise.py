@@ -389,6 +389,11 @@ def _check_batch(batch: object, index: int, k: int) -> tuple[torch.Tensor, torch
     x, y = batch
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         raise TypeError(f"batch {index}: expected tensors but got {type(x).__name__}, {type(y).__name__}")
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError(
+            f"batch {index}: inputs of shape {list(x.shape)}, targets of shape {list(y.shape)}: both need "
+            "dim 0 over the examples"
+        )
     if len(x) != len(y):
         raise ValueError(f"batch {index}: {len(x)} inputs but {len(y)} targets")
     if len(y) < k:
@@ -403,10 +408,15 @@ def _interval(iv: BSimpleInterval, i: int) -> tuple[float, float] | None:
     return (float(iv.low[i]), float(iv.high[i])) if bool(iv.resolved[i]) else None
 
 
-def _why_not(iv: BSimpleInterval, confidence: float) -> str | None:
+def _why_not(iv: BSimpleInterval, confidence: float, used: int) -> str | None:
     """Why B_noise (series 1) is not resolved, or None."""
     if bool(iv.resolved[1]):
         return None
+    if used == 0:
+        return (
+            "every batch gave non-finite gradients or Hessian-vector products (skipped_batches): check the "
+            "loss and the data for NaN/inf"
+        )
     g_h_g, trace_h_sigma = float(iv.grad_norm_sq[1]), float(iv.trace_sigma[1])
     if not float(iv.n_eff[1]) > 1.5:
         return "one batch gives no spread to judge it by: pass 2 or more batches (30 or more for an interval)"
@@ -444,7 +454,7 @@ def _estimate(
         eps_max=value(2) if eps_ok else None,
         eps_max_ci=_interval(iv, 2) if eps_ok else None,
         resolved=bool(iv.resolved[1]),
-        reason=_why_not(iv, confidence),
+        reason=_why_not(iv, confidence, used),
         batches=used,
         skipped_batches=skipped,
         examples=examples,

@@ -157,6 +157,13 @@ class Preconditioner:
         return optimizer
 
     def _check_mapping(self, spec: Mapping[Tensor, Tensor]) -> list[Tensor]:
+        named = [k for k in spec if not isinstance(k, Tensor)]
+        if named:
+            raise ValueError(
+                f"preconditioner is keyed by {type(named[0]).__name__} {named[0]!r}, not by parameters: "
+                "key it by the parameter tensors themselves, e.g. "
+                "{p: weights for name, p in model.named_parameters()}"
+            )
         given = {id(k): v for k, v in spec.items()}
         known = set(self._index) | set(self._names)
         strangers = [k for k in spec if id(k) not in known]
@@ -174,6 +181,11 @@ class Preconditioner:
                     "parameter a tensor of its shape (ones leave it unweighted)"
                 )
             w = torch.as_tensor(w)
+            if w.is_complex():
+                raise ValueError(
+                    f"preconditioner weights for parameter {self._name(p)} are complex ({w.dtype}): "
+                    "give real, non-negative weights"
+                )
             if tuple(w.shape) != tuple(p.shape):
                 raise ValueError(
                     f"preconditioner weights for parameter {self._name(p)} have shape {list(w.shape)}, the "

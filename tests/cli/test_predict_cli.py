@@ -86,9 +86,18 @@ def test_bad_runs_get_one_line_errors(tmp_path: Path, summary: dict, args: list,
         (["--b-crit", "800", "--throughput", "-5"], "`throughput` to be positive"),
         (["--b-crit", "800", "--eps-max", "0", "--b-noise", "2"], "`eps_max` to be positive"),
         (["--b-crit", "800", "--throughput", "5", "--devices", "0"], "Invalid value for '--devices'"),
+        (["--b-crit", "800", "--devices", "8"], "give --throughput too"),  # ignored silently before
         (["--b-noise-from", "no/such/run"], "cannot read a summary.json"),
     ],
-    ids=["half_pair", "flops_without_b_crit", "throughput", "eps_max", "devices", "missing_run"],
+    ids=[
+        "half_pair",
+        "flops_without_b_crit",
+        "throughput",
+        "eps_max",
+        "devices",
+        "devices_alone",
+        "missing_run",
+    ],
 )
 def test_bad_options_get_one_line_errors(args: list, match: str) -> None:
     res = invoke(*args)

@@ -53,6 +53,13 @@ def test_read_run_errors_name_the_fix(tmp_path: Path) -> None:
     (tmp_path / "b" / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds no step"):
         read_run(tmp_path / "b")
+    for text, match in (
+        ("{torn", "summary.json is not valid JSON"),
+        ("[64]", "summary.json holds no JSON object"),
+    ):
+        (tmp_path / "a" / "summary.json").write_text(text)  # a bare JSONDecodeError/TypeError before
+        with pytest.raises(ValueError, match=match):
+            read_run(tmp_path / "a")
 
 
 def test_an_unresolved_curve_gives_the_initial_batch_alone() -> None:

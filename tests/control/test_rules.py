@@ -125,3 +125,11 @@ def test_max_lr_caps_the_base_rate_per_group_and_its_scheduler() -> None:
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 0.1])
     apply_rule(SGDRule(max_lr=0.1), opt.param_groups, old=128, new=32, b_simple=1e12, schedulers=[sched])
     assert sched.base_lrs == pytest.approx([0.2, 0.05])  # a decrease is never held back by the cap
+
+
+@pytest.mark.parametrize("rule", [SGDRule, AdamRule])
+@pytest.mark.parametrize("max_lr", [0.0, -1.0, math.nan, math.inf, "0.1"])
+def test_a_max_lr_that_is_not_a_positive_rate_is_refused(rule: type, max_lr: object) -> None:
+    """A cap of 0, < 0 or NaN was ignored silently (``max(cap / base, 1)`` is then 1 or NaN)."""
+    with pytest.raises(ValueError, match="`max_lr` to be a positive finite learning rate"):
+        rule(max_lr=max_lr)

@@ -188,7 +188,10 @@ def test_bad_example_sizes_say_what_to_give() -> None:
     per_example = GradientNoiseScale(model, method="per_example")
     for sizes, message in (
         ([T] * 3, "got 3 example_sizes for the 8 examples"),
-        ([-1] * 8, "one count >= 0"),
+        ([-1] * 8, "integers >= 0 .* but got -1"),
+        ([T + 0.5] * 8, "integers >= 0 .* but got 6.5"),  # truncated to T before: a wrong count
+        ([float("nan")] * 8, "integers >= 0 .* but got nan"),
+        ("66666666", "integers >= 0 .* but got '66666666'"),  # iterated as characters before
     ):
         token_losses(model, ids, targets).mean().backward()
         with pytest.raises(ValueError, match=message):
@@ -199,7 +202,7 @@ def test_bad_example_sizes_say_what_to_give() -> None:
         per_example.update(5, example_sizes=T)
     model.zero_grad()
     token_losses(model, ids, targets).mean().backward()
-    with pytest.raises(SingleMicrobatchError):  # one sequence with tokens: no spread
+    with pytest.raises(SingleMicrobatchError, match=r"1 example.* carry loss units .* needs 2"):  # no spread
         per_example.update(example_sizes=[T] + [0] * 7)
     per_example.remove()
     model.zero_grad()

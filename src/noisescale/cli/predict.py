@@ -368,6 +368,8 @@ def predict(
                 "--batch-size and --exchange-rate need B_crit: give --b-crit or --from FILE (for the "
                 "learning rate alone, --batch-size with --eps-max and --b-noise)"
             )
+        if devices != 1 and throughput is None:
+            raise ValueError("--devices shares --throughput's examples per second: give --throughput too")
         if (flops_per_example is not None or throughput is not None) and not entries:
             raise ValueError("--flops-per-example and --throughput need B_crit: give --b-crit or --from FILE")
         columns = {"learning_rate": lr, "flops_per_example": flops_per_example, "throughput": throughput}

@@ -72,7 +72,8 @@ def read_run(run_dir: str | Path) -> MeasuredRun:
 
     Raises:
         FileNotFoundError: if either file is missing (naming the command that writes them).
-        ValueError: if they lack a field, or the curve has no logged step.
+        ValueError: if summary.json is not a JSON object, they lack a field, or the curve has no
+            logged step.
     """
     run = Path(run_dir)
     for name in ("summary.json", "metrics.jsonl"):
@@ -80,7 +81,14 @@ def read_run(run_dir: str | Path) -> MeasuredRun:
             raise FileNotFoundError(
                 f"{run / name} not found: give a directory written by `noisescale measure`"
             )
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{run / 'summary.json'} is not valid JSON ({exc}): rerun `noisescale measure`"
+        ) from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{run / 'summary.json'} holds no JSON object: rerun `noisescale measure`")
     records = read_jsonl(run / "metrics.jsonl")
     try:
         batch, world = int(summary["batch_size"]), int(summary.get("world_size", 1))

@@ -82,6 +82,9 @@ class SGDRule:
 
     max_lr: float | None = None
 
+    def __post_init__(self) -> None:
+        _check_max_lr(self.max_lr)
+
     def lr_factor(self, old: int, new: int, b_simple: float) -> float:
         """``eps_opt(new) / eps_opt(old)`` of eq. 2.6, between 1 and ``new/old`` (linear scaling)."""
         return learning_rate_at(new, 1.0, b_simple) / learning_rate_at(old, 1.0, b_simple)
@@ -122,6 +125,9 @@ class AdamRule:
     weight_decay: bool = True
     max_lr: float | None = None
 
+    def __post_init__(self) -> None:
+        _check_max_lr(self.max_lr)
+
     def lr_factor(self, old: int, new: int, b_simple: float) -> float:
         """``sqrt(new/old)``, or 1 with ``lr=False``."""
         return math.sqrt(new / old) if self.lr else 1.0
@@ -157,6 +163,19 @@ class AdamRule:
                         f"policy allows {growth:.4g}: set max_batch_size to at most {allowed:.4g} x "
                         "batch_size, or use AdamRule(betas=False)"
                     )
+
+
+def _check_max_lr(max_lr: float | None) -> None:
+    """Refuse a cap that is not a positive finite learning rate (it would be ignored silently).
+
+    Raises:
+        ValueError: naming the value and the fix.
+    """
+    if max_lr is not None and not (isinstance(max_lr, int | float) and math.isfinite(max_lr) and max_lr > 0):
+        raise ValueError(
+            f"Expected `max_lr` to be a positive finite learning rate (the cap) or None (no cap) but "
+            f"got {max_lr!r}"
+        )
 
 
 def _scaled_beta(beta: float, kappa: float) -> float:

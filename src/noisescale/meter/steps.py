@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from noisescale.errors import SingleMicrobatchError
 from noisescale.estimators import (
     Accumulation,
     Reduction,
@@ -52,6 +53,14 @@ def check_count(name: str, value: object, unit: str = "examples") -> None:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Expected `{name}` to be a positive integer ({unit}) but got {value!r}")
+
+
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is an integer >= 0 (a Python or numpy integer, or a 0-d integer tensor)."""
+    if isinstance(value, torch.Tensor):
+        real_int = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return value.numel() == 1 and real_int and int(value) >= 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
 def check_within_dataset(examples: int, dataset_size: int | None) -> None:
@@ -173,11 +182,18 @@ def unit_rows(
     """
     norms = _checked(per_example)
     counts = [int(x.shape[0]) for x in norms]
-    if isinstance(example_sizes, Iterable):
-        sizes = [int(w) for w in example_sizes]
-    else:
-        sizes = [int(example_sizes)] * sum(counts)
-    if len(sizes) != sum(counts) or any(w < 0 for w in sizes):
+    given = list(example_sizes) if isinstance(example_sizes, Iterable) else [example_sizes] * sum(counts)
+    bad = (
+        example_sizes
+        if isinstance(example_sizes, str | bytes)
+        else next((w for w in given if not _is_count(w)), None)
+    )
+    if bad is not None:
+        raise ValueError(
+            f"example_sizes must be integers >= 0 (loss units, e.g. tokens, of each example) but got {bad!r}"
+        )
+    sizes = [int(w) for w in given]
+    if len(sizes) != sum(counts):
         raise ValueError(
             f"got {len(sizes)} example_sizes for the {sum(counts)} examples the per-example hooks saw "
             f"(dim 0 of the layer inputs): give one count >= 0 of loss units (tokens) per example"
@@ -191,6 +207,11 @@ def unit_rows(
     factors = loss_factors(units, reduction=reduction, accumulation=accumulation)
     per_unit = [c / n for c, n, m in zip(factors, units, counts, strict=True) for _ in range(m)]
     keep = [s for s, w in enumerate(sizes) if w > 0]
+    if len(keep) < 2:
+        raise SingleMicrobatchError(
+            f"{len(keep)} example(s) of this step carry loss units (example_sizes > 0): the per-example "
+            "estimate in units needs 2 or more"
+        )
     small = torch.cat(norms).to(torch.float64)  # [n, C]
     if len(keep) < len(sizes):
         small = small[torch.tensor(keep, device=small.device)]
