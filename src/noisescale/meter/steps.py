@@ -198,6 +198,28 @@ def unit_rows(
             f"got {len(sizes)} example_sizes for the {sum(counts)} examples the per-example hooks saw "
             f"(dim 0 of the layer inputs): give one count >= 0 of loss units (tokens) per example"
         )
+    matrix, keep, units = _unit_plan(
+        tuple(sizes), tuple(counts), batch_size, reduction, accumulation, big.device
+    )
+    small = torch.cat(norms).to(torch.float64)  # [n, C]
+    if keep is not None:
+        small = small[keep]
+    return matrix @ torch.cat([small, big[None].to(torch.float64)]), units
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_plan(
+    sizes: tuple[int, ...],
+    counts: tuple[int, ...],
+    batch_size: int | None,
+    reduction: Reduction,
+    accumulation: Accumulation,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Cached host work of :func:`unit_rows`: its ``[4, k + 1]`` matrix, the examples kept, the units.
+
+    The same sizes recur step after step; a failed check raises (and is not cached) every time.
+    """
     ends = list(itertools.accumulate(counts))
     units = [sum(sizes[e - n : e]) for e, n in zip(ends, counts, strict=True)]
     if batch_size is not None and batch_size != sum(units):
@@ -212,13 +234,11 @@ def unit_rows(
             f"{len(keep)} example(s) of this step carry loss units (example_sizes > 0): the per-example "
             "estimate in units needs 2 or more"
         )
-    small = torch.cat(norms).to(torch.float64)  # [n, C]
-    if len(keep) < len(sizes):
-        small = small[torch.tensor(keep, device=small.device)]
     matrix = microbatch_matrix(
-        tuple(sizes[s] for s in keep), tuple(sizes[s] * per_unit[s] for s in keep), 1, None, big.device
+        tuple(sizes[s] for s in keep), tuple(sizes[s] * per_unit[s] for s in keep), 1, None, device
     )
-    return matrix @ torch.cat([small, big[None].to(torch.float64)]), sum(units)
+    kept = torch.tensor(keep, device=device) if len(keep) < len(sizes) else None
+    return matrix, kept, sum(units)
 
 
 def per_example_step(

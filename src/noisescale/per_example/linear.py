@@ -74,7 +74,7 @@ def use_gram(t: int, o: int, f: int) -> bool:
 
 def _gram_norms(x: Tensor, go: Tensor) -> Tensor:
     """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` through the ``[R, T, T]`` Gram matrices."""
-    return (torch.bmm(x, x.mT) * torch.bmm(go, go.mT)).sum((1, 2))
+    return torch.bmm(x, x.mT).mul_(torch.bmm(go, go.mT)).sum((1, 2))
 
 
 def _materialised_norms(x: Tensor, go: Tensor) -> Tensor:
