@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -430,6 +430,39 @@ class TrainResult:
     batch_schedule: list[BatchChange] | None = None
 
 
+R = TypeVar("R", bound=StepRecord, covariant=True)
+
+
+class Stepper(Protocol[R]):
+    """Anything advanced one optimizer step at a time: :class:`Trainer`, the RL trainer."""
+
+    def step(self) -> R:
+        """Run one step; its record."""
+        ...
+
+
+def run_steps(
+    trainer: Stepper[R],
+    steps: int,
+    callback: Callable[[StepRecord], None] | None,
+    stop: Callable[[R, Any], bool] | None,
+) -> tuple[list[R], bool]:
+    """Step ``trainer`` ``steps`` times, or until ``stop(record, trainer)`` returns True.
+
+    The one step loop of :func:`train` and the RL loop: ``callback(record)`` after every step,
+    then ``stop``. Returns the records and whether ``stop`` ended the loop early.
+    """
+    records: list[R] = []
+    for _ in range(steps):
+        record = trainer.step()
+        records.append(record)
+        if callback is not None:
+            callback(record)
+        if stop is not None and stop(record, trainer):
+            return records, True
+    return records, False
+
+
 def train(
     task: Task,
     config: TrainConfig,
@@ -453,18 +486,9 @@ def train(
     Returns:
         The model, the records and the final estimate.
     """
-    records: list[StepRecord] = []
-    stopped = False
     start = time.perf_counter()
     with Trainer(task, config, dist=dist, adaptive=adaptive) as trainer:
-        for _ in range(config.steps):
-            record = trainer.step()
-            records.append(record)
-            if callback is not None:
-                callback(record)
-            if stop is not None and stop(record, trainer):
-                stopped = True
-                break
+        records, stopped = run_steps(trainer, config.steps, callback, stop)
         estimate = trainer.estimate()  # every step (under DDP a collective, on every rank)
         model = nsdist.unwrap_model(trainer.model)  # rank 0 alone may evaluate it: no DDP collectives
         if config.fsdp and dist is not None:  # FSDP2: a whole copy (gathered on every rank) for rank 0

@@ -48,7 +48,7 @@ from noisescale.experiments.records import StepRecord
 from noisescale.experiments.rl.agent import a2c_loss
 from noisescale.experiments.rl.env import VectorEnvs
 from noisescale.experiments.rl.task import RLTask
-from noisescale.experiments.training import TrainConfig, TrainResult, optimizer_and_meter
+from noisescale.experiments.training import TrainConfig, TrainResult, optimizer_and_meter, run_steps
 
 __all__ = ["EXAMPLES", "RLStepRecord", "RLTrainer", "rl_results", "train_rl"]
 
@@ -201,20 +201,12 @@ def train_rl(
     Returns:
         The agent, the records (:class:`RLStepRecord`) and the final estimate.
     """
-    records: list[StepRecord] = []
-    stopped = False
     start = time.perf_counter()
     with RLTrainer(task, config, example=example) as trainer:
-        for _ in range(config.steps):
-            record = trainer.step()
-            records.append(record)
-            if callback is not None:
-                callback(record)
-            if stop is not None and stop(record, trainer):
-                stopped = True
-                break
+        records, stopped = run_steps(trainer, config.steps, callback, stop)
         estimate = None if trainer.meter is None else trainer.meter.compute()
-    return TrainResult(trainer.model, config, records, estimate, time.perf_counter() - start, stopped)
+    steps: list[StepRecord] = list(records)
+    return TrainResult(trainer.model, config, steps, estimate, time.perf_counter() - start, stopped)
 
 
 def rl_results(task: RLTask, result: TrainResult) -> dict[str, Any]:
