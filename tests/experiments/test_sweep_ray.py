@@ -107,3 +107,16 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
     with pytest.raises(SweepConfigError, match=r"pip install 'noisescale\[ray\]'"):
         execute_on_ray(tiny().to_dict(), [RunSpec(8, 0)], str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:1", "ray://127.0.0.1:1", "no-such-host.invalid:6379", "nonsense"]
+)
+def test_an_address_nothing_answers_at_is_refused_at_once(address: str) -> None:
+    """Ray itself retries an unreachable address for minutes without an error of its own."""
+    from noisescale.errors import SweepConfigError
+    from noisescale.experiments.sweep.on_ray import check_reachable
+
+    with pytest.raises(SweepConfigError, match="no Ray cluster answers at --address"):
+        check_reachable(address)
+    check_reachable(None)  # a local cluster: nothing to check

@@ -16,6 +16,7 @@ them back when resuming. Every node needs the same noisescale and torch installe
 from __future__ import annotations
 
 import importlib
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from noisescale.experiments.sweep.config import RunSpec
 from noisescale.experiments.sweep.run import run_one
 from noisescale.experiments.sweep.store import RunRecord
 
-__all__ = ["execute_on_ray"]
+__all__ = ["check_reachable", "execute_on_ray"]
 
 
 def _ray() -> Any:
@@ -34,6 +35,33 @@ def _ray() -> Any:
     except ImportError:
         raise SweepConfigError(
             "--executor ray needs Ray: pip install 'noisescale[ray]' (or run the sweep with --executor local)"
+        ) from None
+
+
+_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str | None) -> None:
+    """Refuse a cluster address nothing answers at, before Ray retries it for minutes.
+
+    Args:
+        address: ``host:port``, ``ray://host:port``, ``"auto"``/``"local"`` or None (not checked).
+
+    Raises:
+        SweepConfigError: if no TCP connection to ``host:port`` opens within 10 s; the message
+            says how to start or name the cluster.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
+            return
+    except (OSError, ValueError) as err:
+        raise SweepConfigError(
+            f"no Ray cluster answers at --address {address} ({err}): start one with `ray start --head` "
+            "on that machine and give its address (HOST:6379, or ray://HOST:10001 for Ray Client), or "
+            "leave --address out to start a local one"
         ) from None
 
 
@@ -61,11 +89,12 @@ def execute_on_ray(
         The records of the runs trained.
 
     Raises:
-        SweepConfigError: if Ray is not installed.
+        SweepConfigError: if Ray is not installed, or nothing answers at ``address``.
     """
     ray = _ray()
     started = not ray.is_initialized()
     if started:
+        check_reachable(address)
         ray.init(address=address)
     remote = ray.remote(num_cpus=1)(run_one)
     tasks = {remote.remote(values, (s.batch_size, s.lr_index), out): s for s in specs}
