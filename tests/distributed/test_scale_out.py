@@ -68,16 +68,25 @@ def test_torchrun_measure_fsdp_equals_one_process(tmp_path: Path, one_process: d
 def test_two_torchrun_nodes_equal_one_process(tmp_path: Path, one_process: dict[str, Any]) -> None:
     """Two launchers, one process each, meeting through a c10d rendezvous on 127.0.0.1."""
     port = free_port()
-    launchers = []
-    for node in (0, 1):
+    launchers, logs = [], [tmp_path / f"node{node}.log" for node in (0, 1)]
+    for node, log in zip((0, 1), logs, strict=True):
         cmd = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=scale-out-{port}", "--local-addr=127.0.0.1",
                *MEASURE, "--out", str(tmp_path)]  # fmt: skip
-        pipe = subprocess.PIPE
-        launchers.append(subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=_env()))
-    outputs = [p.communicate(timeout=240) for p in launchers]
-    for p, (_, err) in zip(launchers, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+        # Each launcher writes to its own file: with pipes read one launcher after the other, a launcher
+        # whose pipe filled up would block, and the other would wait for it at torchrun's exit barrier.
+        with log.open("w") as f:
+            launchers.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=_env()))
+    try:
+        for p in launchers:
+            p.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pass  # the return codes below are then None, and the message shows both launchers' logs
+    finally:
+        for p in launchers:
+            p.kill()  # no-op for a finished one; a hung launcher must not outlive the test
+    both = "\n".join(f"{log.name}:\n{log.read_text()[-3000:]}" for log in logs)
+    assert [p.returncode for p in launchers] == [0, 0], both
     got = _summary(tmp_path)
     assert (got["method"], got["world_size"]) == ("ddp", 2)
     _same_estimate(got, one_process)
