@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 import warnings
 from collections.abc import Iterator
@@ -139,8 +140,20 @@ def world_size() -> int:
 
 
 def close() -> None:
-    """Leave the process group, if one was joined (each rank, after its last collective)."""
+    """Leave the process group, if one was joined: every rank waits for the others, then all leave.
+
+    Call it on every rank after its last collective. The ranks meet at a barrier (the ranks
+    that only train wait there while rank 0 writes); then the garbage a run leaves in
+    reference cycles (a DDP wrapper and its reducer, the meter's finished collectives, all
+    holding the group) is collected while the interpreter is fully alive, and only then is
+    the group destroyed. Without these two steps a rank aborted at exit now and then
+    ("terminate called without an active exception", SIGABRT) in two-node launches on
+    127.0.0.1: gloo objects released during the interpreter's shutdown are the suspected
+    cause (PyTorch's discussion of the same abort: pytorch/pytorch#179291).
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -22,7 +22,8 @@ the noise scale by Gray et al. 2023) pick the route with less memory (Gram when
 memory is bounded instead by working on chunks of examples
 (:func:`~noisescale.per_example.kernel.chunk_rows`). At ``T = O = F = 128``, for
 instance, materialising does ``T O F`` and the Gram route ``2 T O F``.
-The bias contribution is ``sum_t go_t``.
+The bias contribution is ``sum_t go_t``; on the Gram route its squared norm is the sum of
+``go``'s Gram matrix, already formed.
 
 Under a diagonal preconditioner ``P`` (:mod:`noisescale.preconditioner`) the weighted squared
 norm of a ``[N, F]`` input's contribution is again cheap and exact,
@@ -52,6 +53,7 @@ __all__ = [
     "linear_grads",
     "linear_norms",
     "linear_pairs",
+    "sequence_norms",
     "sequence_weight_grads",
     "sequence_weight_norms",
     "use_gram",
@@ -72,17 +74,21 @@ def use_gram(t: int, o: int, f: int) -> bool:
     return t * t * (o + f + 1) < (t + 1) * o * f
 
 
-def _gram_norms(x: Tensor, go: Tensor) -> Tensor:
-    """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` through the ``[R, T, T]`` Gram matrices."""
-    return torch.bmm(x, x.mT).mul_(torch.bmm(go, go.mT)).sum((1, 2))
+def _gram_norms(x: Tensor, go: Tensor) -> tuple[Tensor, Tensor]:
+    """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` weight and ``[R]`` bias squared norms, by the Grams.
+
+    The bias's ``|sum_t go_t|^2 = sum_{t,s} go_t . go_s`` is the sum of ``go``'s Gram matrix.
+    """
+    go_gram = torch.bmm(go, go.mT)
+    return torch.bmm(x, x.mT).mul_(go_gram).sum((1, 2)), go_gram.sum((1, 2))
 
 
-def _materialised_norms(x: Tensor, go: Tensor) -> Tensor:
-    """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` through the ``[R, O, F]`` contributions."""
-    return torch.linalg.vector_norm(torch.bmm(go.mT, x), dim=(1, 2)).square()
+def _materialised_norms(x: Tensor, go: Tensor) -> tuple[Tensor, None]:
+    """``[R, T, F]``, ``[R, T, O]`` -> ``[R]`` through the ``[R, O, F]`` contributions (no bias norms)."""
+    return torch.linalg.vector_norm(torch.bmm(go.mT, x), dim=(1, 2)).square(), None
 
 
-def sequence_weight_norms(x: Tensor, go: Tensor) -> Tensor:
+def sequence_norms(x: Tensor, go: Tensor) -> tuple[Tensor, Tensor | None]:
     """Squared norms of ``sum_t go_nt x_nt^T``, by the cheaper exact route, in chunks of examples.
 
     Args:
@@ -90,14 +96,22 @@ def sequence_weight_norms(x: Tensor, go: Tensor) -> Tensor:
         go: output gradients ``[N, T, O]``.
 
     Returns:
-        ``[N]`` squared Frobenius norms.
+        ``[N]`` squared Frobenius norms, and on the Gram route the ``[N]`` squared norms of
+        ``sum_t go_nt`` (a bias's contributions) from the same Gram matrices (else None).
     """
     t, f, o = x.shape[1], x.shape[2], go.shape[2]
     norms, per_row = (_gram_norms, 3 * t * t) if use_gram(t, o, f) else (_materialised_norms, o * f)
     rows = chunk_rows(per_row)
     if rows >= x.shape[0]:
         return norms(x, go)
-    return torch.cat([norms(a, b) for a, b in zip(x.split(rows), go.split(rows), strict=True)])
+    parts = [norms(a, b) for a, b in zip(x.split(rows), go.split(rows), strict=True)]
+    bias = [b for _, b in parts if b is not None]
+    return torch.cat([w for w, _ in parts]), torch.cat(bias) if bias else None
+
+
+def sequence_weight_norms(x: Tensor, go: Tensor) -> Tensor:
+    """The ``[N]`` weight part of :func:`sequence_norms` (``x`` ``[N, T, F]``, ``go`` ``[N, T, O]``)."""
+    return sequence_norms(x, go)[0]
 
 
 def sequence_weight_grads(x: Tensor, go: Tensor) -> Tensor:
@@ -147,10 +161,11 @@ def linear_norms(module: nn.Module, x: Tensor, go: Tensor, names: tuple[str, ...
             out["bias"] = go_sq
         return out
     x, go = _as_sequence(x, go)
+    bias = None
     if "weight" in names:
-        out["weight"] = sequence_weight_norms(x, go)
+        out["weight"], bias = sequence_norms(x, go)
     if "bias" in names:
-        out["bias"] = go.sum(1).square().sum(1)
+        out["bias"] = bias if bias is not None else go.sum(1).square().sum(1)
     return out
 
 

@@ -217,7 +217,6 @@ def _rl_check(agents: Sequence[RLTrainer], step: int) -> CurvePoint:
     )
 
 
-
 def _hopeless(point: CurvePoint, first: CurvePoint, *, late: bool) -> str | None:
     """Why a run cannot be the fastest to any goal, or None.
 
@@ -339,9 +338,7 @@ def run_one(config_values: dict[str, Any], spec: tuple[int, int], out: str) -> R
     torch.set_num_threads(1)
     try:
         task = _cached_task(config.task)
-        record = (
-            train_rl_run(task, config, run) if isinstance(task, RLTask) else train_run(task, config, run)
-        )
+        record = train_rl_run(task, config, run) if isinstance(task, RLTask) else train_run(task, config, run)
     finally:
         torch.set_num_threads(threads)
     write_record(out, config, record)
