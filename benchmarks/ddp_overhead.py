@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from noisescale import GradientNoiseScale
-from noisescale.collect import squared_norm
+from noisescale.collect import norm
 
 VARIANTS = ("plain", "reads", "noisescale", "every_step")
 COMPARED = VARIANTS[1:]
@@ -64,7 +64,7 @@ def _model(kind: str, width: int, depth: int) -> nn.Module:
 class _ReadsOnly:
     """The reads the DDP estimate cannot avoid, and nothing else: each backward's local
     gradient (a tensor hook, before DDP's all-reduce) and the all-reduced ``.grad`` are
-    squared-normed once (:func:`noisescale.collect.squared_norm`), the norms dropped."""
+    normed once (:func:`noisescale.collect.norm`), the norms dropped."""
 
     def __init__(self, model: nn.Module) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -73,12 +73,12 @@ class _ReadsOnly:
 
     @staticmethod
     def _read(grad: torch.Tensor) -> None:
-        squared_norm(grad)
+        norm(grad)
 
     def update(self, batch_size: int) -> None:
         for p in self.params:
             if p.grad is not None:
-                squared_norm(p.grad)
+                norm(p.grad)
 
 
 def _block(

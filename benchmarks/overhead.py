@@ -295,16 +295,16 @@ def _microbatch(spec: ModelSpec, model: nn.Module, batch: Batch, opts: Options) 
 class _ReadsOnly:
     """The memory reads exact per-micro-batch norms cannot avoid, and nothing else.
 
-    A tensor hook per parameter takes the squared norm of each backward's gradient
-    (one BLAS dot, :func:`noisescale.collect.squared_norm`); :meth:`update` takes those
+    A tensor hook per parameter takes the norm of each backward's gradient
+    (:func:`noisescale.collect.norm`, as the recorder does); :meth:`update` takes those
     of the accumulated ``.grad`` and drops them all. Its time over ``accum`` is the
     floor any exact ``microbatch`` implementation pays on this machine.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from noisescale.collect import squared_norm
+        from noisescale.collect import norm
 
-        self.norm = squared_norm
+        self.norm = norm
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.norms: list[torch.Tensor] = []
         for p in self.params:

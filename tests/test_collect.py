@@ -131,11 +131,19 @@ def test_extreme_grad_scaler_scales_give_the_unscaled_estimates(
     assert got[1] == pytest.approx(truth[1], rel=1e-9)
 
 
-def test_squared_norm_unscales_before_squaring() -> None:
+def test_norm_unscales_before_squaring() -> None:
     """Half, strided and contiguous float32 gradients scaled by 2**-70 and 2**64: the unscaled
-    squared norm to float32 round-off (1e-6), never 0 or inf."""
-    from noisescale.collect import squared_norm, squared_norms
+    squared norm to float32 round-off (1e-6), never 0 or inf; also on the BLAS dot route (2**20
+    elements), whose squared norm comes back through its square root."""
+    from noisescale.collect import DOT_NUMEL, norm, squared_norms
 
+    def squared_norm(tensor: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return norm(tensor, inv).double().square()
+
+    big = torch.randn(DOT_NUMEL, generator=torch.Generator().manual_seed(1))
+    for scale in (2.0**-70, 2.0**64):
+        got = squared_norm(big * scale, torch.tensor(1.0 / scale)).item()
+        assert got == pytest.approx(big.double().square().sum().item(), rel=1e-6)
     g = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     truth = g.double().square().sum().item()
     for scale in (2.0**-70, 2.0**64):

@@ -1,10 +1,10 @@
 """Squared gradient norms recorded during the user's own backward passes.
 
 A tensor hook on every trainable parameter sees the gradient each backward pass
-computed for it, BEFORE it is added into ``.grad``, and takes its squared norm at
-once (the tensor may be a buffer that is reused later, e.g. by a fused kernel's
-autograd Function), unless the backward is a ``torch.autograd.grad`` call, which never
-reaches ``.grad``. When the backward has finished, its record is filed (no host
+computed for it, BEFORE it is added into ``.grad``, and takes its norm at once, squared
+later with all the others (the tensor may be a buffer that is reused later, e.g. by a
+fused kernel's autograd Function), unless the backward is a ``torch.autograd.grad``
+call, which never reaches ``.grad``. When the backward has finished, its record is filed (no host
 synchronisation, no tensor operation). Once per optimiser step
 :meth:`GradientRecorder.sq_norms` turns the step's records and the accumulated
 ``.grad`` (the big batch) into one ``[k + 1, P]`` tensor of squared norms
@@ -50,22 +50,23 @@ __all__ = [
     "EAGER_NUMEL",
     "GradientRecorder",
     "MicrobatchRecord",
-    "squared_norm",
+    "norm",
     "squared_norms",
 ]
 
 EAGER_NUMEL = 2**15  # parameters this large are normed in their own hook (see GradientRecorder)
-DOT_NUMEL = 2**20  # gradients this large are normed by a BLAS dot product (see squared_norm)
+DOT_NUMEL = 2**20  # gradients this large are normed by a BLAS dot product (see norm)
 
 
 @dataclass
 class MicrobatchRecord:
     """What one backward pass contributed.
 
-    ``values`` (``microbatch``; ``per_example`` under DDP): per parameter, the 0-d squared
-    norm of this backward's gradient, or None (it had none); with a preconditioner the ``P``
-    weighted ones follow. ``per_example``: ``[N, G]`` (``[N, 2 G]``) squared norms of each
-    example's contribution. Both with the AMP loss scale already removed.
+    ``values`` (``microbatch``; ``per_example`` under DDP): per parameter, the 0-d norm of
+    this backward's gradient (squared in :meth:`GradientRecorder.sq_norms`), or None (it had
+    none); with a preconditioner the ``P`` weighted ones follow. ``per_example``: ``[N, G]``
+    (``[N, 2 G]``) squared norms of each example's contribution. Both with the AMP loss scale
+    already removed.
     """
 
     values: list[torch.Tensor | None] | None = None
@@ -75,17 +76,21 @@ class MicrobatchRecord:
 _FULL = (torch.float32, torch.float64)  # unscaled before squaring; half types are normed in float32
 
 
-def squared_norm(tensor: torch.Tensor, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """0-d squared L2 norm of ``tensor * inv_scale``, no host sync.
+def norm(tensor: torch.Tensor, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """0-d L2 norm of ``tensor * inv_scale``, no host sync.
+
+    The recorder keeps norms and squares them all at once, in float64, when it stacks
+    them (one operation per step instead of one per gradient and backward).
 
     A contiguous float32 or float64 tensor of at least :data:`DOT_NUMEL` elements takes one
     BLAS dot product with itself, in its own dtype (2-4 times as fast as the norm kernel
-    there); any other (smaller, float16, bfloat16, strided such as channels_last) a norm
-    taken in float32 (float64 for float64), which cannot overflow for half-precision values.
-    Below ``DOT_NUMEL`` the BLAS dot starts its threads for every call: with
-    ``OMP_WAIT_POLICY=PASSIVE`` (sleeping OpenMP threads) that costs about 70 us a call on a
-    2-core CPU against 2-18 us for the norm kernel, and 120 such calls a step cost the
-    shakespeare model's ``microbatch`` meter 6% of its step. A sparse tensor is coalesced first.
+    there), and its square root; any other (smaller, float16, bfloat16, strided such as
+    channels_last) a norm taken in float32 (float64 for float64), which cannot overflow for
+    half-precision values. Below ``DOT_NUMEL`` the BLAS dot starts its threads for every
+    call: with ``OMP_WAIT_POLICY=PASSIVE`` (sleeping OpenMP threads) that costs about 70 us a
+    call on a 2-core CPU against 2-18 us for the norm kernel, and 120 such calls a step cost
+    the shakespeare model's ``microbatch`` meter 6% of its step. A sparse tensor is coalesced
+    first.
 
     Args:
         tensor: a gradient, any shape and floating dtype.
@@ -100,16 +105,16 @@ def squared_norm(tensor: torch.Tensor, inv_scale: torch.Tensor | None = None) ->
         0-d tensor, float32 (float64 for float64 input) on the tensor's device.
     """
     if tensor.is_sparse:  # nn.Embedding(sparse=True): repeated rows sum first
-        return squared_norm(tensor.coalesce().values(), inv_scale)
+        return norm(tensor.coalesce().values(), inv_scale)
     if inv_scale is not None and tensor.dtype in _FULL:
         tensor = tensor * inv_scale.to(tensor.dtype)
         inv_scale = None
     if tensor.dtype in _FULL and tensor.numel() >= DOT_NUMEL and tensor.is_contiguous():
         flat = tensor.view(-1)
-        return torch.dot(flat, flat)
+        return torch.dot(flat, flat).sqrt()
     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    norm = torch.linalg.vector_norm(tensor, dtype=dtype)
-    return (norm if inv_scale is None else norm * inv_scale).square()
+    value = torch.linalg.vector_norm(tensor, dtype=dtype)
+    return value if inv_scale is None else value * inv_scale
 
 
 def squared_norms(
@@ -118,45 +123,46 @@ def squared_norms(
     """``[P]`` float64 squared L2 norms of ``P`` tensors times ``inv_scale`` (zero for None), no host sync.
 
     Sparse tensors and those of at least :data:`EAGER_NUMEL` elements go through
-    :func:`squared_norm`; the others through one fused norm kernel (:func:`_square_small`).
+    :func:`norm`; the others through one fused norm kernel (:func:`_norm_small`).
     """
     return _squared([_norm_or_hold(t, inv_scale) for t in tensors], inv_scale)
 
 
 def _norm_or_hold(tensor: torch.Tensor | None, inv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-    """A gradient's 0-d squared norm if it is large (:func:`_eager`), else itself, at least 1-D.
+    """A gradient's 0-d norm if it is large (:func:`_eager`), else itself, at least 1-D.
 
     :func:`_squared` norms the held small ones together. A 0-d gradient (a scalar
-    parameter) becomes 1-D, since 0-d entries are squared norms already.
+    parameter) becomes 1-D, since 0-d entries are norms already.
     """
     if tensor is None:
         return None
     if _eager(tensor):
-        return squared_norm(tensor, inv_scale)
+        return norm(tensor, inv_scale)
     return tensor if tensor.dim() else tensor.view(1)
 
 
 def _squared(values: list[torch.Tensor | None], inv_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``[n]`` float64 squared norms from :func:`_norm_or_hold` values.
+    """``[n]`` float64 squared norms from :func:`_norm_or_hold` values (and the recorder's 0-d norms).
 
-    The 0-d values are squared norms already; the others are normed together.
+    The 0-d values are norms already; the others are normed together; all are squared
+    at once, in float64.
     """
-    _square_small(values, inv_scale)
-    return _stack_float64(values)
+    _norm_small(values, inv_scale)
+    return _stack_float64(values).square()
 
 
 def _eager(tensor: torch.Tensor) -> bool:
-    """Whether a gradient is normed on its own (:func:`squared_norm`) rather than with the small ones."""
+    """Whether a gradient is normed on its own (:func:`norm`) rather than with the small ones."""
     return tensor.is_sparse or tensor.numel() >= EAGER_NUMEL
 
 
-def _square_small(values: list[torch.Tensor | None], inv_scale: torch.Tensor | None = None) -> None:
-    """Replace the gradients in ``values`` (not 0-d) by their 0-d squared norms times ``inv_scale**2``.
+def _norm_small(values: list[torch.Tensor | None], inv_scale: torch.Tensor | None = None) -> None:
+    """Replace the gradients in ``values`` (not 0-d) by their 0-d norms times ``inv_scale``.
 
-    One fused norm kernel for all of them. The 0-d entries are squared norms already.
-    Norms are taken and squared in at least float32, so float16 gradients with norms
-    above 256 do not overflow; float32/float64 gradients are unscaled first (see
-    :func:`squared_norm`), half ones after their norm is taken.
+    One fused norm kernel for all of them. The 0-d entries are norms already.
+    Norms are taken in at least float32, so float16 gradients with norms above 256 do
+    not overflow; float32/float64 gradients are unscaled first (see :func:`norm`), half
+    ones after their norm is taken.
     """
     small = [i for i, v in enumerate(values) if v is not None and v.dim() > 0]
     if not small:
@@ -169,8 +175,8 @@ def _square_small(values: list[torch.Tensor | None], inv_scale: torch.Tensor | N
         grads = [g * inv_scale.to(g.dtype) if g.dtype in _FULL else g for g in grads]
         norms = tc.foreach_norm(grads, dtype)
         norms = [n if g.dtype in _FULL else n * inv_scale for n, g in zip(norms, grads, strict=True)]
-    for i, norm in zip(small, norms, strict=True):
-        values[i] = norm.square()
+    for i, value in zip(small, norms, strict=True):
+        values[i] = value
 
 
 def _stack_float64(values: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -293,10 +299,10 @@ class GradientRecorder:
         if self.backward_norms:
             if grad.requires_grad:  # backward(create_graph=True): the norm needs no graph
                 grad = grad.detach()
-            held[i] = squared_norm(grad, self._inv_scale[task])
+            held[i] = norm(grad, self._inv_scale[task])  # squared with the others in sq_norms
             if self.preconditioner is not None:
                 root = self.preconditioner.roots()[i]
-                held[len(self.params) + i] = squared_norm(weighted(grad, root), self._inv_scale[task])
+                held[len(self.params) + i] = norm(weighted(grad, root), self._inv_scale[task])
         if self._seen[i]:
             self._split = i
         self._seen[i] = True
