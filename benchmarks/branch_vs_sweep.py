@@ -10,7 +10,7 @@ interval, and the training examples (and CPU seconds) of both; the local value o
 point follows.
 
     noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2
-    python benchmarks/branch_vs_sweep.py --sweep runs/sweep-mnist --out runs/branch-vs-sweep \\
+    python benchmarks/branch_vs_sweep.py --sweep runs/sweep-mnist --out runs/branch-vs-sweep --rules sweep \\
         --json benchmarks/results/branch_vs_sweep.json --markdown benchmarks/results/branch_vs_sweep.md
 
 Rules of the branches' learning rate (``--rules``): ``sweep``, the task's default (eq. 2.6 of
