@@ -150,7 +150,11 @@ def markdown(result: dict[str, Any]) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"| E_min, S_min at the goal ({unit}, steps) | sweep | " + " | ".join(rules) + " |")
+    lines.append(
+        f"| E_min, S_min at the goal ({unit}, steps) | sweep | "
+        + " | ".join(f"branched, {r} rule" for r in rules)
+        + " |"
+    )
     lines.append("|" + "---|" * (2 + len(rules)))
     for row in result["rows"]:
         cells = [f"{row['goal']:g}", f"{row['sweep_e_min']:,.0f}, {row['sweep_s_min']:.0f}"]
