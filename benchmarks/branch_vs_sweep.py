@@ -2,14 +2,15 @@
 
 Reads a finished ``noisescale sweep`` directory (its ``fit.json``, ``config.json`` and run records),
 runs ``noisescale branch`` on the same task with its default branch points (0 and then doubling)
-and one more at each of the sweep's training-loss goals (the first check of the base run at or
-below each), once per learning-rate rule of the branches, and compares, per goal, the branched
-B_crit from initialisation (``b_crit_cumulative``: E_min/S_min summed over the segments, the
-quantity a sweep measures) with the sweep's 95% interval, next to the local value at the goal,
-and the training examples (and CPU seconds) of both.
+and a reading at each of the sweep's training-loss goals (``--read-at-loss``: the first check of
+the base run at or below each, no branches there), once per learning-rate rule of the branches,
+and compares, per goal, the branched B_crit from initialisation (``b_crit_cumulative``:
+E_min/S_min summed over the segments, the quantity a sweep measures) with the sweep's 95%
+interval, and the training examples (and CPU seconds) of both; the local value of every branch
+point follows.
 
     noisescale sweep --task mnist --out runs/sweep-mnist --jobs 2
-    python benchmarks/branch_vs_sweep.py --sweep runs/sweep-mnist --out runs/branch-vs-sweep \\
+    python benchmarks/branch_vs_sweep.py --sweep runs/sweep-mnist --out runs/branch-vs-sweep --rules sweep \\
         --json benchmarks/results/branch_vs_sweep.json --markdown benchmarks/results/branch_vs_sweep.md
 
 Rules of the branches' learning rate (``--rules``): ``sweep``, the task's default (eq. 2.6 of
@@ -84,7 +85,7 @@ def verdict(r: dict[str, Any], ci: list[float] | None) -> tuple[str, float | Non
 
 
 def compare(sweep: dict[str, Any], branched: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per goal: the sweep's B_crit and, per rule, the branched one from initialisation and the local one."""
+    """Per goal: the sweep's B_crit and, per rule, the branched one from initialisation read at the goal."""
     rows = []
     for g in sweep["goals"]:
         row: dict[str, Any] = {
@@ -95,16 +96,21 @@ def compare(sweep: dict[str, Any], branched: dict[str, dict[str, Any]]) -> list[
             "sweep_s_min": g["s_min"],
         }
         for rule, report in branched.items():
-            at_goals = {p["target"]: p for p in report["points"] if p["kind"] == "loss"}
+            at_goals = {r["target"]: r for r in report["readings"]}
             if g["goal"] not in at_goals:
                 raise SystemExit(f"the base run did not reach the goal {g['goal']}: raise its max_examples")
-            point = at_goals[g["goal"]]
-            row[rule] = {"examples": point["examples"], "b_simple": point["b_simple"]}
-            for name, suffix in (("cumulative", "_cumulative"), ("local", "")):
-                r = _read(point, suffix)
-                where, factor = verdict(r, g["b_crit_ci"])
-                row[rule][name] = {**r, "verdict": where, "miss_factor": factor}
-            row[rule]["cumulative"].update(e_min=point["e_min_cumulative"], s_min=point["s_min_cumulative"])
+            reading = at_goals[g["goal"]]
+            r = _read(reading, "_cumulative")
+            where, factor = verdict(r, g["b_crit_ci"])
+            row[rule] = {
+                "examples": reading["examples"],
+                "loss": reading["loss"],
+                "b_simple": reading["b_simple"],
+                "cumulative": {**r, "verdict": where, "miss_factor": factor},
+            }
+            row[rule]["cumulative"].update(
+                e_min=reading["e_min_cumulative"], s_min=reading["s_min_cumulative"]
+            )
         rows.append(row)
     return rows
 
@@ -129,7 +135,7 @@ def markdown(result: dict[str, Any]) -> str:
     sweep, rules = result["sweep"], list(result["branched"])
     unit = sweep["unit"]
     head = "| training-loss goal | sweep B_crit [95%] | " + " | ".join(
-        f"{r} rule: from init [95%] | inside? | local at the goal" for r in rules
+        f"{r} rule: from init [95%] | inside? | base reached it at" for r in rules
     )
     lines = [head + " |", "|" + "---|" * (2 + 3 * len(rules))]
     for row in result["rows"]:
@@ -137,10 +143,18 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [f"{row['goal']:g}", f"{row['sweep_b_crit']:.0f} [{ci[0]:.0f}, {ci[1]:.0f}]"]
         for r in rules:
             b = row[r]
-            cells += [_value(b["cumulative"]), _where(b["cumulative"]), _value(b["local"])]
+            cells += [
+                _value(b["cumulative"]),
+                _where(b["cumulative"]),
+                f"{b['examples']:,} ({b['loss']:.3f})",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"| E_min, S_min at the goal ({unit}, steps) | sweep | " + " | ".join(rules) + " |")
+    lines.append(
+        f"| E_min, S_min at the goal ({unit}, steps) | sweep | "
+        + " | ".join(f"branched, {r} rule" for r in rules)
+        + " |"
+    )
     lines.append("|" + "---|" * (2 + len(rules)))
     for row in result["rows"]:
         cells = [f"{row['goal']:g}", f"{row['sweep_e_min']:,.0f}, {row['sweep_s_min']:.0f}"]
@@ -157,7 +171,13 @@ def markdown(result: dict[str, Any]) -> str:
     for r in rules:
         spent, cpu = result["branched"][r]["examples_spent"], result["branched"][r]["cpu_time_s"]
         share = spent["total"] / sweep["examples"]
-        lines.append(f"| branched, {r} rule | {spent['total']:,} | {share:.0%} | {cpu['total']:.0f} |")
+        lines.append(f"| branched, {r} rule | {spent['total']:,} | {share:.1%} | {cpu['total']:.0f} |")
+    for r in rules:
+        lines += ["", f"| {r} rule: branch point ({unit}) | train loss | window | local B_crit [95%] |"]
+        lines.append("|---|---|---|---|")
+        for p in result["branched"][r]["points"]:
+            local = _value(_read(p, "")) if not p["note"] else "no progress at B"
+            lines.append(f"| {p['examples']:,} | {p['loss']:.3f} | {p['window']:,} | {local} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +197,7 @@ def main() -> None:
         start = time.perf_counter()
         config = BranchConfig.for_task(
             task,
-            loss_points=[g["goal"] for g in sweep["goals"]],
+            readings=[g["goal"] for g in sweep["goals"]],
             replicas=args.replicas,
             **RULES[rule],
         )

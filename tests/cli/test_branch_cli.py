@@ -38,6 +38,8 @@ TINY = [
     "2",
     "--max-examples",
     "256",
+    "--read-at-loss",
+    "2.29",
     "--bootstrap",
     "200",
     "--no-progress",
@@ -65,6 +67,7 @@ def test_branch_prints_a_table_and_writes_its_files(measured: tuple[Path, str, s
         "B_crit",
         "B_crit from init",
         "examples ratio against B",
+        "B_crit from init at the loss 2.29 (reached at 56 images",
     ):
         assert text in stdout
     assert "18 branches trained now" in stderr and "spent 2.43k images (base 128, branches 2.3k)" in stderr

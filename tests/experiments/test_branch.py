@@ -16,14 +16,15 @@ from noisescale.experiments.branch import run as branch_run
 from noisescale.experiments.tasks import get_task
 
 # digits: base B = 8, branches at 8, 16, 32 images, points at 0, 64 and 128 images with windows of
-# 64, 64 and 128 images (window_ratio 1), two replicas.
+# 64, 64 and 128 images (window_ratio 1), two checks per window (the least: one step of 32 each), two
+# replicas.
 TINY = {
     "batch_size": 8,
     "kappas": (1, 2, 4),
     "points": (0, 64, 128),
     "window": 64,
     "window_ratio": 1.0,
-    "checks": 4,
+    "checks": 2,
     "replicas": 2,
     "eval_examples": 256,
     "max_examples": 256,
@@ -61,9 +62,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_defaults_of_every_built_in_task_are_valid() -> None:
-    for name in ("digits", "linreg"):
+    for name in ("digits", "linreg", "mnist"):
         config = BranchConfig.for_task(get_task(name))
         assert config.check_examples()[-1] == config.window and config.window % config.unit_examples == 0
+        assert len(config.check_examples()) == config.checks + 1  # every branch steps between checks
         assert config.points[0] == 0 and all(
             config.window_at(p) % config.unit_examples == 0 for p in config.points
         )
@@ -93,6 +95,7 @@ def test_checks_fall_on_whole_steps_of_every_branch() -> None:
         ({"kappas": (1,)}, "at least two"),
         ({"window": 0}, "window 0 is not a positive multiple of .* 32"),
         ({"window": 100}, "use 96"),
+        ({"window": 32}, "fewer steps than the 2 checks .* use a window of 64 or fewer checks"),
         ({"points": (60,)}, "not 0 or a positive multiple of the base batch 8: use 56 or 64"),
         ({"window_ratio": -1.0}, "window_ratio >= 0"),
         ({"points": (), "loss_points": ()}, "at least one branch point"),
@@ -103,6 +106,7 @@ def test_checks_fall_on_whole_steps_of_every_branch() -> None:
         ({"lr": 0.0}, "lr > 0"),
         ({"max_examples": 64}, "below the last"),
         ({"loss_points": (-1.0,)}, "positive and finite"),
+        ({"readings": (math.inf,)}, "positive and finite"),
         ({"method": "ddp"}, "one process"),
         ({"lr_b_star": 0.0}, "lr_b_star > 0"),
     ],
@@ -218,3 +222,25 @@ def test_linreg_records_the_true_noise_scale_at_each_point(tmp_path: Path) -> No
     (point,) = report["points"]
     assert point["truth"]["b_noise"] > 0 and report["unit"] == "examples"
     assert point["b_crit_ci"] is None  # one replica: no interval
+
+
+def test_readings_give_b_crit_from_init_where_the_base_reaches_a_loss_without_branches(
+    reference: Path, tmp_path: Path
+) -> None:
+    result = run_branched(tiny(readings=(2.2, 0.001)), tmp_path, n_bootstrap=200)
+    report, base = result.report, json.loads((tmp_path / "base.json").read_text())
+    (reading,) = report["readings"]
+    first = next(c for c in base["curve"] if c["loss"] is not None and c["loss"] <= 2.2)
+    assert reading["target"] == 2.2 and (reading["examples"], reading["loss"]) == (
+        first["examples"],
+        first["loss"],
+    )
+    assert report["unreached"] == [0.001] and result.trained == 18  # the same branches as without readings
+    assert report["points"] == json.loads((reference / "branch.json").read_text())["points"]
+    before = [p for p in report["points"] if p["examples"] < reading["examples"]]
+    local = [p["b_crit"] or float(p["bound"].split()[-1]) for p in before]
+    b, e, s = cumulative_b_crit([p["examples"] for p in before], local, 8, reading["examples"])
+    value = reading["b_crit_cumulative"] or float(reading["b_crit_cumulative_bound"].split()[-1])
+    assert (value, reading["e_min_cumulative"], reading["s_min_cumulative"]) == pytest.approx(
+        (b, e, s), rel=1e-12
+    )

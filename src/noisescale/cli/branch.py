@@ -5,6 +5,7 @@ Usage::
     noisescale branch --task digits                        # about 5 s of CPU
     noisescale branch --task mnist --out runs/branch-mnist # about a minute of CPU
     noisescale branch --task mnist --at-loss 0.4 --at-loss 0.2 --at-loss 0.1 --json
+    noisescale branch --task mnist --read-at-loss 0.4 --read-at-loss 0.2   # B_crit from init there
 
 A base run trains at batch size ``B``; at each branch point (``--at`` examples seen, by default
 0 and then doubling; ``--at-loss`` adds the first check at or below a training loss) copies
@@ -21,7 +22,8 @@ the definition of B_crit, McCandlish et al. 2018); ``--tolerance-kind loss`` use
 rule instead (final smoothed loss at most ``--tolerance`` above, the paper's 0.01). That value is
 local; ``B_crit from init`` sums eq. 2.11 over the segments between the points, ``E_min/S_min``
 from initialisation to the point, the quantity a sweep measures
-(:func:`noisescale.critical.branched.cumulative_chain`).
+(:func:`noisescale.critical.branched.cumulative_chain`); ``--read-at-loss`` reads it where the base
+run first reaches a loss (a sweep's goal) without branching there.
 
 Prints a table (or ``--json``: ``branch.json``) and writes into ``OUT`` (default
 ``runs/branch-<task>``): ``config.json``, the base run's checkpoints and ``base.json``, one
@@ -126,6 +128,13 @@ def branch(
         list[float] | None,
         typer.Option("--at-loss", help="Also branch where the training loss first reaches this (repeat)."),
     ] = None,
+    read_at_loss: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--read-at-loss",
+            help="Report B_crit from init where the training loss first reaches this, no branches (repeat).",
+        ),
+    ] = None,
     window: Annotated[
         int | None, typer.Option(help="Examples each branch trains (the least, with --window-ratio).")
     ] = None,
@@ -182,6 +191,7 @@ def branch(
             kappas=kappa or None,
             points=at or None,
             loss_points=at_loss or None,
+            readings=read_at_loss or None,
             window=window,
             window_ratio=window_ratio,
             checks=checks,
@@ -209,6 +219,12 @@ def branch(
         for p in report["points"]:
             if p["note"]:
                 console.print(f"at {short_number(p['examples'])} {report['unit']}: {p['note']}")
+        for r in report["readings"]:
+            console.print(
+                f"B_crit from init at the loss {r['target']:g} (reached at {short_number(r['examples'])} "
+                f"{report['unit']}, loss {r['loss']:.4g}): "
+                f"{r['b_crit_cumulative_note'] or _b_crit_text(r, '_cumulative')}"
+            )
         for level in report["unreached"]:
             console.print(
                 f"the base run did not reach the loss {level:g} within {config.max_examples} examples"

@@ -16,8 +16,11 @@ rule of Malladi et al. 2022, used by Merrill et al. 2025). Linear scaling holds 
 while ``kappa B << B_noise`` (eq. 2.6): beyond it the learning rate overshoots the stable one and
 the branch fails for that reason, so the built-in SGD tasks default to the finite ``B_*`` of
 their sweep rule (measured in pilot runs), i.e. every branch runs at the sweep's learning rate for
-its batch. Each branch trains for ``window`` examples, evaluated at the same examples,
-``replicas`` times with different data.
+its batch. Each branch trains for ``window`` examples (at least ``checks`` steps of the largest
+branch, so that every branch moves between two checks), evaluated at the same examples,
+``replicas`` times with different data. ``readings`` are losses at which the base run's B_crit
+from initialisation is read (:func:`noisescale.critical.branched.cumulative_chain`) without
+branching there: what a sweep's goals need, at no cost in branches.
 
 The defaults per task, and the cost they were chosen for, are in ``_DEFAULTS``.
 
@@ -61,7 +64,10 @@ class BranchConfig:
         points: examples seen at which to branch (multiples of ``B``; 0: at initialisation, which
             the cumulative B_crit needs).
         loss_points: training losses at which to branch (the first check at or below each).
-        window: examples each branch trains (a multiple of ``lcm(kappas) B``), the least one when
+        readings: training losses at which to read the B_crit from initialisation without
+            branching (the first check of the base run at or below each): where a sweep's goals are.
+        window: examples each branch trains (a multiple of ``lcm(kappas) B``, at least ``checks``
+            of them so that every branch takes a step between two checks), the least one when
             ``window_ratio`` is set.
         window_ratio: a point at ``x`` examples trains its branches for ``window_ratio x`` examples
             (rounded down to whole units, at least ``window``): windows grow with training like
@@ -92,6 +98,7 @@ class BranchConfig:
     points: tuple[int, ...]
     window: int
     loss_points: tuple[float, ...] = ()
+    readings: tuple[float, ...] = ()
     window_ratio: float = 0.0
     checks: int = 8
     replicas: int = 3
@@ -117,9 +124,9 @@ class BranchConfig:
             raise BranchConfigError(str(exc)) from None
         object.__setattr__(self, "kappas", kappas)
         object.__setattr__(self, "points", tuple(sorted({int(p) for p in self.points})))
-        object.__setattr__(
-            self, "loss_points", tuple(sorted({float(v) for v in self.loss_points}, reverse=True))
-        )
+        for name in ("loss_points", "readings"):
+            values = tuple(sorted({float(v) for v in getattr(self, name)}, reverse=True))
+            object.__setattr__(self, name, values)
         if self.method is not None:
             try:
                 object.__setattr__(self, "method", parse_method(self.method, SINGLE_PROCESS_METHODS))
@@ -136,14 +143,23 @@ class BranchConfig:
                     f"branch point {p} is not 0 or a positive multiple of the base batch {b}: "
                     f"use {max(b, p // b * b)} or {max(b, -(-p // b) * b)}"
                 )
-        if not all(0 < v < math.inf for v in self.loss_points):
-            raise BranchConfigError(f"loss points must be positive and finite, got {list(self.loss_points)}")
+        if not all(0 < v < math.inf for v in (*self.loss_points, *self.readings)):
+            raise BranchConfigError(
+                f"loss points and readings must be positive and finite, got "
+                f"{list(self.loss_points)} and {list(self.readings)}"
+            )
         unit = self.unit_examples
         if self.window < 1 or self.window % unit:
             fix = max(unit, round(self.window / unit) * unit)
             raise BranchConfigError(
                 f"window {self.window} is not a positive multiple of lcm(kappa) x B = {unit} examples "
                 f"(every branch must reach each check exactly): use {fix}"
+            )
+        if self.checks >= 1 and self.window < self.checks * unit:
+            raise BranchConfigError(
+                f"window {self.window} gives the largest branch fewer steps than the {self.checks} checks "
+                f"(lcm(kappa) x B = {unit} examples between two checks at least, so that every branch "
+                f"steps between them): use a window of {self.checks * unit} or fewer checks"
             )
         if not 0 <= self.window_ratio < math.inf:
             raise BranchConfigError(
@@ -270,15 +286,18 @@ def _geometric(low: int, high: int) -> list[int]:
 
 # Per task: the base batch well below the sweep's B_crit, so that the grid kappa B brackets it;
 # points at initialisation and then doubling, spanning the sweep's goals, so that the cumulative
-# B_crit is defined at each; windows half the gap to the next point (at least one step of the
-# largest branch). Cost measured with one torch thread (docs/critical-batch-size.md).
+# B_crit is defined at each; windows half the gap to the next point and at least `checks` (8) steps
+# of the largest branch: with one step the largest branch's curve is a single jump, and the early
+# points, which weigh most in the cumulative B_crit's S_min, then read it as falling behind (on
+# MNIST, windows of 512 images put B_crit <= 16 at 1,024 images). Cost measured with one torch
+# thread (docs/critical-batch-size.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     # Sweep: B_crit 43-115 images at training losses 0.4-0.1, reached after 3k-50k images.
     "mnist": {
         "batch_size": 16,
         "kappas": (1, 2, 4, 8, 16, 32),
         "points": [0, *_geometric(512, 65_536)],
-        "window": 512,
+        "window": 4096,
         "window_ratio": 0.5,
         "ema_examples": 10_000.0,
         "max_examples": 200_000,
@@ -288,7 +307,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "kappas": (1, 2, 4, 8, 16, 32),
         "points": [0, *_geometric(128, 4096)],
-        "window": 256,
+        "window": 2048,
         "window_ratio": 0.5,
         "eval_examples": 1438,
         "ema_examples": 2000.0,
@@ -299,7 +318,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "kappas": (1, 2, 4, 8, 16, 32),
         "points": [0, *_geometric(256, 16_384)],
-        "window": 512,
+        "window": 2048,
         "window_ratio": 0.5,
         "eval_examples": 1024,
         "ema_examples": 5000.0,
@@ -311,7 +330,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 2,
         "kappas": (1, 2, 4, 8, 16, 32),
         "points": [0, *_geometric(32, 1024)],
-        "window": 128,
+        "window": 512,
         "window_ratio": 0.5,
         "ema_examples": 500.0,
         "max_examples": 20_000,

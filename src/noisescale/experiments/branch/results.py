@@ -15,7 +15,10 @@
                  "kappa_star", "replicas",
                  "branches": [{"batch_size", "loss", "examples_ratio" | "excess_loss", "keeps_up"}],
                  "truth": {...} | null}],           # exact values at the point (linreg)
-     "unreached": [loss points the base run did not reach],
+     "readings": [{"target", "examples", "step", "loss", "b_simple", "b_simple_ci",   # where the base
+                   "b_crit_cumulative", "b_crit_cumulative_ci", "b_crit_cumulative_bound",  # first reached
+                   "b_crit_cumulative_note", "e_min_cumulative", "s_min_cumulative"}],  # each reading loss
+     "unreached": [loss points and readings the base run did not reach],
      "examples_spent": {"base", "branches", "total"},
      "cpu_time_s": {"base", "branches", "total"}}
 
@@ -91,7 +94,13 @@ def branch_report(
         keep = ("examples", "step", "loss", "kind", "target", "b_simple", "b_simple_ci", "truth")
         results.append(result)
         points.append({**{k: p[k] for k in keep}, "window": window, **result.to_dict(config.tolerance_kind)})
-    _add_cumulative(points, results, config.batch_size, confidence)
+    starts = [p["examples"] for p in points]
+    readings = [
+        {k: r[k] for k in ("target", "examples", "step", "loss", "b_simple", "b_simple_ci")}
+        for r in base["readings"]
+    ]
+    for row in (*points, *readings):
+        row.update(_cumulative(starts, results, config.batch_size, row["examples"], confidence))
     branch_examples = config.replicas * len(config.kappas) * sum(p["window"] for p in points)
     cpu_branches = sum(r.cpu_time_s for r in records.values())
     return {
@@ -99,6 +108,7 @@ def branch_report(
         "unit": unit,
         "settings": {**config.to_dict(), "confidence": confidence, "n_bootstrap": n_bootstrap},
         "points": points,
+        "readings": readings,
         "unreached": base["unreached"],
         "examples_spent": {
             "base": base["examples"],
@@ -113,21 +123,19 @@ def branch_report(
     }
 
 
-def _add_cumulative(
-    points: list[dict[str, Any]], results: list[BranchedCritical], batch_size: int, confidence: float
-) -> None:
-    """Each point's B_crit from initialisation to it (the base run records its points in order)."""
-    starts = [p["examples"] for p in points]
-    for p in points:
-        c = cumulative_chain(starts, results, batch_size, p["examples"], confidence=confidence)
-        p.update(
-            b_crit_cumulative=c.b_crit,
-            b_crit_cumulative_ci=None if c.b_crit_ci is None else list(c.b_crit_ci),
-            b_crit_cumulative_bound=c.bound,
-            b_crit_cumulative_note=c.note,
-            e_min_cumulative=c.e_min,
-            s_min_cumulative=c.s_min,
-        )
+def _cumulative(
+    starts: list[float], results: list[BranchedCritical], batch_size: int, until: float, confidence: float
+) -> dict[str, Any]:
+    """The B_crit from initialisation to ``until`` examples of the base run (its points are in order)."""
+    c = cumulative_chain(starts, results, batch_size, until, confidence=confidence)
+    return {
+        "b_crit_cumulative": c.b_crit,
+        "b_crit_cumulative_ci": None if c.b_crit_ci is None else list(c.b_crit_ci),
+        "b_crit_cumulative_bound": c.bound,
+        "b_crit_cumulative_note": c.note,
+        "e_min_cumulative": c.e_min,
+        "s_min_cumulative": c.s_min,
+    }
 
 
 def run_branched(

@@ -119,7 +119,8 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
     Returns:
         The base record (``base.json``): ``curve`` (per check: step, examples, loss, b_simple,
         b_simple_ci), ``points`` (per branch point: index, kind, target, step, examples, loss,
-        b_simple, b_simple_ci, truth), ``unreached`` loss points, ``examples`` and ``cpu_time_s``.
+        b_simple, b_simple_ci, truth), ``readings`` (per reading loss reached: target and the
+        check), ``unreached`` loss points and readings, ``examples`` and ``cpu_time_s``.
     """
     path = Path(out, "base.json")
     if path.exists():
@@ -127,7 +128,7 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
     probe = Probe(task, config.eval_examples, 0)
     saved = sorted(Path(out, "base").glob("point_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     with Trainer(task, config.train_config(task)) as trainer:
-        base: dict[str, Any] = {"curve": [], "points": []}
+        base: dict[str, Any] = {"curve": [], "points": [], "readings": []}
         cpu = 0.0
         if saved:
             state = torch.load(saved[-1], map_location="cpu", weights_only=True)
@@ -138,11 +139,13 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
             if 0 in config.points:  # at initialisation
                 _add_point(task, trainer, out, base, ("examples", 0.0), base["curve"][0], cpu)
         reached = {p["target"] for p in base["points"] if p["kind"] == "loss"}
+        read = {r["target"] for r in base["readings"]}
         pending_e = [p for p in config.points if p > trainer.examples]
         pending_l = [v for v in config.loss_points if v not in reached]
+        pending_r = [v for v in config.readings if v not in read]
         next_check = max(trainer.steps_done + 1, math.ceil(trainer.steps_done * config.eval_growth))
         start = time.process_time()
-        while (pending_e or pending_l) and trainer.examples < config.max_examples:
+        while (pending_e or pending_l or pending_r) and trainer.examples < config.max_examples:
             trainer.step()
             at_point = bool(pending_e) and trainer.examples == pending_e[0]
             if not at_point and trainer.steps_done < next_check:
@@ -155,10 +158,14 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
                 new.append(("examples", float(pending_e.pop(0))))
             while pending_l and check["loss"] is not None and check["loss"] <= pending_l[0]:
                 new.append(("loss", pending_l.pop(0)))
+            while pending_r and check["loss"] is not None and check["loss"] <= pending_r[0]:
+                base["readings"].append({"target": pending_r.pop(0), **check})
             for point in new:
                 _add_point(task, trainer, out, base, point, check, cpu + time.process_time() - start)
         base.update(
-            unreached=pending_l, examples=trainer.examples, cpu_time_s=cpu + time.process_time() - start
+            unreached=sorted(pending_l + pending_r, reverse=True),
+            examples=trainer.examples,
+            cpu_time_s=cpu + time.process_time() - start,
         )
     write_json(path, base)
     return base
