@@ -301,9 +301,7 @@ class PerExampleNorms:
             frame.called.add(unit)
         acc = self._uses.watch([output], inputs_of(args, kwargs), unit.params.values())
         if acc is not None:  # else no gradient of its parameters flows through this call
-            keep = unit.kernel.keep if unit.kernel is not None else None
-            kept = x if keep is None else keep(module, x, output)
-            output.register_hook(partial(self._kernel_backward, _Call(unit, kept, acc)))
+            output.register_hook(partial(self._kernel_backward, _Call(unit, x, acc)))
 
     def _kernel_backward(self, call: _Call, go: Tensor) -> None:
         twice = self._called_twice(call.unit)  # decided while this call is still pending: take() ends that

@@ -30,7 +30,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -76,9 +76,6 @@ class Kernel(NamedTuple):
             their work); None: ``norms``, and the weighted ones from ``grads`` on chunks of
             examples, which assumes example ``n``'s contribution depends on row ``n`` of
             the input and output gradient only (:func:`norm_pairs`).
-        keep: what the forward hook keeps for the backward, from the layer, its first input
-            and its output; the kernel's functions then get it in place of ``x``. None: the
-            input itself.
     """
 
     norms: NormFn
@@ -86,7 +83,6 @@ class Kernel(NamedTuple):
     params: tuple[str, ...]
     min_dim: Callable[[nn.Module], int]
     pairs: PairFn | None = None
-    keep: Callable[[nn.Module, Tensor, Tensor], Any] | None = None
 
 
 CHUNK_ELEMENTS = 1 << 20
