@@ -181,6 +181,21 @@ def _cnn() -> nn.Module:
     )
 
 
+def _shakespeare_spec(name: str, label: str, windows: int) -> ModelSpec:
+    """The shakespeare task's model, data, token-mean loss and AdamW at ``windows`` windows of 64 tokens."""
+    return ModelSpec(
+        name,
+        f"{label} ({windows * 64:,} tokens), AdamW",
+        windows,
+        lambda: _shakespeare().make_model(0),
+        lambda n, g: _shakespeare().sample_batch(n, g),
+        seq_loss,
+        False,
+        units=64,
+        optimizer="adamw",
+    )
+
+
 SPECS = {
     "mlp": ModelSpec(
         "mlp",
@@ -211,30 +226,12 @@ SPECS = {
     ),
     # The model of `noisescale measure --task shakespeare` with its own batch (32 windows of 64
     # characters: 2,048 tokens), loss (mean over the tokens) and optimizer (AdamW).
-    "shakespeare": ModelSpec(
-        "shakespeare",
-        "shakespeare task: char GPT 2x96, T=64, B=32 windows (2,048 tokens), AdamW",
-        32,
-        lambda: _shakespeare().make_model(0),
-        lambda n, g: _shakespeare().sample_batch(n, g),
-        seq_loss,
-        False,
-        units=64,
-        optimizer="adamw",
+    "shakespeare": _shakespeare_spec(
+        "shakespeare", "shakespeare task: char GPT 2x96, T=64, B=32 windows", 32
     ),
-    # The same model at 4x the batch (128 windows: 8,192 tokens): how the fixed per-layer costs amortise
-    # (asked for by name; not in the default run).
-    "shakespeare-8k": ModelSpec(
-        "shakespeare-8k",
-        "shakespeare task model, B=128 windows (8,192 tokens), AdamW",
-        128,
-        lambda: _shakespeare().make_model(0),
-        lambda n, g: _shakespeare().sample_batch(n, g),
-        seq_loss,
-        False,
-        units=64,
-        optimizer="adamw",
-    ),
+    # The same model at 4x the batch: how the fixed per-layer costs amortise (asked for by name; not in
+    # the default run).
+    "shakespeare-8k": _shakespeare_spec("shakespeare-8k", "shakespeare task model, B=128 windows", 128),
 }
 DEFAULT_MODELS = [name for name in SPECS if name != "shakespeare-8k"]
 
