@@ -46,7 +46,7 @@ def test_overhead_smallest_run_writes_records(tmp_path: Path) -> None:
     run_script(
         "overhead.py",
         "--models", "mlp", "transformer", "shakespeare",
-        "--methods", "microbatch", "per_example", "layernorm", "naive",
+        "--methods", "microbatch", "per_example", "layernorm", "ln_bound", "bookkeeping", "naive",
         "--naive-examples", "2", "--repeats", "1", "--block-s", "0.001", "--threads", "1",
         "--json", str(out),
     )  # fmt: skip
@@ -56,6 +56,7 @@ def test_overhead_smallest_run_writes_records(tmp_path: Path) -> None:
     assert {("shakespeare", "per_example"), ("shakespeare", "layernorm")} <= got
     statuses = {(r["model"], r["method"]): r["status"] for r in records}
     assert statuses[("shakespeare", "layernorm")] == "ok" and statuses[("mlp", "layernorm")] != "ok"
+    assert statuses[("shakespeare", "ln_bound")] == statuses[("shakespeare", "bookkeeping")] == "ok"
     for r in records:
         assert set(r) >= {"ratio_median", "ms_median", "peak_mb", "status"}
         if r["status"] == "ok":
@@ -100,3 +101,30 @@ def test_mnist_truth_matches_brute_force() -> None:
     assert truth["grad_norm_sq"] == pytest.approx(mean.square().sum().item(), rel=1e-10)
     # population covariance (1/N): batches are drawn with replacement
     assert truth["trace_sigma"] == pytest.approx((g - mean).square().sum(1).mean().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_bookkeeping_bound_is_exact(linear: bool) -> None:
+    """The overhead bound's layers give autograd's gradients and the per-example kernels' norms."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    install = load_benchmark("bookkeeping").install
+    from noisescale.experiments.transformer import CharTransformer, lm_loss
+    from noisescale.per_example import PerExampleNorms
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return CharTransformer(vocabulary=7, context=5, width=8, depth=1, heads=2).double()
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(7, (4, 5), generator=gen), torch.randint(7, (4, 5), generator=gen)
+    kinds = (torch.nn.LayerNorm, torch.nn.Linear) if linear else (torch.nn.LayerNorm,)
+    ref, bound = build(), build()
+    params = [p for m in ref.modules() if isinstance(m, kinds) for p in m.parameters(recurse=False)]
+    kernels = PerExampleNorms(ref, [params])
+    lm_loss(ref(x), y).backward()
+    sink = install(bound, linear=linear)
+    lm_loss(bound(x), y).backward()
+    assert len(sink) == sum(isinstance(m, kinds) for m in bound.modules())
+    torch.testing.assert_close(torch.stack(sink).sum(0), kernels.pop()[:, 0], rtol=1e-12, atol=0)
+    for a, b in zip(ref.parameters(), bound.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
