@@ -60,6 +60,7 @@ def _read(point: dict[str, Any], suffix: str) -> dict[str, Any]:
         "b_crit": point[f"b_crit{suffix}"],
         "b_crit_ci": point[f"b_crit{suffix}_ci"],
         "bound": point[f"b_crit{suffix}_bound" if suffix else "bound"],
+        "bracket": point.get(f"b_crit{suffix}_bracket") if suffix else None,
         "note": point[f"b_crit{suffix}_note" if suffix else "note"],
     }
 
@@ -78,6 +79,13 @@ def verdict(r: dict[str, Any], ci: list[float] | None) -> tuple[str, float | Non
         overlap = "; intervals overlap" if mine[0] <= high and mine[1] >= low else ""
         side = "above" if value > high else "below"
         return f"{side}{overlap}", (value / high if value > high else low / value)
+    if r["bracket"] is not None:  # B_crit in [lo, hi] (hi None: unbounded)
+        lo, hi = r["bracket"][0], math.inf if r["bracket"][1] is None else r["bracket"][1]
+        if low <= lo and hi <= high:
+            return "inside (bounds)", 1.0
+        if lo > high or hi < low:
+            return ("above", lo / high) if lo > high else ("below", low / hi)
+        return "consistent (bounds overlap)", None
     value = float(r["bound"].split()[-1])
     if ">" in r["bound"]:  # B_crit >= value
         return ("above", value / high) if value > high else ("consistent (bound)", None)
@@ -118,6 +126,9 @@ def compare(sweep: dict[str, Any], branched: dict[str, dict[str, Any]]) -> list[
 def _value(r: dict[str, Any]) -> str:
     if r["note"]:
         return "-"
+    if r["bound"] and r["bracket"] is not None:
+        lo, hi = r["bracket"]
+        return f"{lo:.1f} to {'inf' if hi is None else f'{hi:.1f}'} (bounds)"
     if r["bound"]:
         return r["bound"].replace("B_crit ", "")
     ci = r["b_crit_ci"]

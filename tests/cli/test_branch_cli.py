@@ -84,7 +84,8 @@ def test_json_prints_branch_json_and_a_rerun_resumes(measured: tuple[Path, str, 
         assert {"examples", "loss", "b_crit", "b_crit_ci", "bound", "b_simple", "b_crit_cumulative"} <= set(
             point
         )
-        assert {"b_crit_cumulative_ci", "b_crit_cumulative_bound", "b_crit_cumulative_note"} <= set(point)
+        cumulative = ("ci", "bound", "note", "bracket")
+        assert {f"b_crit_cumulative_{name}" for name in cumulative} <= set(point)
     assert printed["unit"] == "images"
 
 

@@ -210,8 +210,10 @@ def test_cumulative_of_a_growing_local_value_lies_between_start_and_end_values()
 def test_cumulative_refuses_points_that_do_not_start_at_initialisation() -> None:
     with pytest.raises(ValueError, match="branch at initialisation"):
         cumulative_b_crit([64, 128], [10.0, 20.0], 8, 200)
-    with pytest.raises(ValueError, match="local values > 0"):
-        cumulative_b_crit([0, 128], [10.0, 0.0], 8, 200)
+    with pytest.raises(ValueError, match="local values >= 0"):
+        cumulative_b_crit([0, 128], [10.0, -1.0], 8, 200)
+    with pytest.raises(ValueError, match="local values >= 0"):
+        cumulative_b_crit([0, 128], [10.0, math.nan], 8, 200)
 
 
 def hyperbola_point(*b_crits: float, n_bootstrap: int = 400) -> Any:
@@ -237,10 +239,21 @@ def test_chain_bounds_and_undefined_values() -> None:
     chain = cumulative_chain([0.0, 300.0], [value, top], B, 1000.0)
     at_bound = float(cumulative_b_crit([0.0, 300.0], [40.0, 160.0], B, 1000.0)[0])
     assert chain.b_crit is None and chain.bound == f"B_crit >= {at_bound:.4g}" and chain.b_crit_ci is None
+    # Bracketed by the bound's far end: the segment after 300 at infinite local B_crit adds its 700
+    # examples to E_min and no steps to S_min; the first segment (local 40) adds 300/(1 + B/40) and
+    # 300/(40 + B).
+    e_first, s_first = 300 / (1 + B / 40), 300 / (40 + B)
+    assert chain.bracket == pytest.approx((at_bound, (e_first + 700) / s_first), rel=1e-14)
     assert cumulative_chain([0.0, 300.0], [value, top], B, 300.0).b_crit == 40.0  # the bound is later
     stuck = np.array([power_law(1.0)] + [[5.0] + [math.nan] * (len(MARKS) - 1)] * 4)[None]
     bottom = decide(MARKS, stuck, KAPPAS, B, smoothing=1.0)
-    assert "both directions" in str(cumulative_chain([0.0, 1.0], [top, bottom], B, 9.0).note)
+    assert "both directions" in str(cumulative_chain([0.0, 300.0], [top, bottom], B, 900.0).note)
+    # An upper bound (B_crit <= B after 300): the far end is a local value of 0, a segment adding no
+    # E_min and 700/B steps; at the bound, 700/(1 + B/B) and 700/(2 B).
+    below = cumulative_chain([0.0, 300.0], [value, bottom], B, 1000.0)
+    at_b = (e_first + 350) / (s_first + 700 / (2 * B))
+    assert below.bound == f"B_crit <= {at_b:.4g}" and below.b_crit is None
+    assert below.bracket == pytest.approx((e_first / (s_first + 700 / B), at_b), rel=1e-14)
     flat = decide(MARKS, np.array([[5.0] + [5.01] * 10] * 5)[None], KAPPAS, B, smoothing=1.0)
     assert "no local value at 300" in str(cumulative_chain([0.0, 300.0], [value, flat], B, 400.0).note)
     assert "no branch point at 0" in str(cumulative_chain([64.0], [value], B, 400.0).note)

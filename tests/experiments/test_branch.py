@@ -136,6 +136,12 @@ def test_report_schema_and_what_was_spent(reference: Path) -> None:
         assert (p["b_crit_cumulative"] is None) == any(q["b_crit"] is None for q in points[:i])
         ci = p["b_crit_cumulative_ci"]
         assert ci is None or ci[0] <= ci[1]
+        bracket, bound = p["b_crit_cumulative_bracket"], p["b_crit_cumulative_bound"]
+        assert (bracket is None) == (bound is None)
+        if bracket is not None:  # the bound is its near end; its far end lies beyond it
+            near, far = (bracket[0], bracket[1]) if ">" in bound else (bracket[1], bracket[0])
+            assert near == pytest.approx(value, rel=1e-12)
+            assert far is None or (far > near if ">" in bound else far < near)
     assert report["examples_spent"] == {"base": 128, "branches": 2 * 3 * 256, "total": 128 + 1536}
     assert len(list((reference / "branches").glob("*.json"))) == 18
     assert (reference / "branch.png").read_bytes()[:4] == b"\x89PNG"

@@ -70,7 +70,12 @@ def _b_crit_text(point: dict[str, Any], suffix: str = "") -> str:
         return "-" if suffix else "no progress at B"
     bound = point[f"b_crit{suffix}_bound" if suffix else "bound"]
     if bound:
-        return bound.replace("B_crit ", "")
+        bracket = point.get(f"b_crit{suffix}_bracket") if suffix else None
+        if bracket is None:
+            return bound.replace("B_crit ", "")
+        low = format_batch(bracket[0], "down")
+        high = "inf" if bracket[1] is None else format_batch(bracket[1], "up")
+        return f"{low} to {high} (bounds)"
     ci = point[f"b_crit{suffix}_ci"]
     text = format_batch(point[f"b_crit{suffix}"])
     return text if ci is None else f"{text} {format_interval(*ci)}"

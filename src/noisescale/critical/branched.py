@@ -349,8 +349,9 @@ def cumulative_b_crit(
 
     Args:
         starts: ``[n]`` the base run's examples at the branch points, non-decreasing, ``starts[0] = 0``.
-        local: ``[..., n]`` local B_crit at each point (> 0, inf allowed), the task's unit; point
-            ``i``'s value holds from ``starts[i]`` to the next point (the last one to ``until``).
+        local: ``[..., n]`` local B_crit at each point (>= 0, inf allowed), the task's unit; point
+            ``i``'s value holds from ``starts[i]`` to the next point (the last one to ``until``);
+            0 and inf are the limits (a segment adding no ``E_min``; one taking no ``S_min``).
         batch_size: ``B``, the base run's batch, the task's unit.
         until: examples of the base run at the end, > 0.
 
@@ -359,7 +360,7 @@ def cumulative_b_crit(
         (examples) and ``S_min`` (steps) of eq. 2.11 summed over the segments.
 
     Raises:
-        ValueError: unless the starts increase from 0, ``until > 0`` and every local value is > 0.
+        ValueError: unless the starts increase from 0, ``until > 0`` and every local value is >= 0.
 
     Example:
         >>> b, e, s = cumulative_b_crit([0, 100], [20.0, 60.0], 20, 300)  # 100 at 20, then 200 at 60
@@ -373,15 +374,15 @@ def cumulative_b_crit(
             f"expected branch points non-decreasing from 0 (branch at initialisation) and local values [..., "
             f"{len(x)}], got points {x.tolist()[:4]}... and values of shape {list(b.shape)}"
         )
-    if not until > 0 or not np.all(b > 0) or not batch_size > 0:
+    if not until > 0 or not np.all(b >= 0) or not batch_size > 0:
         raise ValueError(
-            f"expected until > 0, batch_size > 0 and local values > 0, got {until}, {batch_size}"
+            f"expected until > 0, batch_size > 0 and local values >= 0, got {until}, {batch_size}"
         )
     ends = np.minimum(np.append(x[1:], math.inf), until)
     spent = np.clip(ends - x, 0.0, None)  # [n] the base run's examples per segment
-    e_min = (spent / (1 + batch_size / b)).sum(axis=-1)  # inf b: the whole segment, no steps
-    s_min = (spent / (b + batch_size)).sum(axis=-1)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore"):  # 0 b: 1 + B/b is inf, the segment adds no E_min
+        e_min = (spent / (1 + batch_size / b)).sum(axis=-1)  # inf b: the whole segment, no steps
+        s_min = (spent / (b + batch_size)).sum(axis=-1)
         return e_min / s_min, e_min, s_min
 
 
@@ -394,6 +395,7 @@ class CumulativeCritical(NamedTuple):
     note: str | None  # why it is undefined
     e_min: float | None  # examples (at the bound values when `bound`)
     s_min: float | None  # steps
+    bracket: tuple[float, float] | None = None  # with `bound`: the range the value lies in (cumulative_chain)
 
 
 def cumulative_chain(
@@ -410,7 +412,11 @@ def cumulative_chain(
     independent) and recomputes the sum for each resample (the i-th draw of every point); the
     base run itself is one run and is not resampled. A point that only bounds its local value
     (``B_crit >= 512``) bounds the result the same way; bounds in both directions, or a point
-    without a value (no progress), leave it undefined.
+    without a value (no progress), leave it undefined. With bounds in one direction the result
+    is also bracketed: it increases with every local value, so it lies between its value at the
+    bounds and its value with each bounded local value at its far end (``>=``: infinite, the
+    segment taking no steps in the large-batch limit; ``<=``: zero, the segment adding no
+    ``E_min``). The bracket does not include the resolved points' sampling uncertainty.
 
     Args:
         starts: ``[n]`` the base run's examples at the points, increasing.
@@ -430,7 +436,7 @@ def cumulative_chain(
             f"no branch point at 0 examples: the segment from initialisation to {starts[0]:g} is not measured"
         )
         return CumulativeCritical(None, None, None, note, None, None)
-    lower, upper, values = False, False, []
+    lower, upper, values, far = False, False, [], []
     for i in used:
         p = points[i]
         if p.note is not None:
@@ -439,13 +445,16 @@ def cumulative_chain(
         if p.bound is not None:
             lower, upper = lower or ">" in p.bound, upper or "<" in p.bound
         values.append(p.b_crit if p.b_crit is not None else float(str(p.bound).split()[-1]))
+        far.append(values[-1] if p.bound is None else math.inf if ">" in p.bound else 0.0)
     if lower and upper:
         note = "local values bounded in both directions (>= and <=): no bound on the sum"
         return CumulativeCritical(None, None, None, note, None, None)
     x = [starts[i] for i in used]
     b, e, s = (float(v) for v in cumulative_b_crit(x, values, batch_size, until))
     if lower or upper:
-        return CumulativeCritical(None, None, f"B_crit {'>=' if lower else '<='} {b:.4g}", None, e, s)
+        end = float(cumulative_b_crit(x, far, batch_size, until)[0])
+        bound = f"B_crit {'>=' if lower else '<='} {b:.4g}"
+        return CumulativeCritical(None, None, bound, None, e, s, (b, end) if lower else (end, b))
     ci = None
     draws = [points[i].draws for i in used]
     if all(len(d) == len(draws[0]) > 0 for d in draws):

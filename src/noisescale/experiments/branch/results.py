@@ -10,6 +10,7 @@
                  "window",                          # examples each branch of the point trained
                  "b_crit_cumulative", "b_crit_cumulative_ci",   # E_min/S_min from initialisation to the
                  "b_crit_cumulative_bound", "b_crit_cumulative_note",  # point: comparable with a sweep
+                 "b_crit_cumulative_bracket",       # with a bound: [low, high] it lies in (null: inf)
                  "e_min_cumulative", "s_min_cumulative",        # (critical.branched.cumulative_chain)
                  "b_simple", "b_simple_ci",         # the base run's meter at the point
                  "kappa_star", "replicas",
@@ -17,7 +18,8 @@
                  "truth": {...} | null}],           # exact values at the point (linreg)
      "readings": [{"target", "examples", "step", "loss", "b_simple", "b_simple_ci",   # where the base
                    "b_crit_cumulative", "b_crit_cumulative_ci", "b_crit_cumulative_bound",  # first reached
-                   "b_crit_cumulative_note", "e_min_cumulative", "s_min_cumulative"}],  # each reading loss
+                   "b_crit_cumulative_note", "b_crit_cumulative_bracket",                # each reading loss
+                   "e_min_cumulative", "s_min_cumulative"}],
      "unreached": [loss points and readings the base run did not reach],
      "examples_spent": {"base", "branches", "total"},
      "cpu_time_s": {"base", "branches", "total"}}
@@ -39,7 +41,7 @@ from noisescale.experiments.branch.config import BranchConfig
 from noisescale.experiments.branch.run import BranchRecord, prepare_branch_dir, run_base, run_branches
 from noisescale.experiments.plotting import plot_branch
 from noisescale.experiments.tasks import Task, get_task
-from noisescale.io import write_json
+from noisescale.io import to_jsonable, write_json
 
 __all__ = ["BranchResult", "branch_report", "run_branched"]
 
@@ -132,6 +134,7 @@ def _cumulative(
         "b_crit_cumulative": c.b_crit,
         "b_crit_cumulative_ci": None if c.b_crit_ci is None else list(c.b_crit_ci),
         "b_crit_cumulative_bound": c.bound,
+        "b_crit_cumulative_bracket": None if c.bracket is None else to_jsonable(list(c.bracket)),
         "b_crit_cumulative_note": c.note,
         "e_min_cumulative": c.e_min,
         "s_min_cumulative": c.s_min,
