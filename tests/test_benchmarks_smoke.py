@@ -128,3 +128,33 @@ def test_bookkeeping_bound_is_exact(linear: bool) -> None:
     torch.testing.assert_close(torch.stack(sink).sum(0), kernels.pop()[:, 0], rtol=1e-12, atol=0)
     for a, b in zip(ref.parameters(), bound.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_switch_vs_fixed_smallest_run_compares_with_the_sweep(tmp_path: Path) -> None:
+    """Switching runs from a tiny digits measurement's checkpoints, against a one-row sweep table."""
+    from noisescale.experiments.branch import BranchConfig, run_branched
+    from noisescale.experiments.tasks import get_task
+
+    config = BranchConfig.for_task(
+        get_task("digits"), batch_size=8, kappas=(1, 2), points=(0, 64), window=128, checks=4,
+        replicas=1, max_examples=128, method=None,
+    )  # fmt: skip
+    run_branched(config, tmp_path / "branch", n_bootstrap=10)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "results.csv").write_text(
+        "metric,goal,batch_size,steps,steps_low,steps_high,reached,run,lr,b_simple,unit\n"
+        "train_loss,2.2,16,12.5,12,13,True,16_0.1,0.1,,images\n"
+    )
+    out = tmp_path / "switch.json"
+    run_script(
+        "switch_vs_fixed.py", "--branch", str(tmp_path / "branch"), "--sweep", str(sweep), "--goal", "2.2",
+        "--points", "64", "--kappas", "1", "2", "--replicas", "2", "--cap", "4096", "--json", str(out),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["unit"] == "images" and [r["batch_size"] for r in result["rows"]] == [8, 16]
+    for row in result["rows"]:
+        assert row["sweep_base"] is None  # the table has no run at the base batch 8
+        reached = [v for v in row["images_from_init"] if v is not None]
+        assert reached and all(v > 64 for v in reached)  # from initialisation: the switch point and after
+    assert result["rows"][1]["sweep_fixed"] == 12.5 * 16

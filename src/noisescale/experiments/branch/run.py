@@ -43,7 +43,16 @@ from noisescale.experiments.tasks import Task
 from noisescale.experiments.training import Trainer
 from noisescale.io import atomic_open, package_version, prepare_settings_dir, write_json
 
-__all__ = ["BranchRecord", "branch_seed", "load_branches", "prepare_branch_dir", "run_base", "run_branches"]
+__all__ = [
+    "BranchRecord",
+    "branch_seed",
+    "load_branches",
+    "load_state",
+    "prepare_branch_dir",
+    "restore_state",
+    "run_base",
+    "run_branches",
+]
 
 State = dict[str, Any]
 
@@ -85,7 +94,7 @@ def _trainer_state(trainer: Trainer, cpu: float, base: dict[str, Any]) -> State:
     }
 
 
-def _restore(trainer: Trainer, state: State, *, lr: float | None = None) -> None:
+def restore_state(trainer: Trainer, state: State, *, lr: float | None = None) -> None:
     """Load a checkpoint's weights and optimizer state (and, for the base, its data stream and meter).
 
     With ``lr`` (a branch) the optimizer takes that learning rate and the trainer keeps its own
@@ -132,7 +141,7 @@ def run_base(task: Task, config: BranchConfig, out: str | Path) -> dict[str, Any
         cpu = 0.0
         if saved:
             state = torch.load(saved[-1], map_location="cpu", weights_only=True)
-            _restore(trainer, state)
+            restore_state(trainer, state)
             base, cpu = json.loads(state["base"]), float(state["cpu_time_s"])
         else:
             base["curve"].append(_check(trainer, probe, measured=False))
@@ -261,7 +270,7 @@ def train_branch(
     marks = config.check_examples(window)
     losses: list[float | None] = [start_loss]
     with Trainer(task, train_config) as trainer:
-        _restore(trainer, state, lr=lr)
+        restore_state(trainer, state, lr=lr)
         begin = trainer.examples
         for mark in marks[1:]:
             while trainer.examples - begin < mark:
