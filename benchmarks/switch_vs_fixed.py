@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noisescale.errors import BranchConfigError
 from noisescale.experiments.branch import BranchConfig
 from noisescale.experiments.branch.run import branch_seed, load_state, restore_state
 from noisescale.experiments.evaluation import Probe
@@ -76,13 +77,53 @@ def images_to_goal(
 
 
 def sweep_examples(folder: Path, goal: float) -> dict[int, float]:
-    """Per batch size, the images the sweep's best run at that batch needed to reach ``goal``."""
-    out = {}
-    with open(folder / "results.csv", newline="") as f:
+    """Per batch size, the images the sweep's best run at that batch needed to reach ``goal``.
+
+    Raises:
+        SystemExit: without a ``results.csv``, or when ``goal`` is not one of its training-loss goals.
+    """
+    path = folder / "results.csv"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: give --sweep a finished `noisescale sweep` directory")
+    out, goals = {}, set()
+    with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row["metric"] == "train_loss" and float(row["goal"]) == goal and row["reached"] == "True":
+            if row["metric"] != "train_loss":
+                continue
+            goals.add(float(row["goal"]))
+            if float(row["goal"]) == goal and row["reached"] == "True":
                 out[int(row["batch_size"])] = float(row["steps"]) * int(row["batch_size"])
+    if goal not in goals:
+        raise SystemExit(f"the sweep has no training-loss goal {goal:g}: give --goal one of {sorted(goals)}")
     return out
+
+
+def load_branch(folder: Path) -> tuple[BranchConfig, dict[str, Any]]:
+    """A finished branched measurement's settings and base record.
+
+    Raises:
+        SystemExit: if ``folder`` holds none (or an unfinished one), naming the fix.
+    """
+    paths = [folder / "config.json", folder / "base.json"]
+    if not all(p.is_file() for p in paths):
+        raise SystemExit(
+            f"{folder} holds no finished branched measurement (config.json and base.json): run "
+            "`noisescale branch` or benchmarks/branch_vs_sweep.py first and give its directory to --branch"
+        )
+    saved = json.loads(paths[0].read_text())
+    saved.pop("noisescale_version", None)
+    try:
+        config = BranchConfig.from_dict(saved)
+    except (BranchConfigError, TypeError) as err:
+        raise SystemExit(f"{paths[0]} is not a branched measurement's settings: {err}") from None
+    return config, json.loads(paths[1].read_text())
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,21 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", type=Path, default=Path("runs/sweep-mnist"))
     p.add_argument("--goal", type=float, default=0.1, help="training loss (one of the sweep's goals)")
     p.add_argument("--points", type=int, nargs="+", default=[8192, 16384], help="base images to switch at")
-    p.add_argument("--kappas", type=int, nargs="+", default=[1, 8, 32], help="multipliers of B (1: stay)")
-    p.add_argument("--replicas", type=int, default=3)
-    p.add_argument("--cap", type=int, default=400_000, help="images after the switch before giving up")
+    p.add_argument("--kappas", type=_positive, nargs="+", default=[1, 8, 32], help="multipliers of B")
+    p.add_argument("--replicas", type=_positive, default=3)
+    p.add_argument("--cap", type=_positive, default=400_000, help="images after the switch before giving up")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
-    saved = json.loads((args.branch / "config.json").read_text())
-    saved.pop("noisescale_version", None)
-    config = BranchConfig.from_dict(saved)
-    base = json.loads((args.branch / "base.json").read_text())
+    config, base = load_branch(args.branch)
     index = {int(pt["examples"]): pt["index"] for pt in base["points"]}
     missing = [x for x in args.points if x not in index]
     if missing:
         raise SystemExit(f"no branch point at {missing} images; the points are {sorted(index)}")
-    sweep = sweep_examples(args.sweep, args.goal)
+    sweep = sweep_examples(args.sweep, args.goal)  # before any training: a wrong goal fails at once
     unit = get_task(config.task).unit
     rows, t0 = [], time.process_time()
     for at in args.points:

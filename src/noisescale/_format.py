@@ -32,16 +32,24 @@ def format_batch(value: float, rounding: Rounding = "nearest") -> str:
     Examples:
         >>> format_batch(4096.0), format_batch(2873.4, "down"), format_batch(37.25), format_batch(2.5e8)
         ('4096', '2870', '37.2', '2.5e+08')
+        >>> format_batch(134.00000000000003, "up"), format_batch(1.23, "up"), format_batch(112.558, "down")
+        ('134', '1.23', '112')
     """
     rnd = _ROUNDING[rounding]
+    value = _clean(value)  # 134.00000000000003 is 134, also rounded up
     if value == round(value) and abs(value) < 1e7:
         return f"{value:.0f}"
     exp = math.floor(math.log10(abs(value))) - 2 if value else 0
     unit = 10.0**exp
-    rounded = float(rnd(value / unit) * unit)
+    rounded = float(rnd(_clean(value / unit)) * unit)
     if abs(rounded) >= 1e7:
         return f"{rounded:.3g}"
     return f"{rounded:.0f}" if abs(rounded) >= 100 else f"{rounded:.3g}"
+
+
+def _clean(value: float) -> float:
+    """``value`` without floating-point noise beyond 12 significant figures (``"up"`` adds no unit)."""
+    return float(f"{value:.12g}")
 
 
 def short_number(value: float) -> str:

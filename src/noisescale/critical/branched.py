@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from noisescale._format import format_batch
 from noisescale.critical.goals import crossing
 from noisescale.errors import SweepDataError
 
@@ -360,7 +361,8 @@ def cumulative_b_crit(
         (examples) and ``S_min`` (steps) of eq. 2.11 summed over the segments.
 
     Raises:
-        ValueError: unless the starts increase from 0, ``until > 0`` and every local value is >= 0.
+        ValueError: unless the starts are finite and increase from 0, ``until`` and ``batch_size`` are
+            finite and > 0, and every local value is >= 0.
 
     Example:
         >>> b, e, s = cumulative_b_crit([0, 100], [20.0, 60.0], 20, 300)  # 100 at 20, then 200 at 60
@@ -374,10 +376,13 @@ def cumulative_b_crit(
             f"expected branch points non-decreasing from 0 (branch at initialisation) and local values [..., "
             f"{len(x)}], got points {x.tolist()[:4]}... and values of shape {list(b.shape)}"
         )
-    if not until > 0 or not np.all(b >= 0) or not batch_size > 0:
+    if not np.all(np.isfinite(x)) or not 0 < until < math.inf or not 0 < batch_size < math.inf:
         raise ValueError(
-            f"expected until > 0, batch_size > 0 and local values >= 0, got {until}, {batch_size}"
+            f"expected finite branch points, a finite until > 0 and a finite batch_size > 0, got points "
+            f"{x.tolist()[:4]}..., until {until} and batch_size {batch_size}"
         )
+    if not np.all(b >= 0):
+        raise ValueError(f"expected local values >= 0 (inf allowed), got {b[~(b >= 0)].tolist()[:4]}")
     ends = np.minimum(np.append(x[1:], math.inf), until)
     spent = np.clip(ends - x, 0.0, None)  # [n] the base run's examples per segment
     with np.errstate(divide="ignore"):  # 0 b: 1 + B/b is inf, the segment adds no E_min
@@ -428,14 +433,19 @@ def cumulative_chain(
     Returns:
         CumulativeCritical.
     """
-    used = [i for i, x in enumerate(starts) if x < until]
-    if not used:
-        return CumulativeCritical(None, None, None, "at initialisation: no examples yet", None, None)
+    if len(points) != len(starts) or not len(starts) or not 0 <= until < math.inf:
+        raise ValueError(
+            f"expected one result per branch point ({len(starts)} points, {len(points)} results; at least "
+            f"one) and a finite until >= 0, got until {until}"
+        )
     if starts[0] != 0:
         note = (
             f"no branch point at 0 examples: the segment from initialisation to {starts[0]:g} is not measured"
         )
         return CumulativeCritical(None, None, None, note, None, None)
+    used = [i for i, x in enumerate(starts) if x < until]
+    if not used:
+        return CumulativeCritical(None, None, None, "at initialisation: no examples yet", None, None)
     lower, upper, values, far = False, False, [], []
     for i in used:
         p = points[i]
@@ -453,7 +463,7 @@ def cumulative_chain(
     b, e, s = (float(v) for v in cumulative_b_crit(x, values, batch_size, until))
     if lower or upper:
         end = float(cumulative_b_crit(x, far, batch_size, until)[0])
-        bound = f"B_crit {'>=' if lower else '<='} {b:.4g}"
+        bound = f"B_crit {'>=' if lower else '<='} {format_batch(b, 'down' if lower else 'up')}"
         return CumulativeCritical(None, None, bound, None, e, s, (b, end) if lower else (end, b))
     ci = None
     draws = [points[i].draws for i in used]
