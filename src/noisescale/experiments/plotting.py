@@ -157,7 +157,8 @@ def plot_branch(
     Args:
         points: per branch point (``branch.json``'s ``points``): ``examples``, ``b_crit``,
             ``b_crit_ci``, ``bound`` (``"B_crit >= 512"``...), the same with the suffix
-            ``_cumulative`` (from initialisation), ``b_simple``, ``b_simple_ci``, optionally
+            ``_cumulative`` (from initialisation; with a bound, ``b_crit_cumulative_bracket`` is
+            drawn as a line), ``b_simple``, ``b_simple_ci``, optionally
             ``truth`` with ``b_noise``.
         curve: the base run's checks: ``examples``, ``loss``, ``b_simple``, ``b_simple_ci``.
         path: output image.
@@ -197,6 +198,10 @@ def plot_branch(
                 value = float(bound.split()[-1])
                 shown.append(value)
                 ax_b.plot([xi], [value], marker="^" if ">" in bound else "v", color=color, linestyle="none")
+                bracket = p.get(f"b_crit{suffix}_bracket") if suffix else None
+                if bracket is not None and None not in bracket:  # from init: the range it lies in
+                    ax_b.plot([xi, xi], bracket, color=color, linewidth=1)
+                    shown += bracket
     truth = [(xi, (p.get("truth") or {}).get("b_noise")) for p, xi in zip(points, px, strict=True)]
     if any(t is not None for _, t in truth):
         tx = [xi for xi, t in truth if t is not None]
