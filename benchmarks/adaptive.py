@@ -60,9 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_sweep(path: Path, task: str | None) -> tuple[SweepConfig, Path]:
     """The sweep's settings and its results.csv (a directory, or a CSV with ``task``'s defaults)."""
     if path.is_dir():
-        values = json.loads((path / "config.json").read_text())
-        values.pop("noisescale_version", None)
-        return SweepConfig.from_dict(values), path / "results.csv"
+        return SweepConfig.from_dict(json.loads((path / "config.json").read_text())), path / "results.csv"
     if task is None:
         raise SystemExit(f"{path} is a results.csv without its config.json: give --task")
     return SweepConfig.for_task(task), path

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noisescale._format import format_batch
+from noisescale._format import format_bracket
 from noisescale.experiments.branch import BranchConfig, run_branched
 from noisescale.experiments.tasks import get_task
 from noisescale.io import atomic_write_text, write_json
@@ -128,8 +128,7 @@ def _value(r: dict[str, Any]) -> str:
     if r["note"]:
         return "-"
     if r["bound"] and r["bracket"] is not None:
-        lo, hi = r["bracket"]
-        return f"{format_batch(lo, 'down')} to {'inf' if hi is None else format_batch(hi, 'up')} (bounds)"
+        return format_bracket(*r["bracket"])
     if r["bound"]:
         return r["bound"].replace("B_crit ", "")
     ci = r["b_crit_ci"]

@@ -101,7 +101,6 @@ def load_sweep_dir(path: Path) -> TaskSweep:
         saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a directory of `noisescale sweep` (config.json: {exc})") from None
-    saved.pop("noisescale_version", None)
     config = SweepConfig.from_dict(saved)
     records = load_records(path, config)
     todo = plan_next(config, records)

@@ -110,10 +110,8 @@ def load_branch(folder: Path) -> tuple[BranchConfig, dict[str, Any]]:
             f"{folder} holds no finished branched measurement (config.json and base.json): run "
             "`noisescale branch` or benchmarks/branch_vs_sweep.py first and give its directory to --branch"
         )
-    saved = json.loads(paths[0].read_text())
-    saved.pop("noisescale_version", None)
     try:
-        config = BranchConfig.from_dict(saved)
+        config = BranchConfig.from_dict(json.loads(paths[0].read_text()))
     except (BranchConfigError, TypeError) as err:
         raise SystemExit(f"{paths[0]} is not a branched measurement's settings: {err}") from None
     return config, json.loads(paths[1].read_text())

@@ -10,7 +10,14 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-__all__ = ["describe_b_simple", "format_batch", "format_duration", "format_interval", "short_number"]
+__all__ = [
+    "describe_b_simple",
+    "format_batch",
+    "format_bracket",
+    "format_duration",
+    "format_interval",
+    "short_number",
+]
 
 Rounding = Literal["nearest", "down", "up"]
 _ROUNDING: dict[str, Callable[[float], int]] = {"nearest": round, "down": math.floor, "up": math.ceil}
@@ -45,6 +52,21 @@ def format_batch(value: float, rounding: Rounding = "nearest") -> str:
     if abs(rounded) >= 1e7:
         return f"{rounded:.3g}"
     return f"{rounded:.0f}" if abs(rounded) >= 100 else f"{rounded:.3g}"
+
+
+def format_bracket(low: float, high: float | None) -> str:
+    """``"low to high (bounds)"``: the range a batch size lies in, ends rounded outward (format_batch).
+
+    Args:
+        low: the lower end.
+        high: the upper end; None or inf for none.
+
+    Examples:
+        >>> format_bracket(112.558, 134.00000000000003), format_bracket(320.0, None)
+        ('112 to 134 (bounds)', '320 to inf (bounds)')
+    """
+    top = "inf" if high is None or math.isinf(high) else format_batch(high, "up")
+    return f"{format_batch(low, 'down')} to {top} (bounds)"
 
 
 def _clean(value: float) -> float:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "VERSION_KEY",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -43,6 +44,9 @@ __all__ = [
     "write_json",
     "write_jsonl",
 ]
+
+VERSION_KEY = "noisescale_version"
+"""The key of the package version written beside settings and records (not a setting)."""
 
 
 def _default_mode() -> int:
@@ -229,10 +233,14 @@ def settings_fields(
 ) -> dict[str, Any]:
     """The keyword arguments of ``cls`` from :func:`settings_to_dict` output (lists as tuples).
 
+    The version :func:`prepare_settings_dir` writes beside the settings (``VERSION_KEY``) is
+    skipped, so a saved ``config.json`` reads back as it is.
+
     Raises:
         error: on keys that are not fields of ``cls``, naming them and the fields.
     """
     names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if k != VERSION_KEY}  # written beside the settings
     unknown = set(values) - names
     if unknown:
         raise error(f"unknown {what} settings {sorted(unknown)}: expected some of {sorted(names)}")
@@ -277,7 +285,7 @@ def prepare_settings_dir(
         for stale in (out / subdir).glob(".*.tmp"):
             stale.unlink(missing_ok=True)
         if not path.exists():
-            write_json(path, {**settings, "noisescale_version": package_version()})
+            write_json(path, {**settings, VERSION_KEY: package_version()})
             return False
     except OSError as exc:
         why = "is a file, not a directory" if out.is_file() else f"cannot hold the {what} ({exc.strerror})"
@@ -286,7 +294,7 @@ def prepare_settings_dir(
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise error(f"{path}: cannot read the saved {what} configuration ({exc})") from exc
-    saved.pop("noisescale_version", None)
+    saved.pop(VERSION_KEY, None)
     saved = {**json.loads(json.dumps(to_jsonable(defaults or {}))), **saved}
     mine = json.loads(json.dumps(to_jsonable(settings)))
     diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))

@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from noisescale._format import format_batch, format_interval, short_number
+from noisescale._format import format_batch, format_bracket, format_interval, short_number
 from noisescale.cli.common import DEFAULT_TASK, ConfidenceOption, TaskName, check_writable, fail
 from noisescale.cli.fit import output_console
 from noisescale.critical.fit import MIN_BOOTSTRAP
@@ -73,9 +73,7 @@ def _b_crit_text(point: dict[str, Any], suffix: str = "") -> str:
         bracket = point.get(f"b_crit{suffix}_bracket") if suffix else None
         if bracket is None:
             return bound.replace("B_crit ", "")
-        low = format_batch(bracket[0], "down")
-        high = "inf" if bracket[1] is None else format_batch(bracket[1], "up")
-        return f"{low} to {high} (bounds)"
+        return format_bracket(*bracket)
     ci = point[f"b_crit{suffix}_ci"]
     text = format_batch(point[f"b_crit{suffix}"])
     return text if ci is None else f"{text} {format_interval(*ci)}"

@@ -41,7 +41,7 @@ from noisescale.experiments.branch.config import BranchConfig
 from noisescale.experiments.evaluation import Probe
 from noisescale.experiments.tasks import Task
 from noisescale.experiments.training import Trainer
-from noisescale.io import atomic_open, package_version, prepare_settings_dir, write_json
+from noisescale.io import VERSION_KEY, atomic_open, package_version, prepare_settings_dir, write_json
 
 __all__ = [
     "BranchRecord",
@@ -232,7 +232,7 @@ class BranchRecord(NamedTuple):
 
     def to_json(self) -> dict[str, Any]:
         """The record file's object."""
-        return {**self._asdict(), "noisescale_version": package_version()}
+        return {**self._asdict(), VERSION_KEY: package_version()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> BranchRecord:
